@@ -1,0 +1,100 @@
+"""Drop-in modules: the MFT loss (typicality-weighted label loss plus skip-layer domain corruption)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks
+from .functional import masked_mean_pool, multi_head_cross_entropy, shuffle_domains
+
+
+def skip_layers(num_hidden_layers: int, count: int = 3) -> tuple[int, ...]:
+    """The paper's default skip layers: ``count`` evenly spaced layers ending at the last one
+    (1-based), e.g. (4, 8, 12) for 12 layers and (2, 4, 6) for 6."""
+    _checks.positive_int("num_hidden_layers", num_hidden_layers)
+    _checks.positive_int("count", count)
+    return tuple(sorted({max(1, round(num_hidden_layers * (i + 1) / count)) for i in range(count)}))
+
+
+@dataclass
+class MFTLossOutput:
+    loss: Tensor  # label_loss + lam * domain_loss
+    label_loss: Tensor  # L_TLC
+    domain_loss: Tensor  # L_SDC
+    logits: Tensor  # label logits [N, num_labels]
+    domain_logits: list[Tensor]  # one [N, num_domains] per skip layer, in the order of `layers`
+
+
+class MFTLoss(nn.Module):
+    """L = L_TLC + lam * L_SDC over a Hugging Face encoder's hidden states (DESIGN.md section 1).
+
+    Added parameters, plain modules on purpose: ``label_head`` (Linear hidden -> num_labels, on the
+    last layer's [CLS] state), ``domain_heads`` (one Linear hidden -> num_domains per skip layer,
+    in the order of ``layers``) and ``domain_embedding`` (Embedding num_domains x hidden, added to
+    each skip layer's pooled state). ``layers`` are 1-based: layer l is ``hidden_states[l]``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_labels: int,
+        num_domains: int,
+        layers: Sequence[int] = (4, 8, 12),
+        lam: float = 0.1,
+    ):
+        super().__init__()
+        _checks.positive_int("hidden_size", hidden_size)
+        _checks.positive_int("num_labels", num_labels)
+        _checks.positive_int("num_domains", num_domains)
+        self.layers = tuple(int(l) for l in layers)
+        if not self.layers or min(self.layers) < 1:
+            raise ValueError(f"layers must be a non-empty sequence of 1-based layer indices, got {tuple(layers)}")
+        self.lam = float(lam)
+        self.num_labels, self.num_domains = num_labels, num_domains
+        self.label_head = nn.Linear(hidden_size, num_labels)
+        self.domain_heads = nn.ModuleList(nn.Linear(hidden_size, num_domains) for _ in self.layers)
+        self.domain_embedding = nn.Embedding(num_domains, hidden_size)
+
+    def forward(
+        self,
+        hidden_states: Sequence[Tensor],
+        attention_mask: Tensor,
+        labels: Tensor,
+        domains: Tensor,
+        typicality: Tensor | None = None,
+        corrupted: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MFTLossOutput:
+        """hidden_states: the tuple a Hugging Face encoder returns with output_hidden_states=True
+        (embeddings first, then one tensor per layer). typicality: per-instance weights t (default
+        1). corrupted: the SDC targets (default: ``shuffle_domains(domains, generator)``)."""
+        if isinstance(hidden_states, Tensor) or not isinstance(hidden_states, Sequence):
+            raise TypeError("hidden_states must be the tuple of per-layer tensors (output_hidden_states=True)")
+        if max(self.layers) >= len(hidden_states):
+            raise ValueError(
+                f"layers {self.layers} need hidden_states[{max(self.layers)}], but only {len(hidden_states)} "
+                f"tensors were given (embeddings + {len(hidden_states) - 1} layers)"
+            )
+        last = hidden_states[-1]
+        _checks.floating("hidden_states[-1]", last)
+        _checks.rank("hidden_states[-1]", last, 3, shape_hint="[B, T, D]")
+        n = last.shape[0]
+        _checks.index("domains", domains, n, self.num_domains)
+        if corrupted is None:
+            corrupted = shuffle_domains(domains, generator)
+        weights = typicality
+        logits = self.label_head(last[:, 0])
+        label_loss = multi_head_cross_entropy([logits], [labels], sample_weight=weights)
+        pooled = masked_mean_pool([hidden_states[l] for l in self.layers], attention_mask, skip_cls=True)
+        domain_vec = self.domain_embedding(domains)
+        domain_logits = [head(p + domain_vec) for head, p in zip(self.domain_heads, pooled)]
+        domain_loss = multi_head_cross_entropy(
+            domain_logits,
+            [corrupted] * len(domain_logits),
+            sample_weight=weights,
+            head_weight=[1.0 / len(domain_logits)] * len(domain_logits),
+        )
+        return MFTLossOutput(label_loss + self.lam * domain_loss, label_loss, domain_loss, logits, domain_logits)

@@ -1,0 +1,163 @@
+"""Class prototypes per (domain, label) cell: one-shot, streaming, merged across processes, and
+the multi-prototype variant (spherical k-means)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _checks, backend
+from .reference import unit_rows
+
+
+@dataclass(frozen=True)
+class Prototypes:
+    """centers [K, M, D] float32 (empty cell: zeros) and counts [K, M] int64."""
+
+    centers: Tensor
+    counts: Tensor
+
+    @property
+    def num_domains(self) -> int:
+        return self.centers.shape[0]
+
+    @property
+    def num_labels(self) -> int:
+        return self.centers.shape[1]
+
+
+@dataclass(frozen=True)
+class MultiPrototypes:
+    """J prototypes per cell: centers [K, M, J, D] float32 (unit length; empty: zeros), counts
+    [K, M, J] int64 (instances assigned to each prototype), and the temperature of the soft
+    membership beta_j = softmax_j(cos(x, c_j) / temperature) over the cell's non-empty prototypes."""
+
+    centers: Tensor
+    counts: Tensor
+    temperature: float = 0.1
+
+    @property
+    def num_domains(self) -> int:
+        return self.centers.shape[0]
+
+    @property
+    def num_labels(self) -> int:
+        return self.centers.shape[1]
+
+
+def _check_rows(embeddings, labels, domains, num_labels: int, num_domains: int) -> None:
+    _checks.floating("embeddings", embeddings)
+    _checks.rank("embeddings", embeddings, 2, shape_hint="[N, D]")
+    n = embeddings.shape[0]
+    _checks.index("labels", labels, n, num_labels)
+    _checks.index("domains", domains, n, num_domains)
+    _checks.same_device(("embeddings", embeddings), ("labels", labels), ("domains", domains))
+
+
+class PrototypeAccumulator:
+    """Streaming per-cell sums and counts: ``update`` batch by batch, ``merge`` partial results
+    (for example from shards), ``all_reduce`` across a torch.distributed group, ``result`` for
+    the :class:`Prototypes`. Sums are kept in float64 so that the order of millions of updates
+    barely matters; each batch is summed in float32 first."""
+
+    def __init__(self, num_labels: int, num_domains: int, dim: int, device: torch.device | str = "cpu"):
+        self.num_labels = _checks.positive_int("num_labels", num_labels)
+        self.num_domains = _checks.positive_int("num_domains", num_domains)
+        self.dim = _checks.positive_int("dim", dim)
+        cells = num_domains * num_labels
+        self.sums = torch.zeros((cells, dim), dtype=torch.float64, device=device)
+        self.counts = torch.zeros(cells, dtype=torch.int64, device=device)
+
+    def update(self, embeddings: Tensor, labels: Tensor, domains: Tensor) -> "PrototypeAccumulator":
+        _check_rows(embeddings, labels, domains, self.num_labels, self.num_domains)
+        if embeddings.shape[1] != self.dim:
+            raise ValueError(f"embeddings have dim {embeddings.shape[1]}, the accumulator {self.dim}")
+        cells = domains.to(self.counts.device, torch.int64) * self.num_labels + labels.to(self.counts.device, torch.int64)
+        sums, counts = backend.resolve("prototype_sums", embeddings.device)(
+            embeddings.to(self.sums.device), cells, self.counts.numel()
+        )
+        self.sums += sums.double()
+        self.counts += counts
+        return self
+
+    def merge(self, other: "PrototypeAccumulator") -> "PrototypeAccumulator":
+        if (other.num_domains, other.num_labels, other.dim) != (self.num_domains, self.num_labels, self.dim):
+            raise ValueError("cannot merge accumulators of different (num_domains, num_labels, dim)")
+        self.sums += other.sums.to(self.sums.device)
+        self.counts += other.counts.to(self.counts.device)
+        return self
+
+    def all_reduce(self, group=None) -> "PrototypeAccumulator":
+        """Sum the partial sums and counts of every process in ``group`` (torch.distributed)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.sums, group=group)
+        dist.all_reduce(self.counts, group=group)
+        return self
+
+    def result(self) -> Prototypes:
+        centers = self.sums / self.counts.clamp_min(1)[:, None].double()
+        K, M = self.num_domains, self.num_labels
+        return Prototypes(centers.float().view(K, M, self.dim), self.counts.clone().view(K, M))
+
+
+def class_prototypes(embeddings: Tensor, labels: Tensor, domains: Tensor, num_labels: int, num_domains: int) -> Prototypes:
+    """Mean embedding of each (domain, label) cell: centers [K, M, D] float32, counts [K, M] int64."""
+    _checks.positive_int("num_labels", num_labels)
+    _checks.positive_int("num_domains", num_domains)
+    _check_rows(embeddings, labels, domains, num_labels, num_domains)
+    acc = PrototypeAccumulator(num_labels, num_domains, embeddings.shape[1], device=embeddings.device)
+    return acc.update(embeddings, labels, domains).result()
+
+
+def multi_prototypes(
+    embeddings: Tensor,
+    labels: Tensor,
+    domains: Tensor,
+    num_labels: int,
+    num_domains: int,
+    num_prototypes: int,
+    *,
+    iterations: int = 20,
+    temperature: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> MultiPrototypes:
+    """J = ``num_prototypes`` prototypes per cell by spherical k-means on unit-length embeddings.
+
+    Seeds are J distinct rows of the cell drawn with ``generator``; a cell with fewer than J rows
+    gets one prototype per row and empty (zero, count 0) slots for the rest. Each iteration
+    assigns rows to the prototype of highest cosine and re-centres on the normalised mean; a
+    prototype that loses all its rows keeps its previous position.
+    """
+    _checks.positive_int("num_labels", num_labels)
+    _checks.positive_int("num_domains", num_domains)
+    J = _checks.positive_int("num_prototypes", num_prototypes)
+    _checks.positive_int("iterations", iterations)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    _check_rows(embeddings, labels, domains, num_labels, num_domains)
+    K, M, D = num_domains, num_labels, embeddings.shape[1]
+    centers = embeddings.new_zeros((K, M, J, D), dtype=torch.float32)
+    counts = torch.zeros((K, M, J), dtype=torch.int64, device=embeddings.device)
+    cells = (domains.long() * M + labels.long()).cpu()
+    order = torch.argsort(cells, stable=True)
+    bounds = torch.bincount(cells, minlength=K * M).cumsum(0).tolist()
+    start = 0
+    for cell, stop in enumerate(bounds):
+        rows = order[start:stop].to(embeddings.device)
+        start = stop
+        if rows.numel() == 0:
+            continue
+        x = unit_rows(embeddings[rows])
+        j = min(J, x.shape[0])
+        c = x[torch.randperm(x.shape[0], generator=generator)[:j].to(x.device)]
+        for _ in range(iterations):
+            assign = (x @ c.T).argmax(1)
+            sums = torch.zeros_like(c).index_add_(0, assign, x)
+            moved = torch.bincount(assign, minlength=j) > 0
+            c = torch.where(moved[:, None], unit_rows(sums), c)
+        k, m = divmod(cell, M)
+        centers[k, m, :j] = c
+        counts[k, m, :j] = torch.bincount((x @ c.T).argmax(1), minlength=j)
+    return MultiPrototypes(centers, counts, float(temperature))
