@@ -82,6 +82,7 @@ class MFTLoss(nn.Module):
         _checks.floating("hidden_states[-1]", last)
         _checks.rank("hidden_states[-1]", last, 3, shape_hint="[B, T, D]")
         n = last.shape[0]
+        _checks.index("labels", labels, n, self.num_labels, ignore_index=-100)
         _checks.index("domains", domains, n, self.num_domains)
         if corrupted is None:
             corrupted = shuffle_domains(domains, generator)

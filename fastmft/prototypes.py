@@ -29,7 +29,7 @@ class Prototypes:
 
 @dataclass(frozen=True)
 class MultiPrototypes:
-    """J prototypes per cell: centers [K, M, J, D] float32 (unit length; empty: zeros), counts
+    """J prototypes per cell: centers [K, M, J, D] float32 (empty: zeros), counts
     [K, M, J] int64 (instances assigned to each prototype), and the temperature of the soft
     membership beta_j = softmax_j(cos(x, c_j) / temperature) over the cell's non-empty prototypes."""
 
@@ -123,12 +123,15 @@ def multi_prototypes(
     temperature: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> MultiPrototypes:
-    """J = ``num_prototypes`` prototypes per cell by spherical k-means on unit-length embeddings.
+    """J = ``num_prototypes`` prototypes per cell by spherical k-means.
 
     Seeds are J distinct rows of the cell drawn with ``generator``; a cell with fewer than J rows
     gets one prototype per row and empty (zero, count 0) slots for the rest. Each iteration
-    assigns rows to the prototype of highest cosine and re-centres on the normalised mean; a
-    prototype that loses all its rows keeps its previous position.
+    assigns every row to the prototype of highest cosine and moves each prototype to the mean of
+    its rows (so with J = 1 the prototype is the cell mean of :func:`class_prototypes`); a
+    prototype that loses all its rows keeps its previous position. ``counts`` are the final
+    assignment sizes. Typicality weights the cell's cosines by beta_j = softmax over its
+    non-empty prototypes of cos_j / ``temperature``.
     """
     _checks.positive_int("num_labels", num_labels)
     _checks.positive_int("num_domains", num_domains)
@@ -149,15 +152,16 @@ def multi_prototypes(
         start = stop
         if rows.numel() == 0:
             continue
-        x = unit_rows(embeddings[rows])
+        x = embeddings[rows].float()
+        u = unit_rows(x)
         j = min(J, x.shape[0])
         c = x[torch.randperm(x.shape[0], generator=generator)[:j].to(x.device)]
         for _ in range(iterations):
-            assign = (x @ c.T).argmax(1)
-            sums = torch.zeros_like(c).index_add_(0, assign, x)
-            moved = torch.bincount(assign, minlength=j) > 0
-            c = torch.where(moved[:, None], unit_rows(sums), c)
+            assign = (u @ unit_rows(c).T).argmax(1)
+            sizes = torch.bincount(assign, minlength=j)
+            means = torch.zeros_like(c).index_add_(0, assign, x) / sizes.clamp_min(1)[:, None]
+            c = torch.where((sizes > 0)[:, None], means, c)
         k, m = divmod(cell, M)
         centers[k, m, :j] = c
-        counts[k, m, :j] = torch.bincount((x @ c.T).argmax(1), minlength=j)
+        counts[k, m, :j] = torch.bincount((u @ unit_rows(c).T).argmax(1), minlength=j)
     return MultiPrototypes(centers, counts, float(temperature))

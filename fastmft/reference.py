@@ -40,10 +40,9 @@ def masked_mean_pool(layers: Sequence[Tensor], attention_mask: Tensor, skip_cls:
     starts, step = _row_chunks(B, T * D)
     pooled = []
     for h in layers:
-        sums = [
-            torch.where(valid[s : s + step, :, None], h[s : s + step].float(), 0.0).sum(1) for s in starts
-        ]
-        total = torch.cat(sums) if sums else h.new_zeros((0, D), dtype=torch.float32)
+        acc = torch.promote_types(h.dtype, torch.float32)  # float32, or float64 for float64 input
+        sums = [torch.where(valid[s : s + step, :, None], h[s : s + step].to(acc), 0.0).sum(1) for s in starts]
+        total = torch.cat(sums) if sums else h.new_zeros((0, D), dtype=acc)
         pooled.append((total / counts).to(h.dtype))
     return torch.stack(pooled)
 

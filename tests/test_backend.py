@@ -1,0 +1,44 @@
+"""Backend selection: environment variable, context manager, and clear errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmft
+from fastmft import backend
+
+
+def test_env_and_context_manager(monkeypatch):
+    monkeypatch.setenv("FASTMFT_BACKEND", "torch")
+    assert fastmft.current_backend() == "torch"
+    with fastmft.use_backend("triton"):
+        assert fastmft.current_backend() == "triton"
+        with fastmft.use_backend("auto"):
+            assert fastmft.current_backend() == "auto"
+        assert fastmft.current_backend() == "triton"
+    assert fastmft.current_backend() == "torch"
+    monkeypatch.setenv("FASTMFT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTMFT_BACKEND must be one of auto, torch, triton"):
+        fastmft.current_backend()
+    with pytest.raises(ValueError, match="use_backend"):
+        with fastmft.use_backend("fast"):
+            pass
+
+
+def test_auto_runs_the_reference_on_cpu():
+    with fastmft.use_backend("auto"):
+        assert backend.resolve("typicality", torch.device("cpu")) is backend._registry[("typicality", "torch")]
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = (
+        "import torch, fastmft\n"
+        "with fastmft.use_backend('triton'):\n"
+        "    fastmft.masked_mean_pool(torch.randn(2, 3, 4), torch.ones(2, 3))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "RuntimeError" in proc.stderr and "TRITON_INTERPRET=1" in proc.stderr
