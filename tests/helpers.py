@@ -14,3 +14,35 @@ TOLERANCES = {
 def assert_close(actual, expected, dtype):
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+def tiny_bert(folder, words=(), *, layers=2, hidden=16, seed=0):
+    """Save a tiny randomly initialised BERT and a WordPiece tokenizer over ``words`` to
+    ``folder`` (offline, milliseconds) and return the folder."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w.lower() for w in words})]
+    # Built with the tokenizers library directly: BertTokenizerFast's constructor differs across
+    # transformers versions.
+    wordpiece = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    ).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
