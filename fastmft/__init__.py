@@ -8,7 +8,7 @@ from . import kernels
 from .backend import current_backend, use_backend
 from .functional import masked_mean_pool, multi_head_cross_entropy, shuffle_domains, typicality
 from .inner_step import FlatParams, inner_step
-from .nn import MFTLoss, MFTLossOutput, skip_layers
+from .nn import MaskedMeanPool, MFTLoss, MFTLossOutput, MultiHeadCrossEntropyLoss, skip_layers
 from .prototypes import MultiPrototypes, PrototypeAccumulator, Prototypes, class_prototypes, multi_prototypes
 
 __version__ = "0.1.0"
@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = [
     "FlatParams",
     "MFTLoss",
+    "MaskedMeanPool",
+    "MultiHeadCrossEntropyLoss",
     "MFTLossOutput",
     "MultiPrototypes",
     "PrototypeAccumulator",

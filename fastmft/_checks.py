@@ -42,7 +42,8 @@ def index(name: str, value, n: int | None, upper: int, *, ignore_index: int | No
     if value.numel():
         checked = value if ignore_index is None else value[value != ignore_index]
         if checked.numel():
-            lo, hi = int(checked.min()), int(checked.max())
+            lo, hi = torch.aminmax(checked)  # one reduction; .tolist() is the only device sync
+            lo, hi = torch.stack([lo, hi]).tolist()
             if lo < 0 or hi >= upper:
                 bad = lo if lo < 0 else hi
                 extra = f" (or {ignore_index} to ignore a row)" if ignore_index is not None else ""

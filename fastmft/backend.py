@@ -24,7 +24,7 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 # Modules that register fused implementations when imported (filled by the kernel issues).
-_PROVIDERS: dict[str, tuple[str, ...]] = {"triton": ()}
+_PROVIDERS: dict[str, tuple[str, ...]] = {"triton": ("fastmft.triton_ops",)}
 
 _registry: dict[tuple[str, str], Callable] = {}
 _loaded: set[str] = set()

@@ -99,3 +99,34 @@ class MFTLoss(nn.Module):
             head_weight=[1.0 / len(domain_logits)] * len(domain_logits),
         )
         return MFTLossOutput(label_loss + self.lam * domain_loss, label_loss, domain_loss, logits, domain_logits)
+
+
+class MultiHeadCrossEntropyLoss(nn.Module):
+    """Drop-in module for :func:`fastmft.multi_head_cross_entropy`: weighted cross-entropy summed
+    over H heads of different class counts, fused into one launch per direction on the Triton
+    backend. ``head_weight`` (H floats, default 1) and ``ignore_index`` are fixed at construction;
+    ``forward(logits, targets, sample_weight=None)`` takes H tensors [N, C_h] and H targets [N]
+    (or one tensor each) and returns a float32 scalar."""
+
+    def __init__(self, head_weight: Sequence[float] | None = None, ignore_index: int = -100):
+        super().__init__()
+        self.head_weight = None if head_weight is None else [float(w) for w in head_weight]
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, logits, targets, sample_weight: Tensor | None = None) -> Tensor:
+        return multi_head_cross_entropy(
+            logits, targets, sample_weight=sample_weight, head_weight=self.head_weight, ignore_index=self.ignore_index
+        )
+
+
+class MaskedMeanPool(nn.Module):
+    """Drop-in module for :func:`fastmft.masked_mean_pool`: ``forward(hidden_states,
+    attention_mask)`` pools one layer [B, T, D], a stack [L, B, T, D] or a list of L layers in one
+    launch on the Triton backend; ``skip_cls`` leaves the [CLS] position out."""
+
+    def __init__(self, skip_cls: bool = False):
+        super().__init__()
+        self.skip_cls = bool(skip_cls)
+
+    def forward(self, hidden_states, attention_mask: Tensor) -> Tensor:
+        return masked_mean_pool(hidden_states, attention_mask, skip_cls=self.skip_cls)
