@@ -1,0 +1,1 @@
+"""Plain baselines the benchmarks compare fastmft against (written with eager PyTorch ops)."""

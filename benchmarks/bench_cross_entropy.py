@@ -1,0 +1,92 @@
+"""Weighted multi-head cross-entropy (the MFT loss's heads), fwd and fwd+bwd.
+
+Four heads as in MFT with three skip layers: the label head (3 classes) and three domain heads
+(4 domains), typicality sample weights, ignore_index on a few rows. Providers:
+``fastmft-triton`` (all heads in one launch: 2 launches forward, 1 backward; CUDA, or the
+interpreter on CPU for a sanity run), ``torch-eager`` (fastmft.reference: several launches per
+head) and ``torch-compile`` (the reference under torch.compile; CUDA only), called as dispatch
+calls them, after argument checking.
+
+Issue 3's targets (CUDA): MFT-sized batches B = 32..256 fwd+bwd 3x eager (launch-bound), N = 1M
+rows 2x eager. ``bytes`` = logits, targets and weights read once (forward; the backward reads
+them again and writes the logits' gradients once).
+
+Status: NOT YET MEASURED ON A GPU. The session that wrote these kernels had no GPU; the kernels
+are proven only in the Triton interpreter and by compiling them for sm_90 (tests). Rows taken on
+CPU are reference-only, or interpreter sanity rows marked ``interpreted``: not performance data.
+The targets above stay open until a GPU run stores its rows in benchmarks/results.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from benchmarks.harness import Case
+
+OP = "multi_head_cross_entropy"
+TRITON, EAGER, COMPILED = "fastmft-triton", "torch-eager", "torch-compile"
+CLASSES = (3, 4, 4, 4)
+
+
+def sizes(scale: str, device: torch.device) -> list[dict]:
+    if scale == "quick" or device.type != "cuda":
+        return [dict(N=64, heads=len(CLASSES), dtype="float32")]
+    return [dict(N=n, heads=len(CLASSES), dtype="bfloat16") for n in (32, 128, 256, 2**20)] + [
+        dict(N=2**20, heads=len(CLASSES), dtype="float32")
+    ]
+
+
+def providers(scale: str, device: torch.device) -> list[str]:
+    out = [EAGER]
+    if device.type == "cuda":
+        out += [TRITON, COMPILED]
+    elif scale == "quick" and os.environ.get("TRITON_INTERPRET") == "1":
+        out.append(TRITON)
+    return out
+
+
+def _impl(provider: str):
+    from fastmft import reference
+
+    if provider == TRITON:
+        from fastmft import triton_ops
+
+        return triton_ops.multi_head_cross_entropy
+    if provider == COMPILED:
+        return torch.compile(reference.multi_head_cross_entropy)
+    return reference.multi_head_cross_entropy
+
+
+def cases(scale: str, device: torch.device) -> Iterable[Case]:
+    head_weight = [1.0] + [1.0 / 3] * 3
+    for size in sizes(scale, device):
+        N = size["N"]
+        dtype = getattr(torch, size["dtype"])
+        es = torch.empty((), dtype=dtype).element_size()
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = [torch.randn(N, C, generator=g, device=device, dtype=dtype) for C in CLASSES]
+        targets = [torch.randint(0, C, (N,), generator=g, device=device) for C in CLASSES]
+        targets[0][:: 17] = -100
+        weights = torch.rand(N, generator=g, device=device)
+        read = sum(N * C * es for C in CLASSES) + len(CLASSES) * N * 8 + N * 4
+        grads_written = sum(N * C * es for C in CLASSES)
+        for provider in providers(scale, device):
+            impl = _impl(provider)
+
+            def fwd(impl=impl):
+                with torch.no_grad():
+                    return impl(logits, targets, weights, head_weight, -100)
+
+            yield Case(OP, provider, "fwd", dict(size), fwd, bytes=read, items=N)
+            leaves = [x.detach().clone().requires_grad_() for x in logits]
+
+            def setup(leaves=leaves):
+                for x in leaves:
+                    x.grad = None
+
+            def fwd_bwd(impl=impl, leaves=leaves):
+                impl(leaves, targets, weights, head_weight, -100).backward()
+
+            yield Case(OP, provider, "fwd+bwd", dict(size), fwd_bwd, bytes=2 * read + grads_written, setup=setup, items=N)

@@ -1,0 +1,92 @@
+"""Masked mean pooling of L layers (the skip-layer loss's pooled states), fwd and fwd+bwd.
+
+Providers: ``fastmft-triton`` (the fused kernel: one launch for all L layers, read from L separate
+tensors as a Hugging Face encoder returns them, no stacking; CUDA, or the interpreter on CPU for
+a sanity run), ``torch-eager`` (the reference of fastmft.reference) and ``torch-compile`` (that
+reference under torch.compile; CUDA only). The implementations are called as dispatch calls
+them, after argument checking, so the rows compare the ops themselves.
+
+Issue 3's target (full, CUDA): [L=3, B=256, T=512, D=768] bf16 at >= 85 % of the device's copy
+bandwidth, 2x eager, faster than torch.compile. ``bytes`` is the minimum traffic: every token
+state read once (all tokens valid here) plus the mask, the pooled output written once; the
+backward writes every token's gradient once and reads the pooled gradient.
+
+Status: NOT YET MEASURED ON A GPU. The session that wrote these kernels had no GPU; the kernels
+are proven only in the Triton interpreter and by compiling them for sm_90 (tests). Rows taken on
+CPU are reference-only, or interpreter sanity rows marked ``interpreted``: not performance data.
+The targets above stay open until a GPU run stores its rows in benchmarks/results.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from benchmarks.harness import Case
+
+OP = "masked_mean_pool"
+TRITON, EAGER, COMPILED = "fastmft-triton", "torch-eager", "torch-compile"
+
+
+def sizes(scale: str, device: torch.device) -> list[dict]:
+    if scale == "quick" or device.type != "cuda":
+        return [dict(L=3, B=4, T=33, D=64, dtype="float32")]
+    return [
+        dict(L=3, B=256, T=512, D=768, dtype="bfloat16"),  # issue 3's size
+        dict(L=3, B=32, T=128, D=768, dtype="bfloat16"),  # an MFT batch
+        dict(L=3, B=256, T=512, D=768, dtype="float32"),
+    ]
+
+
+def providers(scale: str, device: torch.device) -> list[str]:
+    out = [EAGER]
+    if device.type == "cuda":
+        out += [TRITON, COMPILED]
+    elif scale == "quick" and os.environ.get("TRITON_INTERPRET") == "1":
+        out.append(TRITON)  # interpreter sanity run; rows are marked interpreted
+    return out
+
+
+def _impl(provider: str):
+    from fastmft import reference
+
+    if provider == TRITON:
+        from fastmft import triton_ops
+
+        return triton_ops.masked_mean_pool
+    if provider == COMPILED:
+        return torch.compile(reference.masked_mean_pool)
+    return reference.masked_mean_pool
+
+
+def cases(scale: str, device: torch.device) -> Iterable[Case]:
+    for size in sizes(scale, device):
+        L, B, T, D = size["L"], size["B"], size["T"], size["D"]
+        dtype = getattr(torch, size["dtype"])
+        es = torch.empty((), dtype=dtype).element_size()
+        g = torch.Generator(device=device).manual_seed(0)
+        # L separate tensors, as an encoder returns them (not views of one stacked tensor).
+        layers = [torch.randn(B, T, D, generator=g, device=device, dtype=dtype) for _ in range(L)]
+        mask = torch.ones(B, T, dtype=torch.int64, device=device)
+        grad = torch.randn(L, B, D, generator=g, device=device, dtype=dtype)
+        fwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
+        bwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
+        for provider in providers(scale, device):
+            impl = _impl(provider)
+
+            def fwd(impl=impl):
+                with torch.no_grad():
+                    return impl(layers, mask, True)
+
+            yield Case(OP, provider, "fwd", dict(size), fwd, bytes=fwd_bytes, items=B)
+            leaves = [h.detach().clone().requires_grad_() for h in layers]
+
+            def setup(leaves=leaves):
+                for h in leaves:
+                    h.grad = None
+
+            def fwd_bwd(impl=impl, leaves=leaves):
+                impl(leaves, mask, True).backward(grad)
+
+            yield Case(OP, provider, "fwd+bwd", dict(size), fwd_bwd, bytes=fwd_bytes + bwd_bytes, setup=setup, items=B)

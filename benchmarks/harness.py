@@ -1,0 +1,599 @@
+"""The one benchmark harness: the Case record, timing, peak memory, ceilings and result rows.
+
+A benchmark module ``benchmarks/bench_<name>.py`` defines ``cases(scale, device)`` yielding
+:class:`Case` objects (``scale`` is ``"quick"`` or ``"full"``); ``python -m benchmarks.run``
+discovers the modules, times every case with :func:`measure`, measures the device's ceilings with
+:func:`measure_ceilings` in the same run, and appends one row per case (see :data:`ROW_FIELDS`)
+to ``benchmarks/results/results.jsonl``. See benchmarks/README.md for the conventions.
+
+Timing (both devices: warm-up first, then one sample per repetition, median and 20/80 % quantiles;
+the providers of one comparison, i.e. consecutive cases with the same op and size, are timed
+interleaved round-robin so that load changes on a shared machine hit them alike):
+- CUDA: CUDA events around each call, the method of ``triton.testing.do_bench`` (including its L2
+  flush: a 256 MiB buffer is zeroed before every repetition), written out here because a Case may
+  have an untimed ``setup`` to run before each repetition, which do_bench has no slot for.
+- CPU: a ``time.perf_counter`` loop (pytest-benchmark's method without the pytest fixture: the
+  runner is a plain command, and the rows must carry our own fields). Caches are not flushed on
+  CPU; rotate inputs with :func:`rotating` so that a working set smaller than the last-level cache
+  does not flatter.
+
+Peak memory (``peak_mem_bytes``: the most memory the call held above what was allocated before
+it, inputs excluded, outputs included), measured in one extra untimed call:
+- CUDA: ``torch.cuda.max_memory_allocated`` (caching allocator, exact).
+- CPU: the torch profiler's memory events (``profile_memory=True``): allocations and frees of the
+  torch CPU allocator, replayed in order; exact for torch tensors, blind to memory that is not a
+  torch tensor (numpy arrays, e.g. inside the Triton interpreter). ``null`` if the profiler fails.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_FILE = "results.jsonl"
+
+# Provider names used across the benchmarks (a module may add peers: "liger", "sentence-transformers", ...).
+FASTMFT = "fastmft"  # the library's own implementation (fused on CUDA through dispatch)
+EAGER = "torch-eager"  # the PyTorch reference, eager
+COMPILED = "torch-compile"  # the PyTorch reference under torch.compile
+
+SCALES = ("quick", "full")
+
+
+@dataclass
+class Case:
+    """One timed call. ``fn`` is timed with its inputs already built; ``bytes`` and ``flops`` are
+    the minimum the op must move / compute (for GB/s, FLOP/s and % of ceiling; 0 = not
+    applicable); ``setup`` runs untimed before each repetition (e.g. zeroing grads); ``items`` is
+    the number of examples / rows one call processes (for examples/s; 0 = not applicable)."""
+
+    op: str
+    provider: str
+    mode: str
+    size: dict
+    fn: Callable[[], object]
+    bytes: int = 0
+    flops: int = 0
+    setup: Callable[[], None] | None = None
+    items: int = 0
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    q20_ms: float
+    q80_ms: float
+    reps: int
+    samples_ms: list[float] = field(repr=False, default_factory=list)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long to warm up and measure one case."""
+
+    warmup_s: float
+    measure_s: float
+    min_reps: int
+    max_reps: int
+    min_warmup: int = 1
+
+
+BUDGETS = {
+    ("quick", "cpu"): Budget(warmup_s=0.02, measure_s=0.15, min_reps=3, max_reps=50),
+    ("full", "cpu"): Budget(warmup_s=0.2, measure_s=1.0, min_reps=5, max_reps=500, min_warmup=2),
+    ("quick", "cuda"): Budget(warmup_s=0.01, measure_s=0.05, min_reps=5, max_reps=100, min_warmup=2),
+    ("full", "cuda"): Budget(warmup_s=0.025, measure_s=0.1, min_reps=10, max_reps=1000, min_warmup=3),
+}
+
+
+def budget_for(scale: str, device: torch.device) -> Budget:
+    return BUDGETS[(scale, "cuda" if device.type == "cuda" else "cpu")]
+
+
+# Every row written to results.jsonl has exactly these keys (null where not applicable).
+ROW_FIELDS = (
+    "run_id",
+    "kind",  # "case" | "ceiling"
+    "status",  # "ok" | "error"
+    "error",
+    "module",
+    "op",
+    "provider",
+    "mode",
+    "size",
+    "size_label",
+    "case_index",
+    "median_ms",
+    "q20_ms",
+    "q80_ms",
+    "reps",
+    "peak_mem_bytes",
+    "mem_method",
+    "bytes",
+    "flops",
+    "items",
+    "gbps",
+    "tflops",
+    "items_per_s",
+    "ceiling_gbps",
+    "ceiling_tflops",
+    "pct_copy_bw",
+    "pct_matmul",
+    "pct_ceiling",
+    "speedup_vs",
+    "loadavg",  # 1-minute load average when the case was measured (other processes disturb CPU timings)
+    "device",
+    "device_name",
+    "timing_method",
+    "interpreted",
+    "torch",
+    "triton",
+    "transformers",
+    "python",
+    "date",
+    "commit",
+    "dirty",
+    "scale",
+    "host",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Input rotation
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache in bytes: the GPU's L2, or the CPU's L3 (L2 if there is none); 32 MiB
+    when it cannot be read."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or 50 << 20)
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in base.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            level = int((index / "level").read_text())
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        value = int(text.rstrip("KMG")) * mult
+        if level >= 2:
+            best = max(best, value)
+    return best or 32 << 20
+
+
+def copies_needed(nbytes: int, device: torch.device, *, max_copies: int = 32, max_total_bytes: int | None = None) -> int:
+    """How many copies of an input set of ``nbytes`` to rotate through so that the set in use was
+    evicted from the last-level cache since it was last touched: enough to cover twice the cache,
+    at least 1, at most ``max_copies``, and within ``max_total_bytes`` (default 2 GiB on CUDA,
+    512 MiB on CPU)."""
+    if max_total_bytes is None:
+        max_total_bytes = (2 << 30) if device.type == "cuda" else (512 << 20)
+    nbytes = max(int(nbytes), 1)
+    want = math.ceil(2 * cache_bytes(device) / nbytes) + 1
+    return max(1, min(want, max_copies, max_total_bytes // nbytes))
+
+
+def rotating(inputs: Sequence[T], fn: Callable[[T], object]) -> Callable[[], object]:
+    """A zero-argument callable that calls ``fn(inputs[i])`` with i cycling through ``inputs``, so
+    that successive repetitions read different copies of the data. Build ``inputs`` with
+    ``[make() for _ in range(copies_needed(nbytes, device))]``, or use :func:`rotated`."""
+    items = list(inputs)
+    if not items:
+        raise ValueError("rotating() needs at least one input set")
+    state = {"i": 0}
+
+    def call():
+        i = state["i"]
+        state["i"] = (i + 1) % len(items)
+        return fn(items[i])
+
+    call.copies = len(items)  # type: ignore[attr-defined]
+    return call
+
+
+def rotated(make: Callable[[int], T], fn: Callable[[T], object], *, nbytes: int, device: torch.device, max_copies: int = 32) -> Callable[[], object]:
+    """``rotating([make(i) for i in range(copies_needed(nbytes, device))], fn)``: ``make(i)``
+    builds the i-th input set (``nbytes`` each, the bytes the op reads)."""
+    n = copies_needed(nbytes, device, max_copies=max_copies)
+    return rotating([make(i) for i in range(n)], fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def _quantiles(samples: list[float]) -> tuple[float, float, float]:
+    xs = sorted(samples)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=10, method="inclusive")  # deciles: q[1] = 20 %, q[7] = 80 %
+    return statistics.median(xs), q[1], q[7]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warmup(case: Case, device: torch.device, budget: Budget) -> float:
+    """Run the case until the warm-up budget is spent; returns the estimated seconds per call
+    (the median of the warm-up calls after the first, which may include compilation)."""
+    setup = case.setup or (lambda: None)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 1000:
+        setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        case.fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= budget.min_warmup and time.perf_counter() - start >= budget.warmup_s:
+            break
+    if len(times) == 1:  # one slow first call: time one more to keep compilation out of the estimate
+        setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        case.fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _reps(per_call_s: float, budget: Budget) -> int:
+    if per_call_s <= 0:
+        return budget.max_reps
+    return int(max(budget.min_reps, min(budget.max_reps, budget.measure_s / per_call_s)))
+
+
+_L2_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def time_group(cases: Sequence[Case], device: torch.device, budget: Budget) -> list[Timing | BaseException]:
+    """Time several cases interleaved: each is warmed up, then the repetitions run round-robin
+    (case 0, case 1, ..., case 0, ...), so that a load change on a shared machine hits every
+    provider of a comparison alike. Each case gets its own repetition count from its warm-up
+    estimate. Returns a Timing per case, or the exception that case raised (the others go on)."""
+    cuda = device.type == "cuda"
+    out: list[Timing | BaseException | None] = [None] * len(cases)
+    reps: dict[int, int] = {}
+    for i, case in enumerate(cases):
+        try:
+            reps[i] = _reps(_warmup(case, device, budget), budget)
+        except Exception as exc:
+            out[i] = exc
+    flush = None
+    if cuda:
+        flush = _L2_FLUSH.get(device)
+        if flush is None:
+            flush = _L2_FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
+        torch.cuda.synchronize(device)
+    samples: dict[int, list] = {i: [] for i in reps}
+    active = list(reps)
+    while active:
+        for i in list(active):
+            case = cases[i]
+            try:
+                if case.setup is not None:
+                    case.setup()
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    flush.zero_()
+                    start.record()
+                    case.fn()
+                    end.record()
+                    samples[i].append((start, end))
+                else:
+                    t0 = time.perf_counter()
+                    case.fn()
+                    samples[i].append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:
+                out[i] = exc
+                active.remove(i)
+                continue
+            if len(samples[i]) >= reps[i]:
+                active.remove(i)
+    if cuda:
+        torch.cuda.synchronize(device)
+    for i, got in samples.items():
+        if out[i] is not None:
+            continue
+        ms = [s.elapsed_time(e) for s, e in got] if cuda else got
+        med, q20, q80 = _quantiles(ms)
+        out[i] = Timing(med, q20, q80, len(ms), ms)
+    return out  # type: ignore[return-value]
+
+
+def time_case(case: Case, device: torch.device, budget: Budget) -> Timing:
+    """Time one case (see :func:`time_group`); raises what the case raises."""
+    result = time_group([case], device, budget)[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def timing_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "CUDA events (do_bench method: warm-up, L2 flush per rep), providers interleaved, median/q20/q80"
+    return "perf_counter loop (warm-up), providers interleaved, median/q20/q80"
+
+
+# --------------------------------------------------------------------------------------------
+# Peak memory
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's C++ start/stop lines (written straight to fd 2)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory(case: Case, device: torch.device) -> tuple[int | None, str]:
+    """(peak bytes above the allocation level before the call, method); (None, reason) on failure."""
+    if case.setup is not None:
+        case.setup()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = case.fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return max(int(peak), 0), "torch.cuda.max_memory_allocated"
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with _quiet_stderr():
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = case.fn()
+                del out
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+        events.sort(key=lambda e: e.start_ns())
+        cur = peak = 0
+        for e in events:
+            cur += int(e.nbytes())
+            peak = max(peak, cur)
+        return peak, "torch.profiler CPU allocator events"
+    except Exception as exc:  # the profiler's private API may change: degrade to null
+        return None, f"unavailable ({type(exc).__name__}: {exc})"
+
+
+# --------------------------------------------------------------------------------------------
+# Ceilings
+
+
+def ceiling_cases(scale: str, device: torch.device) -> list[tuple[str, Case]]:
+    """The device's own ceilings, measured in every run: ("copy", case) with bytes = read + write,
+    and ("matmul", case) with flops = 2 M N K (bf16 on CUDA, fp32 on CPU). The runner measures
+    them at the start and at the end of the run and takes the best rate (from the 20 % quantile
+    of the time): a ceiling is what the device can do, not what it did while busy."""
+    out: list[tuple[str, Case]] = []
+    if device.type == "cuda":
+        n = (256 << 20) if scale == "quick" else (1 << 30)  # bytes per buffer
+        src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+        dst = torch.empty_like(src)
+        out.append(("copy", Case("ceiling:copy", "torch", "d2d-copy", {"bytes": n}, lambda: dst.copy_(src), bytes=2 * n)))
+        m = 4096 if scale == "quick" else 8192
+        a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        c = torch.empty(m, m, device=device, dtype=torch.bfloat16)
+        out.append(("matmul", Case("ceiling:matmul", "torch", "bf16-matmul", {"M": m, "N": m, "K": m}, lambda: torch.mm(a, b, out=c), flops=2 * m**3)))
+    else:
+        n = max(64 << 20, 4 * cache_bytes(device)) if scale == "quick" else max(256 << 20, 8 * cache_bytes(device))
+        src = torch.empty(n // 4, dtype=torch.float32).uniform_()
+        dst = torch.empty_like(src)
+        out.append(("copy", Case("ceiling:copy", "torch", "memcpy", {"bytes": n}, lambda: dst.copy_(src), bytes=2 * n)))
+        m = 1024 if scale == "quick" else 2048
+        a = torch.randn(m, m)
+        b = torch.randn(m, m)
+        c = torch.empty(m, m)
+        out.append(("matmul", Case("ceiling:matmul", "torch", "fp32-matmul", {"M": m, "N": m, "K": m}, lambda: torch.mm(a, b, out=c), flops=2 * m**3)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Environment and rows
+
+
+def _git(*args: str) -> str | None:
+    try:
+        res = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    n = torch.get_num_threads()
+    return f"{model} ({n} thread{'' if n == 1 else 's'})"
+
+
+def environment(device: torch.device, scale: str) -> dict:
+    """The fields every row of a run shares."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except Exception:
+        transformers_version = None
+    commit = os.environ.get("FASTMFT_COMMIT") or _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "timing_method": timing_method(device),
+        "interpreted": device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1",  # per row: triton providers only
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers_version,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+        "scale": scale,
+        "host": platform.node(),
+    }
+
+
+def size_label(size: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in size.items())
+
+
+def size_key(size: dict) -> str:
+    return json.dumps(size, sort_keys=True, default=str)
+
+
+def make_row(env: dict, run_id: str, module: str, case: Case, index: int, kind: str = "case") -> dict:
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(env)
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    row.update(
+        run_id=run_id,
+        kind=kind,
+        loadavg=load,
+        status="ok",
+        module=module,
+        op=case.op,
+        provider=case.provider,
+        mode=case.mode,
+        size=dict(case.size),
+        size_label=size_label(case.size),
+        case_index=index,
+        bytes=int(case.bytes) or None,
+        flops=int(case.flops) or None,
+        items=int(case.items) or None,
+        speedup_vs={},
+        # Triton kernels run through the interpreter on CPU: sanity only, not performance data.
+        interpreted=bool(env.get("interpreted")) and "triton" in case.provider.lower(),
+    )
+    return row
+
+
+def ceiling_rate(row: dict) -> float | None:
+    """The rate a ceiling row stands for: GB/s (copy) or TFLOP/s (matmul) at its q20 time."""
+    if row["status"] != "ok" or not row["q20_ms"]:
+        return None
+    sec = row["q20_ms"] / 1e3
+    return row["bytes"] / sec / 1e9 if row["bytes"] else row["flops"] / sec / 1e12
+
+
+def fill_rates(row: dict, timing: Timing | None, ceilings: dict[str, float]) -> None:
+    """Time-derived fields of one row: GB/s, TFLOP/s, items/s and % of the run's ceilings."""
+    row["ceiling_gbps"] = ceilings.get("copy_gbps")
+    row["ceiling_tflops"] = ceilings.get("matmul_tflops")
+    if timing is None:
+        return
+    row.update(median_ms=timing.median_ms, q20_ms=timing.q20_ms, q80_ms=timing.q80_ms, reps=timing.reps)
+    sec = timing.median_ms / 1e3
+    if sec <= 0:
+        return
+    pcts = []
+    if row["bytes"]:
+        row["gbps"] = row["bytes"] / sec / 1e9
+        if row["ceiling_gbps"]:
+            row["pct_copy_bw"] = 100.0 * row["gbps"] / row["ceiling_gbps"]
+            pcts.append(row["pct_copy_bw"])
+    if row["flops"]:
+        row["tflops"] = row["flops"] / sec / 1e12
+        if row["ceiling_tflops"]:
+            row["pct_matmul"] = 100.0 * row["tflops"] / row["ceiling_tflops"]
+            pcts.append(row["pct_matmul"])
+    if row["items"]:
+        row["items_per_s"] = row["items"] / sec
+    # The binding roof: whichever of bandwidth and compute the op gets closer to.
+    row["pct_ceiling"] = max(pcts) if pcts else None
+
+
+def fill_speedups(rows: list[dict]) -> None:
+    """speedup_vs[p] = median(p) / median(this) for every other provider p of the same
+    (op, mode, size) in the same run: > 1 means this row is faster than p."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["kind"] == "case" and r["status"] == "ok" and r["median_ms"]:
+            groups.setdefault((r["run_id"], r["op"], r["mode"], size_key(r["size"])), []).append(r)
+    for group in groups.values():
+        for r in group:
+            r["speedup_vs"] = {o["provider"]: o["median_ms"] / r["median_ms"] for o in group if o is not r}
+
+
+def append_rows(rows: Iterable[dict], results_dir: Path | str = RESULTS_DIR) -> Path:
+    """Append rows as JSON lines, in one locked write (several runs may share the file)."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / RESULTS_FILE
+    data = "".join(json.dumps(r, default=str) + "\n" for r in rows).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_rows(results_dir: Path | str = RESULTS_DIR) -> list[dict]:
+    path = Path(results_dir) / RESULTS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            rows.append(json.loads(line))
+    return rows
