@@ -1,0 +1,330 @@
+"""End to end typicality scoring of a corpus (issue 6): ``fastmft score`` against the pipelines a
+user would otherwise write, with the same encoder and the same rows.
+
+Providers (one timed call = score every row of the corpus, from the JSONL file to the scores):
+- ``fastmft-score``: :func:`fastmft.score.score_files`, the whole command: streaming reader and
+  background tokeniser, length-sorted batches within chunks, one encoder pass into an fp16 on-disk
+  cache, prototypes from the cached sums, typicality from the cache, Parquet output (a fresh
+  cache every call);
+- ``naive``: all rows loaded, random order, every batch padded to the max length, two encoder
+  passes (prototype sums in the first, typicality in the second);
+- ``peer``: sentence-transformers-style: all rows loaded, sorted by length, batches padded to their
+  longest row, every embedding held in memory, prototypes and typicality in numpy.
+``items`` = rows, so results carry rows/s. Mode ``inference-fp32`` on CPU, ``inference-bf16`` on CUDA.
+
+``python -m benchmarks.bench_score --data FILE.jsonl --rows N --model minilm`` measures the three
+providers once each in fresh subprocesses (wall time, rows/s and peak RSS of the whole process, which
+the harness cannot see: it counts torch allocations only) and appends rows to
+``benchmarks/results/score.jsonl``. The data is read from the given file and never copied.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from benchmarks.harness import Case
+
+MODELS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+}
+PROVIDERS = ("fastmft-score", "naive", "peer")  # the standalone mode also knows "fastmft-score-int8"
+_BUILT: dict[str, str] = {}
+
+
+def model_folder(name: str) -> str | None:
+    """None for the default MiniLM; a folder with a random tiny BERT and MiniLM's tokenizer otherwise."""
+    if name == "minilm":
+        return None
+    if name in _BUILT:
+        return _BUILT[name]
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from fastmft.backbone import default_backbone_path
+
+    folder = Path(tempfile.mkdtemp(prefix=f"fastmft-bench-{name}-"))
+    tok = AutoTokenizer.from_pretrained(str(default_backbone_path()), local_files_only=True)
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **MODELS[name])).save_pretrained(folder)
+    _BUILT[name] = str(folder)
+    return str(folder)
+
+
+def read_rows(path: str, n: int) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+                if len(rows) == n:
+                    break
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# The baselines
+
+
+def _load(model_name: str, device):
+    from fastmft.backbone import load_backbone
+
+    model, tok = load_backbone(model_folder(model_name))
+    model.eval().to(device)
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    return model, tok
+
+
+def _encode(model, tok, texts, max_length, device, pad_to_max):
+    enc = tok(texts, truncation=True, max_length=max_length, padding="max_length" if pad_to_max else True, return_tensors="pt")
+    enc = {k: v.to(device) for k, v in enc.items()}
+    hidden = model(**enc).last_hidden_state.float()
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def _vocab(rows, key):
+    return {v: i for i, v in enumerate(sorted({r[key] for r in rows}))}
+
+
+def naive_pipeline(path, n_rows, model, tok, *, max_length, batch_size, device, alpha=0.5, seed=0):
+    rows = read_rows(path, n_rows)
+    lv, dv = _vocab(rows, "label"), _vocab(rows, "domain")
+    y = torch.tensor([lv[r["label"]] for r in rows])
+    d = torch.tensor([dv[r["domain"]] for r in rows])
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    K, M = len(dv), len(lv)
+    sums = counts = None
+    scores = torch.zeros(len(rows))
+    with torch.inference_mode():
+        for second in (False, True):
+            if second:
+                protos = sums / counts.clamp_min(1)[..., None]
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                e = _encode(model, tok, [rows[i]["text"] for i in idx], max_length, device, True).cpu().double()
+                yi, di = y[idx], d[idx]
+                if not second:
+                    if sums is None:
+                        sums = torch.zeros(K, M, e.shape[1], dtype=torch.float64)
+                        counts = torch.zeros(K, M, dtype=torch.float64)
+                    sums.index_put_((di, yi), e, accumulate=True)
+                    counts.index_put_((di, yi), torch.ones(len(idx), dtype=torch.float64), accumulate=True)
+                else:
+                    c = torch.nn.functional.normalize(protos, dim=-1, eps=1e-8)  # [K, M, D]
+                    cos = torch.einsum("nd,kmd->nkm", torch.nn.functional.normalize(e, dim=-1, eps=1e-8), c)
+                    cos_y = cos[torch.arange(len(idx)), :, yi]  # [n, K]
+                    present = (counts[:, yi].T > 0).double()
+                    own = cos_y[torch.arange(len(idx)), di]
+                    other = present.clone()
+                    other[torch.arange(len(idx)), di] = 0
+                    n_other = other.sum(1)
+                    mean_other = (cos_y * other).sum(1) / n_other.clamp_min(1)
+                    scores[idx] = torch.where(n_other > 0, alpha * own + (1 - alpha) * mean_other, own).float()
+    return scores
+
+
+def peer_pipeline(path, n_rows, model, tok, *, max_length, batch_size, device, alpha=0.5):
+    rows = read_rows(path, n_rows)
+    texts = [r["text"] for r in rows]
+    lengths = [len(x) for x in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = np.argsort(lengths)[::-1]  # sentence-transformers sorts by length (longest first)
+    emb = np.zeros((len(rows), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            emb[idx] = _encode(model, tok, [texts[i] for i in idx], max_length, device, False).cpu().numpy()
+    lv, dv = _vocab(rows, "label"), _vocab(rows, "domain")
+    y = np.array([lv[r["label"]] for r in rows])
+    d = np.array([dv[r["domain"]] for r in rows])
+    K, M = len(dv), len(lv)
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
+    scores = np.zeros(len(rows), dtype=np.float32)
+    centers = np.zeros((K, M, emb.shape[1]))
+    counts = np.zeros((K, M))
+    for k in range(K):
+        for m in range(M):
+            sel = (d == k) & (y == m)
+            counts[k, m] = sel.sum()
+            if sel.any():
+                centers[k, m] = emb[sel].mean(0)
+    cu = centers / np.maximum(np.linalg.norm(centers, axis=-1, keepdims=True), 1e-8)
+    for i in range(len(rows)):
+        cos = cu[:, y[i]] @ unit[i]
+        others = [cos[k] for k in range(K) if k != d[i] and counts[k, y[i]] > 0]
+        scores[i] = alpha * cos[d[i]] + (1 - alpha) * np.mean(others) if others else cos[d[i]]
+    return scores
+
+
+def fastmft_pipeline(path, n_rows, model_name, *, max_length, batch_size, device, workdir, chunk_rows=4096,
+                     model=None, tok=None, quantize=None):
+    """``fastmft score`` on the first ``n_rows`` rows of ``path`` (the whole file when it has no more)."""
+    from fastmft.score import ScoreConfig, score_files
+
+    out = Path(workdir) / "scores.parquet"
+    shutil.rmtree(str(out) + ".score-cache", ignore_errors=True)
+    cfg = ScoreConfig([path], str(out), backbone=model_folder(model_name), max_length=max_length,
+                      batch_size=batch_size, chunk_rows=chunk_rows, progress=False, restart=True, device=str(device),
+                      quantize=quantize)
+    return score_files(cfg, model=model, tokenizer=tok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Harness cases
+
+
+def _corpus(rows: int) -> str:
+    """A generated corpus in a temporary JSONL file (the synthetic demo data, repeated)."""
+    from fastmft.synthetic import synthetic_corpus
+
+    base = synthetic_corpus(64, domains=4, seed=0)
+    path = Path(tempfile.mkdtemp(prefix="fastmft-bench-score-")) / f"rows-{rows}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            r = base[i % len(base)]
+            f.write(json.dumps({"id": i, "text": r["text"], "label": r["label"], "domain": r["domain"]}) + "\n")
+    return str(path)
+
+
+def sizes(scale: str, device) -> list[dict]:
+    if scale == "quick":
+        return [dict(model="tiny", rows=256, max_len=64, batch=32)]
+    if device.type == "cuda":
+        return [dict(model="minilm", rows=65536, max_len=128, batch=256)]
+    return [dict(model="minilm", rows=512, max_len=128, batch=32)]
+
+
+def cases(scale: str, device) -> Iterable[Case]:
+    device = torch.device(device)
+    mode = "inference-bf16" if device.type == "cuda" else "inference-fp32"
+    for size in sizes(scale, device):
+        path = _corpus(size["rows"])
+        workdir = tempfile.mkdtemp(prefix="fastmft-bench-score-out-")
+        common = dict(max_length=size["max_len"], batch_size=size["batch"], device=device)
+        model, tok = _load(size["model"], device)
+        n = size["rows"]
+        yield Case("score", "fastmft-score", mode, size,
+                   lambda: fastmft_pipeline(path, n, size["model"], workdir=workdir, model=model, tok=tok, **common),
+                   items=n)
+        yield Case("score", "naive", mode, size, lambda: naive_pipeline(path, n, model, tok, **common), items=n)
+        yield Case("score", "peer", mode, size, lambda: peer_pipeline(path, n, model, tok, **common), items=n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Standalone: whole-process wall time and peak RSS, one fresh subprocess per provider
+
+
+def _one(args) -> dict:
+    import resource
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = dict(max_length=args.max_length, batch_size=args.batch_size, device=device)
+    t0 = time.perf_counter()
+    if args.provider.startswith("fastmft-score"):
+        workdir = tempfile.mkdtemp(prefix="fastmft-bench-score-out-")
+        quantize = "int8" if args.provider.endswith("-int8") else None
+        s = fastmft_pipeline(args.data, args.rows, args.model, workdir=workdir, chunk_rows=args.chunk_rows,
+                             quantize=quantize, **common)
+        n = s.scored
+        if args.scores_out:
+            shutil.copy(Path(workdir) / "scores.parquet", args.scores_out)
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        model, tok = _load(args.model, device)
+        fn = naive_pipeline if args.provider == "naive" else peer_pipeline
+        n = len(fn(args.data, args.rows, model, tok, **common))
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"provider": args.provider, "rows": n, "wall_s": wall, "rows_per_s": n / wall, "peak_rss_bytes": rss}
+
+
+def main(argv=None) -> int:
+    import datetime
+    import platform
+    import subprocess
+    import sys
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="JSONL with text/label/domain (default: generated synthetic rows)")
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--model", default="minilm", choices=("minilm", *MODELS))
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--chunk-rows", type=int, default=4096)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--provider", help=argparse.SUPPRESS)  # internal: run one provider in this process
+    p.add_argument("--scores-out", help=argparse.SUPPRESS)  # internal: where fastmft-score* keeps its scores
+    p.add_argument("--label", help="free-form note stored with the rows")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "score.jsonl"))
+    args = p.parse_args(argv)
+    if args.provider:
+        print("RESULT " + json.dumps(_one(args)))
+        return 0
+    if args.data:  # the first --rows rows, in a temporary file outside the repository
+        data = str(Path(tempfile.mkdtemp(prefix="fastmft-bench-score-")) / f"first-{args.rows}.jsonl")
+        with open(args.data, encoding="utf-8") as src, open(data, "w", encoding="utf-8") as dst:
+            kept = 0
+            for line in src:
+                if line.strip() and kept < args.rows:
+                    dst.write(line if line.endswith("\n") else line + "\n")
+                    kept += 1
+    else:
+        data = _corpus(args.rows)
+    results = []
+    scores = {}
+    for provider in args.providers.split(","):
+        cmd = [sys.executable, "-m", "benchmarks.bench_score", "--provider", provider, "--data", data,
+               "--rows", str(args.rows), "--model", args.model, "--max-length", str(args.max_length),
+               "--batch-size", str(args.batch_size), "--chunk-rows", str(args.chunk_rows), "--device", args.device]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        if provider.startswith("fastmft-score"):
+            scores[provider] = str(Path(data).with_name(f"scores-{provider}.parquet"))
+            cmd += ["--scores-out", scores[provider]]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        row = json.loads(line[0][7:])
+        row.update(process_wall_s=time.perf_counter() - t0, data=f"{os.path.basename(args.data)}[:{args.rows}]" if args.data else f"synthetic-{args.rows}",
+                   model=args.model, max_length=args.max_length, batch_size=args.batch_size, device=args.device,
+                   threads=args.threads or torch.get_num_threads(), cpus=os.cpu_count(),
+                   loadavg=os.getloadavg()[0], host=platform.node(), torch=torch.__version__,
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), note=args.label)
+        if provider == "fastmft-score-int8" and "fastmft-score" in scores:
+            import pyarrow.parquet as pq
+
+            a = np.asarray(pq.read_table(scores["fastmft-score"])["typicality"])
+            b = np.asarray(pq.read_table(scores[provider])["typicality"])
+            ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+            row["spearman_vs_fp32"] = float(np.corrcoef(ra, rb)[0, 1])
+            row["max_abs_diff_vs_fp32"] = float(np.abs(a - b).max())
+        results.append(row)
+        print(f"{provider:14s} {row['rows']:7d} rows {row['wall_s']:8.1f} s {row['rows_per_s']:8.1f} rows/s "
+              f"peak RSS {row['peak_rss_bytes'] / 2**20:8.1f} MiB (load {row['loadavg']:.1f})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a", encoding="utf-8") as f:
+        for row in results:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1041 @@
+"""``fastmft score``: streaming, resumable, sharded typicality scoring of large corpora.
+
+Two passes as the MFT paper defines them (prototypes from all rows, then a score per row), with the
+encoder run once:
+
+* **pass one** streams the input rows (JSONL/CSV/Parquet files, globs of shards, or a dataset saved
+  with ``datasets.save_to_disk``) in *chunks* of ``chunk_rows`` consecutive input rows. A background
+  thread parses, validates and tokenises (fast tokenizer) the next chunk while the encoder runs on
+  the current one; each chunk is sorted by length and cut into batches (length bucketing within a
+  window), the encoder runs under ``torch.inference_mode`` (bf16 on CUDA), the last layer is
+  masked-mean pooled, and the chunk's embeddings go to an on-disk cache as an fp16 ``.npy`` file
+  (memory-mapped later) together with its per-(domain, label) prototype sums in float64, computed
+  from the fp16 values that pass two reads.
+* **pass two** reads only the cache: prototypes = the sum of the chunk sums (all-reduced across
+  ranks), typicality per chunk, then rank 0 merges the chunks in input order into one Parquet file
+  with columns ``id, domain, label, typicality`` (every accepted input row exactly once, in input
+  order), a rejects file (JSON lines: ``file, line, row, reason``) and optionally a small JSON report
+  (per domain: rows, mean typicality, the top/bottom-k rows).
+
+Usage: ``fastmft score data/*.jsonl --output scores.parquet [--label-values neg,pos]
+[--id-column id] [--report report.json] [--prototypes 3]``; the same as ``python -m fastmft.score``
+(what ``torchrun --nproc_per_node N -m fastmft.score ...`` runs), and from Python
+:func:`score_files` with a :class:`ScoreConfig`.
+
+Memory: at most a few chunks (rows, tokens, embeddings) are held at any time, so peak memory does
+not depend on the number of rows (the multi-prototype option is the exception: see below).
+
+Resume: every cache file is written to a temporary name and renamed into place; a chunk counts as
+done once its metadata file exists (renamed last). The cache folder (default
+``<output>.score-cache/``) holds ``manifest.json`` keyed by the command's arguments and the inputs'
+paths, sizes and modification times. Rerunning the same command after a crash (``kill -9``
+anywhere) skips the done chunks and produces the same output as an uninterrupted run; chunk
+boundaries do not depend on the number of processes, so a resumed run may even use another world
+size. A different command on the same cache folder is an error (``--restart`` discards the cache).
+
+Vocabularies: ``--label-values``/``--domain-values`` fix them (rows with other values are
+rejected); otherwise they are inferred in a first cheap pass that reads only the label and domain
+fields (sorted distinct values, as :meth:`fastmft.data.Vocab.from_values`). Values given on the
+command line match the data by their string form (``--label-values 0,1`` matches JSON ``0``).
+
+Row numbering: ``line`` in rejects is the 1-based line number for JSONL and CSV (the header is
+line 1), the 1-based row number for Parquet and saved datasets. Blank JSONL lines are skipped and
+are not rows. Without ``--id-column`` the id is the 0-based index of the row in the whole input
+(all files in order, rejected rows included); with it, ids are written as strings.
+
+Multi-node / multi-process (``torchrun``): chunk c belongs to rank c mod world_size; each rank
+encodes its chunks, the prototype sums are all-reduced (:meth:`PrototypeAccumulator.all_reduce`),
+each rank scores its chunks and rank 0 merges. The cache folder must be visible to all ranks (a
+shared filesystem on several nodes).
+
+Multi-prototype (``--prototypes J`` > 1): spherical k-means per (domain, label) cell
+(:func:`fastmft.prototypes.multi_prototypes`, seeded with ``seed`` + cell index) on the cached
+embeddings, loaded one cell at a time; peak memory then grows with the largest cell (rows x dim x 4
+bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import hashlib
+import heapq
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+CACHE_VERSION = 1
+
+
+class ScoreError(ValueError):
+    """A problem with the input or the command (bad row under --strict, cache of another command)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Crash injection (tests): FASTMFT_SCORE_CRASH="point:n" kills the process with SIGKILL the n-th
+# time ``point`` is reached; points: batch, chunk-write, score, merge. ``CRASH_HOOK`` (a callable
+# taking the point name) is called first, for in-process tests.
+
+CRASH_HOOK: Callable[[str], None] | None = None
+_crash_counts: dict[str, int] = {}
+
+
+def _crash_point(name: str) -> None:
+    if CRASH_HOOK is not None:
+        CRASH_HOOK(name)
+    spec = os.environ.get("FASTMFT_SCORE_CRASH")
+    if not spec:
+        return
+    point, _, n = spec.partition(":")
+    if point != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] >= int(n or 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ScoreConfig:
+    inputs: list[str]
+    output: str
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    domain_column: str = "domain"
+    id_column: str | None = None
+    label_values: list[str] | None = None
+    domain_values: list[str] | None = None
+    format: str | None = None
+    backbone: str | None = None
+    trust_remote_code: bool = False
+    max_length: int = 256
+    batch_size: int = 64
+    chunk_rows: int = 4096
+    alpha: float = 0.5
+    prototypes: int = 1
+    temperature: float = 0.1
+    seed: int = 0
+    quantize: str | None = None  # None | "int8" (CPU: dynamic int8 quantisation of nn.Linear)
+    cache_dir: str | None = None
+    rejects: str | None = None
+    report: str | None = None
+    top_k: int = 10
+    strict: bool = False
+    restart: bool = False
+    keep_cache: bool = False
+    device: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    # the fields that change the result: they key the cache
+    _KEYED = ("text_column", "text_pair_column", "label_column", "domain_column", "id_column", "label_values",
+              "domain_values", "format", "backbone", "max_length", "batch_size", "chunk_rows", "alpha",
+              "prototypes", "temperature", "seed", "quantize", "strict")
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(str(self.output) + ".score-cache")
+
+    def rejects_path(self) -> Path:
+        return Path(self.rejects) if self.rejects else Path(str(self.output) + ".rejects.jsonl")
+
+
+@dataclass
+class ScoreSummary:
+    rows: int = 0  # input rows (blank JSONL lines excluded)
+    scored: int = 0
+    rejected: int = 0
+    reasons: dict = field(default_factory=dict)
+    labels: list = field(default_factory=list)
+    domains: list = field(default_factory=list)
+    seconds: float = 0.0
+    rows_per_s: float = 0.0
+    output: str = ""
+    rejects: str = ""
+    report: str | None = None
+    resumed_chunks: int = 0
+
+    def text(self) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) or "none"
+        return (f"{self.rows} rows: {self.scored} scored, {self.rejected} rejected ({reasons}); "
+                f"{self.seconds:.1f} s, {self.rows_per_s:.1f} rows/s"
+                + (f", {self.resumed_chunks} chunks resumed from the cache" if self.resumed_chunks else "")
+                + f"\nscores: {self.output}" + (f"\nrejects: {self.rejects}" if self.rejected else "")
+                + (f"\nreport: {self.report}" if self.report else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    kind: str  # json | csv | parquet | dataset
+
+
+def resolve_inputs(inputs: Sequence[str], format: str | None = None) -> list[Source]:
+    """Files (globs expanded, sorted) or saved-dataset folders, in the order given."""
+    sources: list[Source] = []
+    for item in inputs:
+        item = str(item)
+        if Path(item).is_dir():
+            sources.append(Source(item, "dataset"))
+            continue
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise FileNotFoundError(f"no file matches {item!r}")
+        for m in matches:
+            if Path(m).is_dir():
+                sources.append(Source(m, "dataset"))
+                continue
+            if not Path(m).is_file():
+                raise FileNotFoundError(f"no such file: {m}")
+            kind = format or _FORMATS.get(Path(m).suffix.lower())
+            if kind is None:
+                raise ScoreError(f"cannot tell the format of {m}: use .jsonl, .json, .csv or .parquet, or --format")
+            sources.append(Source(m, kind))
+    if not sources:
+        raise ScoreError("no input")
+    return sources
+
+
+def _fingerprint(sources: Sequence[Source]) -> list:
+    out = []
+    for s in sources:
+        p = Path(s.path)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            st = [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        else:
+            stat = p.stat()
+            st = [stat.st_size, stat.st_mtime_ns]
+        out.append([str(p.resolve()), s.kind, st])
+    return out
+
+
+class _Reject(Exception):
+    pass
+
+
+_UNDECODABLE = "undecodable line"
+
+
+def _raw_records(src: Source, fields: list[str]) -> Iterator[tuple[int, Any]]:
+    """(line, payload) per row of one source. JSONL payloads are the raw bytes (parsed lazily by
+    :func:`_decode` so that rows of other ranks are never parsed); others are dicts (or a reject
+    reason string for an undecodable CSV line)."""
+    if src.kind == "json":
+        with open(src.path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield n, line
+    elif src.kind == "csv":
+        with open(src.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return
+            start = reader.line_num + 1
+            for values in reader:
+                line, start = start, reader.line_num + 1
+                if not values:
+                    continue
+                if any("\udc80" <= ch <= "\udcff" for v in values for ch in v):
+                    yield line, _UNDECODABLE
+                    continue
+                yield line, dict(zip(header, values))
+    elif src.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(src.path)
+        present = [c for c in fields if c in pf.schema_arrow.names]
+        n = 0
+        for batch in pf.iter_batches(batch_size=4096, columns=present):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+    elif src.kind == "dataset":
+        import datasets
+
+        ds = datasets.load_from_disk(src.path)
+        if isinstance(ds, datasets.DatasetDict):
+            raise ScoreError(f"{src.path} holds a DatasetDict ({list(ds)}): pass the folder of one split")
+        present = [c for c in fields if c in ds.column_names]
+        n = 0
+        for batch in ds.select_columns(present).iter(batch_size=4096):
+            keys = list(batch)
+            for values in zip(*(batch[k] for k in keys)):
+                n += 1
+                yield n, dict(zip(keys, values))
+    else:
+        raise ScoreError(f"unknown format {src.kind!r}")
+
+
+def _decode(payload) -> dict:
+    if isinstance(payload, dict):
+        return payload
+    if isinstance(payload, str):
+        raise _Reject(payload)
+    try:
+        row = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _Reject(_UNDECODABLE) from None
+    if not isinstance(row, dict):
+        raise _Reject("not a JSON object")
+    return row
+
+
+def _count_rows(src: Source) -> int:
+    if src.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(src.path).metadata.num_rows
+    if src.kind == "dataset":
+        import datasets
+
+        return len(datasets.load_from_disk(src.path))
+    return sum(1 for _ in _raw_records(src, []))
+
+
+def _key(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class _Vocab:
+    """Ordered values; lookup by string form (CLI values are strings, data values may be numbers)."""
+
+    def __init__(self, values: list, name: str):
+        self.values, self.name = list(values), name
+        self.index = {_key(v): i for i, v in enumerate(self.values)}
+        if len(self.index) != len(self.values):
+            raise ScoreError(f"{name} values are not distinct: {self.values}")
+        if not self.values:
+            raise ScoreError(f"no {name} value found in the input")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache files
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str)), mode="w")
+
+
+def _emb_path(cache: Path, c: int) -> Path:
+    return cache / f"chunk-{c:07d}.emb.npy"
+
+
+def _meta_path(cache: Path, c: int) -> Path:
+    return cache / f"chunk-{c:07d}.meta.npz"
+
+
+def _scores_path(cache: Path, c: int) -> Path:
+    return cache / f"chunk-{c:07d}.scores.npy"
+
+
+def _load_meta(cache: Path, c: int) -> dict:
+    with np.load(_meta_path(cache, c), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ----------------------------------------------------------------------------------------------
+# The scorer
+
+
+@dataclass
+class _Chunk:
+    index: int
+    rows: list  # global row index of accepted rows
+    ids: list
+    labels: list
+    domains: list
+    texts: list
+    pairs: list | None
+    rejects: list  # dicts {file, line, reason}
+    n_input: int = 0
+    batches: list = field(default_factory=list)  # (positions, input tensors)
+
+
+class _Dist:
+    def __init__(self, device_type: str):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.owned = False
+        if not dist.is_available():
+            self.rank, self.world = 0, 1
+            return
+        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import datetime
+
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=12))
+            self.owned = True
+        if dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world = 0, 1
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
+    def broadcast_obj(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.owned:
+            self.dist.destroy_process_group()
+
+
+def _pick_device(name: str | None):
+    import torch
+
+    if name and name != "cuda":
+        return torch.device(name)
+    if name == "cuda" or torch.cuda.is_available():  # cuda without an index: cuda:LOCAL_RANK
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
+    import torch
+
+    ours = model is None or tokenizer is None
+    if ours:
+        from .backbone import load_backbone
+
+        model, tokenizer = load_backbone(cfg.backbone, trust_remote_code=cfg.trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        print("fastmft score: warning: the tokenizer is not a fast (Rust) tokenizer; tokenisation will be slow", file=sys.stderr)
+    model.eval()
+    if cfg.quantize == "int8":
+        if device.type != "cpu":
+            raise ScoreError("--quantize int8 is a CPU mode")
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=ours)
+    elif cfg.quantize:
+        raise ScoreError(f"unknown --quantize {cfg.quantize!r} (int8)")
+    if device.type == "cuda":
+        model = model.to(device=device, dtype=torch.bfloat16)
+    else:
+        model = model.to(device)
+    return model, tokenizer
+
+
+def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary:
+    """Run ``fastmft score`` with ``cfg`` (the Python API). ``model``/``tokenizer`` override the
+    backbone (the cache key then uses ``cfg.backbone`` as given). Returns the summary (on every
+    rank; the files are written by rank 0)."""
+    import torch
+
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.batch_size < 1 or cfg.chunk_rows < 1 or cfg.prototypes < 1 or cfg.max_length < 2:
+        raise ScoreError("batch_size, chunk_rows, prototypes must be >= 1 and max_length >= 2")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ScoreError(f"alpha must lie in [0, 1], got {cfg.alpha}")
+    device = _pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives use the current device
+    dist = _Dist(device.type)
+    try:
+        return _run(cfg, device, dist, model, tokenizer, t0)
+    finally:
+        dist.close()
+
+
+def _run(cfg: ScoreConfig, device, dist: _Dist, model, tokenizer, t0: float) -> ScoreSummary:
+    sources = resolve_inputs(cfg.inputs, cfg.format)
+    cache = cfg.cache_path()
+    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.domain_column, cfg.id_column) if c]
+    key_obj = {"version": CACHE_VERSION, "inputs": _fingerprint(sources),
+               "args": {k: getattr(cfg, k) for k in ScoreConfig._KEYED}}
+    key = hashlib.sha256(json.dumps(key_obj, sort_keys=True, default=str).encode()).hexdigest()
+
+    # --- manifest: rank 0 checks or creates it, and runs the cheap counting / vocabulary pass
+    if dist.rank == 0:
+        manifest_path = cache / "manifest.json"
+        manifest = None
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("status") == "complete" and not Path(cfg.output).exists() and manifest.get("key") == key:
+                manifest = None  # the output was removed since: run again
+            elif manifest.get("key") != key:
+                if not cfg.restart:
+                    raise ScoreError(
+                        f"the cache {cache} belongs to a different command or changed inputs; rerun with --restart "
+                        "to discard it, or pass another --cache-dir")
+                manifest = None
+            elif cfg.restart:
+                manifest = None
+        if manifest is None:
+            if cache.exists():
+                shutil.rmtree(cache)
+            cache.mkdir(parents=True, exist_ok=True)
+            manifest = {"key": key, "command": key_obj, "status": "started"}
+            manifest.update(_scan(sources, cfg, columns))
+            _atomic_json(manifest_path, manifest)
+        state = manifest
+    else:
+        state = None
+    state = dist.broadcast_obj(state)
+    if state.get("status") == "complete" and Path(cfg.output).exists():
+        summary = ScoreSummary(**state["summary"])
+        summary.seconds, summary.resumed_chunks = time.perf_counter() - t0, state["n_chunks"]
+        return summary
+    labels = _Vocab(state["labels"], "label")
+    domains = _Vocab(state["domains"], "domain")
+    total_rows, n_chunks = state["rows"], state["n_chunks"]
+    mine = [c for c in range(n_chunks) if c % dist.world == dist.rank]
+
+    # --- pass one: encode the chunks of this rank that are not in the cache yet
+    import torch
+
+    from .prototypes import MultiPrototypes, PrototypeAccumulator, Prototypes
+
+    todo = {c for c in mine if not _meta_path(cache, c).exists()}
+    resumed = len(mine) - len(todo)
+    K, M = len(domains.values), len(labels.values)
+    acc = None
+    dim = None
+    if todo:
+        model, tokenizer = _load_model(cfg, device, model, tokenizer)
+        dim = model.config.hidden_size
+        _encode_chunks(cfg, sources, columns, labels, domains, todo, n_chunks, dist, model, tokenizer, device,
+                       cache, total_rows)
+    for c in mine:
+        meta = _load_meta(cache, c)
+        if acc is None:
+            acc = PrototypeAccumulator(M, K, int(meta["sums"].shape[1]))
+        acc.merge(_sums_acc(meta, M, K))
+    if acc is None:  # a rank without chunks: learn the dim from any chunk
+        any_meta = _load_meta(cache, 0) if n_chunks else None
+        acc = PrototypeAccumulator(M, K, int(any_meta["sums"].shape[1]) if any_meta else (dim or 1))
+    dist.barrier()
+    if dist.world > 1:
+        acc.all_reduce()
+
+    # --- prototypes (saved so that a resumed pass two uses exactly the same ones)
+    proto_path = cache / "prototypes.pt"
+    if dist.rank == 0 and not proto_path.exists():
+        if cfg.prototypes == 1:
+            p = acc.result()
+            obj = {"centers": p.centers, "counts": p.counts}
+        else:
+            obj = _multi_prototypes(cfg, cache, n_chunks, M, K, acc.dim)
+        _atomic_write(proto_path, lambda f: torch.save(obj, f))
+    dist.barrier()
+    obj = torch.load(proto_path, weights_only=True)
+    protos = (Prototypes(obj["centers"], obj["counts"]) if cfg.prototypes == 1
+              else MultiPrototypes(obj["centers"], obj["counts"], float(obj["temperature"])))
+    score_device = device
+    if cfg.prototypes == 1:
+        protos_dev = Prototypes(protos.centers.to(score_device), protos.counts.to(score_device))
+    else:
+        protos_dev = MultiPrototypes(protos.centers.to(score_device), protos.counts.to(score_device), protos.temperature)
+
+    # --- pass two (a): score this rank's chunks from the cache only
+    from .functional import typicality
+
+    for c in mine:
+        path = _scores_path(cache, c)
+        if path.exists():
+            continue
+        meta = _load_meta(cache, c)
+        n = len(meta["rows"])
+        if n:
+            emb = torch.from_numpy(np.load(_emb_path(cache, c), mmap_mode="r")[:n].astype(np.float32))
+            t = typicality(emb.to(score_device), torch.from_numpy(meta["labels"].astype(np.int64)).to(score_device),
+                           torch.from_numpy(meta["domains"].astype(np.int64)).to(score_device), protos_dev,
+                           alpha=cfg.alpha).float().cpu().numpy()
+        else:
+            t = np.zeros(0, np.float32)
+        _atomic_write(path, lambda f: np.save(f, t))
+        _crash_point("score")
+    dist.barrier()
+
+    # --- pass two (b): rank 0 merges in input order
+    summary = None
+    if dist.rank == 0:
+        summary = _merge(cfg, cache, n_chunks, labels, domains, total_rows)
+        summary.seconds = time.perf_counter() - t0
+        summary.rows_per_s = summary.rows / summary.seconds if summary.seconds > 0 else 0.0
+        summary.resumed_chunks = resumed
+        state["status"], state["summary"] = "complete", asdict(summary)
+        _atomic_json(cache / "manifest.json", state)  # first: a kill during the clean-up below is harmless
+        if not cfg.keep_cache:
+            for f in cache.iterdir():
+                if f.name.startswith("chunk-") or f.name.startswith("prototypes.pt"):
+                    f.unlink(missing_ok=True)
+    summary = dist.broadcast_obj(summary)
+    return summary
+
+
+def _sums_acc(meta: dict, M: int, K: int):
+    from .prototypes import PrototypeAccumulator
+    import torch
+
+    a = PrototypeAccumulator(M, K, int(meta["sums"].shape[1]))
+    a.sums = torch.from_numpy(meta["sums"].astype(np.float64))
+    a.counts = torch.from_numpy(meta["counts"].astype(np.int64))
+    return a
+
+
+def _scan(sources: list[Source], cfg: ScoreConfig, columns: list[str]) -> dict:
+    """The cheap first pass: row count (and chunk count), and the vocabularies when not given."""
+    need_labels, need_domains = cfg.label_values is None, cfg.domain_values is None
+    rows = 0
+    seen_l, seen_d = set(), set()
+    for src in sources:
+        _check_schema(src, columns, cfg)
+    if not (need_labels or need_domains):
+        rows = sum(_count_rows(s) for s in sources)
+    else:
+        want = [c for c in (cfg.label_column, cfg.domain_column)]
+        for src in sources:
+            for _, payload in _raw_records(src, want):
+                rows += 1
+                try:
+                    row = _decode(payload)
+                except _Reject:
+                    continue
+                lv, dv = row.get(cfg.label_column), row.get(cfg.domain_column)
+                if need_labels and lv is not None and lv != "":
+                    seen_l.add(lv)
+                if need_domains and dv is not None and dv != "":
+                    seen_d.add(dv)
+
+    def vocab(given, seen, name):
+        if given is not None:
+            return list(given)
+        try:
+            return sorted(seen)
+        except TypeError:
+            raise ScoreError(f"{name} values mix types and cannot be ordered: {sorted(map(repr, seen))}; "
+                             f"pass --{name}-values") from None
+
+    out = {"rows": rows, "n_chunks": math.ceil(rows / cfg.chunk_rows),
+           "labels": vocab(cfg.label_values, seen_l, "label"), "domains": vocab(cfg.domain_values, seen_d, "domain")}
+    _Vocab(out["labels"], "label"), _Vocab(out["domains"], "domain")  # validate
+    return out
+
+
+def _check_schema(src: Source, columns: list[str], cfg: ScoreConfig) -> None:
+    """Columnar inputs must have the named columns (a missing column is a command error, not a bad row)."""
+    names = None
+    if src.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(src.path).schema_arrow.names
+    elif src.kind == "dataset":
+        import datasets
+
+        names = datasets.load_from_disk(src.path).column_names
+    elif src.kind == "csv":
+        with open(src.path, encoding="utf-8", errors="replace", newline="") as f:
+            names = next(csv.reader(f), [])
+    if names is not None:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ScoreError(f"{src.path} has no column {', '.join(map(repr, missing))}; its columns are {names}")
+
+
+def _validate(row: dict, cfg: ScoreConfig, labels: _Vocab, domains: _Vocab, index: int):
+    text = row.get(cfg.text_column)
+    if not isinstance(text, str) or not text.strip():
+        raise _Reject(f"missing text ({cfg.text_column!r})")
+    pair = None
+    if cfg.text_pair_column:
+        pair = row.get(cfg.text_pair_column)
+        if not isinstance(pair, str) or not pair.strip():
+            raise _Reject(f"missing text pair ({cfg.text_pair_column!r})")
+    out = []
+    for column, vocab in ((cfg.label_column, labels), (cfg.domain_column, domains)):
+        v = row.get(column)
+        if v is None or v == "":
+            raise _Reject(f"missing {vocab.name} ({column!r})")
+        i = vocab.index.get(_key(v))
+        if i is None:
+            raise _Reject(f"unknown {vocab.name} {v!r}")
+        out.append(i)
+    if cfg.id_column:
+        rid = row.get(cfg.id_column)
+        if rid is None or rid == "":
+            raise _Reject(f"missing id ({cfg.id_column!r})")
+        rid = _key(rid)
+    else:
+        rid = index
+    return text, pair, out[0], out[1], rid
+
+
+def _reader(cfg, sources, columns, labels, domains, todo, n_chunks, dist, tokenizer, out: queue.Queue, stop: threading.Event):
+    """Background thread: parse, validate and tokenise the chunks in ``todo``, put them on ``out``
+    (length-sorted batches ready for the encoder), then None. Exceptions go on the queue."""
+    try:
+        import torch
+
+        pad = tokenizer.pad_token_id or 0
+        want_tt = "token_type_ids" in getattr(tokenizer, "model_input_names", ["token_type_ids"])
+
+        def finish(ch: _Chunk) -> None:
+            if ch.texts:
+                enc = tokenizer(ch.texts, ch.pairs, truncation=True, max_length=cfg.max_length,
+                                return_attention_mask=False, return_token_type_ids=want_tt)
+                ids = enc["input_ids"]
+                tts = enc.get("token_type_ids") if want_tt else None
+                lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+                # longest first: the first batch sizes the allocator's buffers, later ones reuse them
+                order = np.argsort(-lengths, kind="stable")
+                for s in range(0, len(order), cfg.batch_size):
+                    pos = order[s : s + cfg.batch_size]
+                    T = int(lengths[pos].max())
+                    inp = np.full((len(pos), T), pad, dtype=np.int64)
+                    mask = np.zeros((len(pos), T), dtype=np.int64)
+                    tt = np.zeros((len(pos), T), dtype=np.int64) if tts is not None else None
+                    for r, p in enumerate(pos):
+                        n = lengths[p]
+                        inp[r, :n] = ids[p]
+                        mask[r, :n] = 1
+                        if tt is not None:
+                            tt[r, :n] = tts[p]
+                    batch = {"input_ids": torch.from_numpy(inp), "attention_mask": torch.from_numpy(mask)}
+                    if tt is not None:
+                        batch["token_type_ids"] = torch.from_numpy(tt)
+                    ch.batches.append((torch.from_numpy(pos.copy()), batch))
+            ch.texts, ch.pairs = [], None
+            while not stop.is_set():
+                try:
+                    out.put(ch, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+
+        index = 0
+        ch: _Chunk | None = None
+        C = cfg.chunk_rows
+        for src in sources:
+            for line, payload in _raw_records(src, columns):
+                if stop.is_set():
+                    return
+                c = index // C
+                if ch is not None and ch.index != c:
+                    finish(ch)
+                    ch = None
+                if c in todo:
+                    if ch is None:
+                        ch = _Chunk(c, [], [], [], [], [], [] if cfg.text_pair_column else None, [])
+                    ch.n_input += 1
+                    try:
+                        text, pair, y, k, rid = _validate(_decode(payload), cfg, labels, domains, index)
+                    except _Reject as rej:
+                        if cfg.strict:
+                            raise ScoreError(f"{src.path}, line {line}: {rej} (--strict)") from None
+                        ch.rejects.append({"file": src.path, "line": line, "row": index, "reason": str(rej)})
+                    else:
+                        ch.rows.append(index)
+                        ch.ids.append(rid)
+                        ch.labels.append(y)
+                        ch.domains.append(k)
+                        ch.texts.append(text)
+                        if ch.pairs is not None:
+                            ch.pairs.append(pair)
+                index += 1
+        if ch is not None:
+            finish(ch)
+        if math.ceil(index / C) != n_chunks:
+            raise ScoreError(f"the inputs changed while scoring: {index} rows now, {n_chunks} chunks before")
+        out.put(None)
+    except BaseException as err:  # noqa: BLE001 - handed to the main thread
+        out.put(err)
+
+
+def _encode_chunks(cfg, sources, columns, labels, domains, todo, n_chunks, dist, model, tokenizer, device, cache, total_rows):
+    import torch
+
+    from .functional import masked_mean_pool
+
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    th = threading.Thread(target=_reader, args=(cfg, sources, columns, labels, domains, todo, n_chunks, dist,
+                                                tokenizer, q, stop), daemon=True, name="fastmft-score-reader")
+    th.start()
+    K, M = len(domains.values), len(labels.values)
+    dim = model.config.hidden_size
+    bar = None
+    if cfg.progress and dist.rank == 0:
+        from tqdm.auto import tqdm
+
+        share = sum(min(cfg.chunk_rows, total_rows - c * cfg.chunk_rows) for c in todo)
+        bar = tqdm(total=share, desc="scoring: encoding" + (f" (rank 0 of {dist.world})" if dist.world > 1 else ""),
+                   unit="row", smoothing=0.1, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            while True:
+                ch = q.get()
+                if ch is None:
+                    break
+                if isinstance(ch, BaseException):
+                    raise ch
+                n = len(ch.rows)
+                emb = np.zeros((n, dim), dtype=np.float16)
+                for pos, batch in ch.batches:
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    hidden = model(**batch).last_hidden_state
+                    pooled = masked_mean_pool(hidden, batch["attention_mask"])
+                    emb[pos.numpy()] = pooled.to(torch.float16).cpu().numpy()
+                    if bar is not None:
+                        bar.update(len(pos))
+                    _crash_point("batch")
+                ch.batches = []
+                e64 = torch.from_numpy(emb).double()
+                cells = torch.tensor(ch.domains, dtype=torch.long) * M + torch.tensor(ch.labels, dtype=torch.long)
+                sums = torch.zeros(K * M, dim, dtype=torch.float64).index_add_(0, cells, e64)
+                counts = torch.bincount(cells, minlength=K * M)
+                ids = np.array(ch.ids, dtype=np.int64 if not cfg.id_column else None)
+                if cfg.id_column and not len(ids):
+                    ids = np.array([], dtype="<U1")
+                _atomic_write(_emb_path(cache, ch.index), lambda f: np.save(f, emb))
+                _crash_point("chunk-write")
+                _atomic_write(_meta_path(cache, ch.index), lambda f: np.savez(
+                    f, rows=np.array(ch.rows, dtype=np.int64), ids=ids, labels=np.array(ch.labels, dtype=np.int32),
+                    domains=np.array(ch.domains, dtype=np.int32), sums=sums.numpy(), counts=counts.numpy(),
+                    n_input=np.int64(ch.n_input), rejects=np.array([json.dumps(r) for r in ch.rejects], dtype=str)))
+                if bar is not None:
+                    bar.update(len(ch.rejects))
+    finally:
+        stop.set()
+        if bar is not None:
+            bar.close()
+        while th.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(0.1)
+
+
+def _multi_prototypes(cfg, cache, n_chunks, M, K, dim) -> dict:
+    """Spherical k-means per cell on the cached embeddings, one cell at a time."""
+    import torch
+
+    from .prototypes import multi_prototypes
+
+    J = cfg.prototypes
+    centers = torch.zeros(K, M, J, dim, dtype=torch.float32)
+    counts = torch.zeros(K, M, J, dtype=torch.int64)
+    metas = [(c, _load_meta(cache, c)) for c in range(n_chunks)]
+    cell_of = [(c, m["domains"].astype(np.int64) * M + m["labels"].astype(np.int64)) for c, m in metas]
+    for cell in range(K * M):
+        parts = []
+        for c, cells in cell_of:
+            sel = np.nonzero(cells == cell)[0]
+            if len(sel):
+                parts.append(np.load(_emb_path(cache, c), mmap_mode="r")[sel].astype(np.float32))
+        if not parts:
+            continue
+        x = torch.from_numpy(np.concatenate(parts))
+        zero = torch.zeros(len(x), dtype=torch.long)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cell)
+        mp = multi_prototypes(x, zero, zero, 1, 1, J, temperature=cfg.temperature, generator=g)
+        k, m = divmod(cell, M)
+        centers[k, m], counts[k, m] = mp.centers[0, 0], mp.counts[0, 0]
+    return {"centers": centers, "counts": counts, "temperature": cfg.temperature}
+
+
+def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: _Vocab, domains: _Vocab, total_rows: int) -> ScoreSummary:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rej_path = cfg.rejects_path()
+    rej_path.parent.mkdir(parents=True, exist_ok=True)
+    label_arr = pa.array(labels.values)
+    domain_arr = pa.array(domains.values)
+    id_type = pa.string() if cfg.id_column else pa.int64()
+    schema = pa.schema([("id", id_type), ("domain", domain_arr.type), ("label", label_arr.type), ("typicality", pa.float32())])
+    summary = ScoreSummary(labels=labels.values, domains=domains.values, output=str(out), rejects=str(rej_path))
+    k = cfg.top_k if cfg.report else 0
+    per_domain = np.zeros((len(domains.values), 2))  # rows, sum of typicality
+    top = [[] for _ in domains.values]  # min-heaps of (score, row, id, label)
+    bottom = [[] for _ in domains.values]  # min-heaps of (-score, -row, id, label)
+    for stale in (*out.parent.glob(glob.escape(out.name) + ".tmp*"), *rej_path.parent.glob(glob.escape(rej_path.name) + ".tmp*")):
+        stale.unlink(missing_ok=True)  # left by a killed run
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    rtmp = rej_path.with_name(rej_path.name + f".tmp{os.getpid()}")
+    with pq.ParquetWriter(tmp, schema) as writer, open(rtmp, "w", encoding="utf-8") as rej:
+        for c in range(n_chunks):
+            meta = _load_meta(cache, c)
+            scores = np.load(_scores_path(cache, c))
+            summary.rows += int(meta["n_input"])
+            for r in meta["rejects"]:
+                rec = json.loads(str(r))
+                summary.reasons[rec["reason"]] = summary.reasons.get(rec["reason"], 0) + 1
+                summary.rejected += 1
+                rej.write(json.dumps(rec) + "\n")
+            n = len(meta["rows"])
+            summary.scored += n
+            if not n:
+                continue
+            ids = meta["ids"].tolist()
+            table = pa.table({
+                "id": pa.array(ids, type=id_type),
+                "domain": domain_arr.take(pa.array(meta["domains"])),
+                "label": label_arr.take(pa.array(meta["labels"])),
+                "typicality": pa.array(scores, type=pa.float32()),
+            }, schema=schema)
+            writer.write_table(table)
+            _crash_point("merge")
+            np.add.at(per_domain, (meta["domains"], 0), 1.0)
+            np.add.at(per_domain, (meta["domains"], 1), scores.astype(np.float64))
+            if k:
+                for i in range(n):
+                    d, s, row = int(meta["domains"][i]), float(scores[i]), int(meta["rows"][i])
+                    item = (s, -row, ids[i], labels.values[int(meta["labels"][i])])
+                    (heapq.heappush if len(top[d]) < k else heapq.heappushpop)(top[d], item)
+                    item = (-s, -row, ids[i], labels.values[int(meta["labels"][i])])
+                    (heapq.heappush if len(bottom[d]) < k else heapq.heappushpop)(bottom[d], item)
+        rej.flush()
+        os.fsync(rej.fileno())
+    if summary.rows != total_rows:
+        raise ScoreError(f"internal error: {summary.rows} rows merged, {total_rows} expected")
+    os.replace(rtmp, rej_path)
+    if cfg.report:
+        report = {"alpha": cfg.alpha, "prototypes": cfg.prototypes, "domains": {}}
+        for d, name in enumerate(domains.values):
+            report["domains"][str(name)] = {
+                "rows": int(per_domain[d, 0]),
+                "mean_typicality": float(per_domain[d, 1] / per_domain[d, 0]) if per_domain[d, 0] else None,
+                "most_typical": [{"id": i, "label": lab, "typicality": s} for s, _, i, lab in sorted(top[d], reverse=True)],
+                "least_typical": [{"id": i, "label": lab, "typicality": -s} for s, _, i, lab in sorted(bottom[d], reverse=True)],
+            }
+        _atomic_json(Path(cfg.report), report)
+        summary.report = cfg.report
+    os.replace(tmp, out)  # the output appears last: its presence means the run is complete
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _csv_list(text: str) -> list[str]:
+    return [v for v in (s.strip() for s in text.split(",")) if v]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="JSONL/CSV/Parquet files, globs of shards (quote them), or saved-dataset folders")
+    p.add_argument("--output", "-o", required=True, help="output Parquet file: id, domain, label, typicality per accepted row")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column", help="second text of sentence pairs")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--domain-column", default="domain")
+    p.add_argument("--id-column", help="row identifier (written as text; default: the 0-based row index in the input)")
+    p.add_argument("--label-values", type=_csv_list, help="comma-separated labels (default: inferred in a first cheap pass)")
+    p.add_argument("--domain-values", type=_csv_list, help="comma-separated domains (default: inferred in a first cheap pass)")
+    p.add_argument("--format", choices=("json", "csv", "parquet"), help="input format (default: from the file suffix)")
+    p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per row after truncation (default 256)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per encoder batch (default 64)")
+    p.add_argument("--chunk-rows", type=int, default=4096,
+                   help="rows per length-sorting window and cache chunk, the unit of resume (default 4096)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the own-domain prototype (default 0.5)")
+    p.add_argument("--prototypes", type=int, default=1, help="prototypes per (domain, label) cell, J (default 1)")
+    p.add_argument("--temperature", type=float, default=0.1, help="soft membership temperature for J > 1 (default 0.1)")
+    p.add_argument("--quantize", choices=("int8",), help="CPU only: dynamic int8 quantisation of the encoder's linear layers")
+    p.add_argument("--cache-dir", help="cache and resume folder (default: OUTPUT.score-cache)")
+    p.add_argument("--rejects", help="rejected rows as JSON lines with file, line, reason (default: OUTPUT.rejects.jsonl)")
+    p.add_argument("--report", help="write the top/bottom-k rows per domain to this JSON file")
+    p.add_argument("--top-k", type=int, default=10, help="rows per domain and end in --report (default 10)")
+    p.add_argument("--strict", action="store_true", help="a bad row is an error instead of a reject")
+    p.add_argument("--restart", action="store_true", help="discard the cache of an earlier, different command")
+    p.add_argument("--keep-cache", action="store_true", help="keep the embedding cache after success")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of the multi-prototype k-means")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    return ScoreConfig(
+        inputs=list(args.inputs), output=args.output, text_column=args.text_column, text_pair_column=args.text_pair_column,
+        label_column=args.label_column, domain_column=args.domain_column, id_column=args.id_column,
+        label_values=args.label_values, domain_values=args.domain_values, format=args.format, backbone=args.backbone,
+        trust_remote_code=args.trust_remote_code, max_length=args.max_length, batch_size=args.batch_size,
+        chunk_rows=args.chunk_rows, alpha=args.alpha, prototypes=args.prototypes, temperature=args.temperature,
+        seed=args.seed, quantize=args.quantize, cache_dir=args.cache_dir, rejects=args.rejects, report=args.report,
+        top_k=args.top_k, strict=args.strict, restart=args.restart, keep_cache=args.keep_cache, device=args.device,
+        threads=args.threads, progress=not args.no_progress,
+    )
+
+
+def _command(args: argparse.Namespace) -> int:
+    summary = score_files(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary.text())
+    return 0
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add the ``score`` subcommand to ``fastmft``'s subparsers."""
+    p = subparsers.add_parser(
+        "score", help="streaming, resumable, multi-process typicality scoring of large corpora into Parquet",
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=_command)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastmft.score ...`` (also what torchrun runs): the same as ``fastmft score``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="fastmft")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_cli(sub)
+    args = parser.parse_args(["score", *(sys.argv[1:] if argv is None else argv)])
+    from .backbone import BackboneNotFound
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, BackboneNotFound) as err:
+        print(f"fastmft score: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
