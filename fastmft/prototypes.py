@@ -11,12 +11,10 @@ from . import _checks, backend
 from .reference import unit_rows
 
 
-@dataclass(frozen=True)
-class Prototypes:
-    """centers [K, M, D] float32 (empty cell: zeros) and counts [K, M] int64."""
+class _Cells:
+    """Shape accessors shared by the prototype containers (centers start with [K, M, ...])."""
 
     centers: Tensor
-    counts: Tensor
 
     @property
     def num_domains(self) -> int:
@@ -28,7 +26,15 @@ class Prototypes:
 
 
 @dataclass(frozen=True)
-class MultiPrototypes:
+class Prototypes(_Cells):
+    """centers [K, M, D] float32 (empty cell: zeros) and counts [K, M] int64."""
+
+    centers: Tensor
+    counts: Tensor
+
+
+@dataclass(frozen=True)
+class MultiPrototypes(_Cells):
     """J prototypes per cell: centers [K, M, J, D] float32 (empty: zeros), counts
     [K, M, J] int64 (instances assigned to each prototype), and the temperature of the soft
     membership beta_j = softmax_j(cos(x, c_j) / temperature) over the cell's non-empty prototypes."""
@@ -36,14 +42,6 @@ class MultiPrototypes:
     centers: Tensor
     counts: Tensor
     temperature: float = 0.1
-
-    @property
-    def num_domains(self) -> int:
-        return self.centers.shape[0]
-
-    @property
-    def num_labels(self) -> int:
-        return self.centers.shape[1]
 
 
 def _check_rows(embeddings, labels, domains, num_labels: int, num_domains: int) -> None:
