@@ -7,7 +7,7 @@ submodules (fastmft.data, fastmft.backbone, fastmft.scoring).
 from . import kernels
 from .backend import current_backend, use_backend
 from .functional import masked_mean_pool, multi_head_cross_entropy, shuffle_domains, typicality
-from .inner_step import FlatParams, inner_step
+from .inner_step import FlatParams, NonFiniteError, inner_step
 from .nn import MaskedMeanPool, MFTLoss, MFTLossOutput, MultiHeadCrossEntropyLoss, skip_layers
 from .prototypes import MultiPrototypes, PrototypeAccumulator, Prototypes, class_prototypes, multi_prototypes
 
@@ -20,6 +20,7 @@ __all__ = [
     "MultiHeadCrossEntropyLoss",
     "MFTLossOutput",
     "MultiPrototypes",
+    "NonFiniteError",
     "PrototypeAccumulator",
     "Prototypes",
     "class_prototypes",

@@ -9,7 +9,10 @@ tensors through the Triton interpreter). Fused implementations register themselv
 Selection: the environment variable ``FASTMFT_BACKEND`` (auto | torch | triton, read at each
 call) or the context manager :func:`use_backend`, which wins over the variable.
 ``auto`` runs the fused implementation for CUDA tensors when one is registered, the reference
-otherwise.
+otherwise. Ops listed in ``_COMPILED_OPS`` (the inner step) also have an implementation in the
+compiled extension ``fastmft._C`` (C++/OpenMP on CPU, CUDA on GPU): under ``auto`` it runs for every
+device the extension is available for; ``torch`` always runs the reference. :func:`which` says
+which implementation an op gets.
 """
 from __future__ import annotations
 
@@ -25,6 +28,14 @@ BACKENDS = ("auto", "torch", "triton")
 
 # Modules that register fused implementations when imported (filled by the kernel issues).
 _PROVIDERS: dict[str, tuple[str, ...]] = {"triton": ("fastmft.triton_ops",)}
+
+# Ops with an implementation in the compiled extension fastmft._C (csrc/: C++/OpenMP on CPU, CUDA
+# on GPU), registered by that module with register_compiled. Under "auto" the compiled
+# implementation wins for every device the extension is available for (it is built just in time
+# on first use; a failed build warns once and the next choice runs); "torch" always runs the
+# reference; "triton" never picks it.
+_COMPILED_OPS: dict[str, str] = {"inner_step": "fastmft._C"}
+_compiled_registry: dict[str, Callable] = {}
 
 _registry: dict[tuple[str, str], Callable] = {}
 _loaded: set[str] = set()
@@ -66,6 +77,37 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return deco
 
 
+def register_compiled(op: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as the compiled-extension implementation of ``op``."""
+
+    def deco(fn: Callable) -> Callable:
+        _compiled_registry[op] = fn
+        return fn
+
+    return deco
+
+
+def _compiled(op: str, device: torch.device) -> Callable | None:
+    """The compiled implementation of ``op`` if the extension is built and usable on ``device``."""
+    module = _COMPILED_OPS.get(op)
+    if module is None:
+        return None
+    ext = importlib.import_module(module)
+    if not ext.is_available(device):
+        return None
+    return _compiled_registry.get(op)
+
+
+def which(op: str, device: torch.device | str) -> str:
+    """Which implementation :func:`resolve` picks now: "compiled", "triton" or "torch"."""
+    fn = resolve(op, torch.device(device))
+    if fn is _compiled_registry.get(op):
+        return "compiled"
+    if fn is _registry.get((op, "triton")):
+        return "triton"
+    return "torch"
+
+
 def _load_providers(backend: str) -> None:
     if backend in _loaded:
         return
@@ -85,6 +127,9 @@ def resolve(op: str, device: torch.device) -> Callable:
     if name == "torch":
         return _registry[(op, "torch")]
     if name == "auto":
+        fn = _compiled(op, device)
+        if fn is not None:
+            return fn
         if device.type != "cuda":
             return _registry[(op, "torch")]
         _load_providers("triton")

@@ -10,6 +10,10 @@ from torch import Tensor, nn
 from . import _checks, backend
 
 
+class NonFiniteError(FloatingPointError):
+    """Raised by :func:`inner_step` with ``check_finite=True`` when theta' has an inf or NaN."""
+
+
 class FlatParams:
     """One flat buffer per (dtype, device) holding a list of tensors, exposed as per-tensor views.
 
@@ -76,6 +80,7 @@ def inner_step(
     lr: float,
     *,
     out: FlatParams | Sequence[Tensor] | None = None,
+    check_finite: bool = False,
 ) -> list[Tensor]:
     """theta - lr * grad for every tensor, without autograd.
 
@@ -83,20 +88,18 @@ def inner_step(
     tensors shaped like ``params``) the results are written there in place and its views are
     returned; without it new tensors are returned (a parameter with a None grad is returned
     detached, not copied).
+
+    Implementation (chosen by :mod:`fastmft.backend`): the compiled extension ``fastmft._C`` (one
+    fused pass over all tensors, C++/OpenMP on CPU, multi-tensor CUDA kernel on GPU) when it is
+    available, else torch's foreach ops; results are bitwise equal for float32/float64 (float16 and
+    bfloat16: fp32 math with one rounding, which torch's own tail elements can differ from by one
+    rounding of alpha * grad). ``FASTMFT_BACKEND=torch`` forces the foreach reference. ``check_finite=True`` raises :class:`NonFiniteError` when a
+    result holds an inf or NaN (``out`` is written all the same); the compiled path computes the
+    flag in the same pass.
     """
     params, grads = list(params), list(grads)
     if len(grads) != len(params):
         raise ValueError(f"params has {len(params)} tensors but grads has {len(grads)}")
-    for i, (p, g) in enumerate(zip(params, grads)):
-        _checks.floating(f"params[{i}]", p)
-        if g is None:
-            continue
-        _checks.tensor(f"grads[{i}]", g)
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(
-                f"grads[{i}] is {tuple(g.shape)} {g.dtype} on {g.device} but params[{i}] is "
-                f"{tuple(p.shape)} {p.dtype} on {p.device}"
-            )
     if isinstance(lr, Tensor):
         lr = float(lr)
     outs = None
@@ -104,12 +107,37 @@ def inner_step(
         outs = out.views if isinstance(out, FlatParams) else list(out)
         if len(outs) != len(params):
             raise ValueError(f"out has {len(outs)} tensors but params has {len(params)}")
-        for i, (o, p) in enumerate(zip(outs, params)):
-            if o.shape != p.shape or o.dtype != p.dtype or o.device != p.device:
+    # One tight pass (this runs on every inner step: ~200 tensors for a BERT); messages are built
+    # only on error.
+    floats = _checks.FLOAT_DTYPES
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor) or p.dtype not in floats:
+            _checks.floating(f"params[{i}]", p)
+        g = grads[i]
+        o = outs[i] if outs is not None else None
+        if g is None and o is None:
+            continue
+        shape, dtype, device = p.shape, p.dtype, p.device
+        if g is not None:
+            if not isinstance(g, Tensor):
+                _checks.tensor(f"grads[{i}]", g)
+            if g.dtype != dtype or g.shape != shape or g.device != device:
                 raise ValueError(
-                    f"out[{i}] is {tuple(o.shape)} {o.dtype} on {o.device} but params[{i}] is "
-                    f"{tuple(p.shape)} {p.dtype} on {p.device}"
+                    f"grads[{i}] is {tuple(g.shape)} {g.dtype} on {g.device} but params[{i}] is "
+                    f"{tuple(shape)} {dtype} on {device}"
                 )
+        if o is not None and (not isinstance(o, Tensor) or o.dtype != dtype or o.shape != shape or o.device != device):
+            _checks.tensor(f"out[{i}]", o)
+            raise ValueError(
+                f"out[{i}] is {tuple(o.shape)} {o.dtype} on {o.device} but params[{i}] is "
+                f"{tuple(shape)} {dtype} on {device}"
+            )
     if not params:
         return []
-    return backend.resolve("inner_step", params[0].device)(params, grads, float(lr), outs)
+    fn = backend.resolve("inner_step", params[0].device)
+    if getattr(fn, "checks_finite", False):
+        return fn(params, grads, float(lr), outs, check_finite=check_finite)
+    result = fn(params, grads, float(lr), outs)
+    if check_finite and not all(bool(torch.isfinite(t).all()) for t in result):
+        raise NonFiniteError("fastmft.inner_step: theta - lr * grad has a non-finite value (inf or NaN)")
+    return result
