@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_typicality)
 
+    from . import score, selection
+
+    score.register_cli(sub)
+    selection.register_cli(sub)
+
     p = sub.add_parser("demo-data", help="write the embedded synthetic multi-domain corpus as JSON lines")
     p.add_argument("output")
     p.add_argument("--per-domain", type=int, default=64)

@@ -1,0 +1,438 @@
+"""Meta-learned task selection for (pre)training (Luo et al.; DESIGN.md section 2).
+
+Each episode samples M batches of every target task, scores every source task s by
+u(s) = sum over M of its batches tau of -(sum of the target losses at theta'),
+theta' = theta - alpha * grad L_tau(theta) (one functional inner step, no graph kept: see
+:class:`fastmft.utility.TaskUtilityScorer`), picks argmax u (a random task with probability
+epsilon), and trains N batches of it with the real optimizer. With no targets given the mode is
+downstream-agnostic (T = S).
+
+Tasks are small objects: how to sample a batch, the head they need, and the loss given the
+encoder's last hidden state. Tasks that name the same ``head`` share it (a target task and the
+source task that is its training set, for example).
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .utility import TaskUtilityScorer
+
+
+def pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """input_ids and attention_mask [B, longest] of token-id lists, right-padded with pad_id."""
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+class Task:
+    """Base task over tokenised examples (lists of token ids with [CLS] ... [SEP])."""
+
+    def __init__(self, name: str, input_ids: Sequence[Sequence[int]], *, batch_size: int = 16, head: str | None = None, pad_id: int = 0):
+        if not input_ids:
+            raise ValueError(f"task {name!r} has no examples")
+        if batch_size < 1:
+            raise ValueError(f"task {name!r}: batch_size must be >= 1, got {batch_size}")
+        self.name, self.input_ids, self.batch_size = name, list(input_ids), batch_size
+        self.head = head or name
+        self.pad_id = pad_id
+
+    def _rows(self, generator: torch.Generator) -> list[int]:
+        return torch.randint(len(self.input_ids), (self.batch_size,), generator=generator).tolist()
+
+    def sample(self, generator: torch.Generator) -> dict:
+        """A batch drawn with replacement: {"task": name, input_ids, attention_mask, ...}."""
+        raise NotImplementedError
+
+    def make_head(self, hidden_size: int, vocab_size: int) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: "MultiTaskModel", hidden: Tensor, batch: dict) -> Tensor:
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    """Sequence classification on the [CLS] state (any labelled dataset: an MFT domain, say)."""
+
+    def __init__(self, name: str, input_ids, labels: Sequence[int], num_labels: int, **kwargs):
+        super().__init__(name, input_ids, **kwargs)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        if len(self.labels) != len(self.input_ids):
+            raise ValueError(f"task {name!r}: {len(self.labels)} labels for {len(self.input_ids)} examples")
+        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= num_labels):
+            raise ValueError(f"task {name!r}: labels must lie in [0, {num_labels})")
+        self.num_labels = num_labels
+
+    def sample(self, generator):
+        rows = self._rows(generator)
+        ids, mask = pad_ids([self.input_ids[i] for i in rows], self.pad_id)
+        return {"task": self.name, "input_ids": ids, "attention_mask": mask, "labels": self.labels[rows]}
+
+    def make_head(self, hidden_size, vocab_size):
+        return nn.Linear(hidden_size, self.num_labels)
+
+    def loss(self, model, hidden, batch):
+        return F.cross_entropy(model.heads[self.head](hidden[:, 0]).float(), batch["labels"])
+
+
+class MaskedLMTask(Task):
+    """Masked language modelling: 15 % of the non-special tokens are chosen (at least one per
+    row); of those 80 % become [MASK], 10 % a random token, 10 % stay. The decoder is tied to the
+    encoder's input embeddings."""
+
+    def __init__(self, name: str, input_ids, *, mask_id: int, vocab_size: int, special_ids: Sequence[int], probability: float = 0.15, **kwargs):
+        super().__init__(name, input_ids, **kwargs)
+        self.mask_id, self.vocab_size, self.probability = mask_id, vocab_size, probability
+        self.special = torch.as_tensor(sorted(set(special_ids) | {self.pad_id}), dtype=torch.long)
+
+    def sample(self, generator):
+        ids, mask = pad_ids([self.input_ids[i] for i in self._rows(generator)], self.pad_id)
+        eligible = ~torch.isin(ids, self.special)
+        scores = torch.rand(ids.shape, generator=generator)
+        chosen = eligible & (scores < self.probability)
+        # At least one prediction per row that has an eligible token: its lowest-scoring one.
+        first = torch.where(eligible, scores, 2.0).argmin(1)
+        rows = eligible.any(1)
+        chosen[rows.nonzero()[:, 0], first[rows]] = True
+        labels = torch.where(chosen, ids, -100)
+        action = torch.rand(ids.shape, generator=generator)
+        random_tokens = torch.randint(self.vocab_size, ids.shape, generator=generator)
+        ids = torch.where(chosen & (action < 0.8), self.mask_id, ids)
+        ids = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, ids)
+        return {"task": self.name, "input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def make_head(self, hidden_size, vocab_size):
+        return nn.ModuleDict(
+            {"transform": nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size)),
+             "bias": _Bias(vocab_size)}
+        )
+
+    def loss(self, model, hidden, batch):
+        head = model.heads[self.head]
+        picked = batch["labels"] != -100
+        h = head["transform"](hidden[picked])
+        logits = F.linear(h, model.encoder.get_input_embeddings().weight, head["bias"].bias)
+        return F.cross_entropy(logits.float(), batch["labels"][picked])
+
+
+class _Bias(nn.Module):
+    def __init__(self, size: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(size))
+
+
+class TokenShuffleTask(Task):
+    """Token-shuffle detection (a self-supervised objective in the spirit of ERNIE 2.0's
+    structure-aware tasks): 15 % of each row's non-special positions (at least two) swap their
+    tokens by a random permutation; a per-token binary head predicts which tokens moved."""
+
+    def __init__(self, name: str, input_ids, *, special_ids: Sequence[int], probability: float = 0.15, **kwargs):
+        super().__init__(name, input_ids, **kwargs)
+        self.special = set(special_ids) | {self.pad_id}
+        self.probability = probability
+
+    def sample(self, generator):
+        rows = [list(self.input_ids[i]) for i in self._rows(generator)]
+        ids, mask = pad_ids(rows, self.pad_id)
+        labels = torch.full(ids.shape, -100, dtype=torch.long)
+        for r, row in enumerate(rows):
+            positions = [p for p, t in enumerate(row) if t not in self.special]
+            labels[r, positions] = 0
+            if len(positions) < 2:
+                continue
+            k = max(2, round(self.probability * len(positions)))
+            pick = torch.as_tensor(positions)[torch.randperm(len(positions), generator=generator)[:k]]
+            ids[r, pick] = ids[r, pick[torch.randperm(k, generator=generator)]]
+            labels[r, pick] = (ids[r, pick] != torch.as_tensor(row)[pick]).long()
+        return {"task": self.name, "input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def make_head(self, hidden_size, vocab_size):
+        return nn.Linear(hidden_size, 2)
+
+    def loss(self, model, hidden, batch):
+        picked = batch["labels"] != -100
+        return F.cross_entropy(model.heads[self.head](hidden[picked]).float(), batch["labels"][picked])
+
+
+class MultiTaskModel(nn.Module):
+    """A shared encoder plus one head per distinct ``task.head``; ``forward(batch)`` is the loss of
+    the batch's task (so one module call covers every task, as the functional scorer needs)."""
+
+    def __init__(self, encoder: nn.Module, tasks: Sequence[Task]):
+        super().__init__()
+        self.encoder = encoder
+        hidden, vocab = encoder.config.hidden_size, encoder.config.vocab_size
+        self.heads = nn.ModuleDict()
+        self.tasks: dict[str, Task] = {}
+        for task in tasks:
+            if task.name in self.tasks and self.tasks[task.name] is not task:
+                raise ValueError(f"two different tasks are named {task.name!r}")
+            self.tasks[task.name] = task
+            if task.head not in self.heads:
+                self.heads[task.head] = task.make_head(hidden, vocab)
+
+    def forward(self, batch: dict) -> Tensor:
+        task = self.tasks[batch["task"]]
+        device = next(self.encoder.parameters()).device
+        hidden = self.encoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+        return task.loss(self, hidden, {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()})
+
+
+@dataclass
+class Episode:
+    episode: int
+    utilities: dict[str, float]
+    chosen: str
+    explored: bool
+    train_loss: float
+    scoring_s: float
+    training_s: float
+
+
+class TaskSelector:
+    """Runs the selection algorithm over ``model`` (a :class:`MultiTaskModel` holding every task).
+
+    ``targets=None`` is downstream-agnostic (T = S). ``inner_lr`` is alpha of the inner step,
+    ``lr`` the optimizer's learning rate (AdamW), ``m`` the batches per task for scoring,
+    ``n`` the training batches per episode, ``epsilon`` the exploration rate."""
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        sources: Sequence[Task],
+        targets: Sequence[Task] | None = None,
+        *,
+        inner_lr: float = 1e-3,
+        lr: float = 2e-5,
+        m: int = 2,
+        n: int = 4,
+        epsilon: float = 0.1,
+        seed: int = 0,
+        max_grad_norm: float = 1.0,
+    ):
+        if not sources:
+            raise ValueError("at least one source task is needed")
+        missing = [t.name for t in [*sources, *(targets or [])] if model.tasks.get(t.name) is not t]
+        if missing:
+            raise ValueError(f"tasks {missing} are not part of the model: build MultiTaskModel with every task")
+        if m < 1 or n < 1:
+            raise ValueError(f"m and n must be >= 1, got m={m}, n={n}")
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}")
+        self.model, self.sources, self.targets = model, list(sources), list(targets) if targets else None
+        self.m, self.n, self.epsilon, self.max_grad_norm = m, n, epsilon, max_grad_norm
+        self.scorer = TaskUtilityScorer(model, lambda mod, batch: mod(batch), inner_lr)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.explore = random.Random(seed)
+        self.episodes_done = 0
+
+    @property
+    def mode(self) -> str:
+        return "agnostic" if self.targets is None else "aware"
+
+    def utilities(self, source_batches: dict[str, list[dict]], target_batches: list[dict]) -> dict[str, float]:
+        """u(s) for every source from given batches (scoring runs with the model in eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return {name: self.scorer.utility(batches, target_batches) for name, batches in source_batches.items()}
+        finally:
+            self.model.train(was_training)
+
+    def episode(self) -> Episode:
+        start = time.perf_counter()
+        g = self.generator
+        target_batches = [t.sample(g) for t in (self.targets or self.sources) for _ in range(self.m)]
+        source_batches = {s.name: [s.sample(g) for _ in range(self.m)] for s in self.sources}
+        utilities = self.utilities(source_batches, target_batches)
+        explored = self.explore.random() < self.epsilon
+        chosen = self.explore.choice(self.sources).name if explored else max(utilities, key=utilities.get)
+        scored = time.perf_counter()
+        train_loss = self.train_batches(self.model.tasks[chosen], self.n)
+        self.episodes_done += 1
+        return Episode(self.episodes_done, utilities, chosen, explored, train_loss, scored - start, time.perf_counter() - scored)
+
+    def train_batches(self, task: Task, count: int) -> float:
+        """``count`` optimizer steps on batches of ``task``; returns their mean loss."""
+        self.model.train()
+        total = 0.0
+        for _ in range(count):
+            loss = self.model(task.sample(self.generator))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            total += loss.item()
+        return total / max(count, 1)
+
+    def run(self, episodes: int, *, log: str | Path | None = None, checkpoint: str | Path | None = None, progress: bool = True) -> list[Episode]:
+        """Run until ``episodes`` episodes are done in total (resuming from ``checkpoint`` when it
+        exists), appending one JSON line per episode to ``log`` and saving after each episode."""
+        if checkpoint is not None and Path(checkpoint, "selector.json").exists():
+            self.load(checkpoint)
+        history = []
+        with tqdm(total=episodes, initial=self.episodes_done, desc=f"task selection ({self.mode})", unit="episode", disable=not progress) as bar:
+            while self.episodes_done < episodes:
+                ep = self.episode()
+                history.append(ep)
+                if log is not None:
+                    with open(log, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(asdict(ep)) + "\n")
+                if checkpoint is not None:
+                    self.save(checkpoint)
+                bar.set_postfix(chosen=ep.chosen)
+                bar.update(1)
+        return history
+
+    def save(self, folder: str | Path) -> None:
+        """Model weights (safetensors), optimizer and RNG states (tensors only), progress (JSON)."""
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(folder / "model.safetensors.tmp"))
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "torch": torch.get_rng_state()},
+            folder / "state.pt.tmp",
+        )
+        (folder / "selector.json.tmp").write_text(json.dumps({"episodes_done": self.episodes_done, "explore": _encode_random(self.explore)}))
+        for name in ("model.safetensors", "state.pt", "selector.json"):  # selector.json last: it marks a complete save
+            (folder / f"{name}.tmp").replace(folder / name)
+
+    def load(self, folder: str | Path) -> None:
+        from safetensors.torch import load_model
+
+        folder = Path(folder)
+        load_model(self.model, str(folder / "model.safetensors"))
+        state = torch.load(folder / "state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch"])
+        meta = json.loads((folder / "selector.json").read_text())
+        self.episodes_done = meta["episodes_done"]
+        self.explore.setstate(_decode_random(meta["explore"]))
+
+
+def _encode_random(r: random.Random) -> list:
+    version, internal, gauss = r.getstate()
+    return [version, list(internal), gauss]
+
+
+def _decode_random(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def build_tasks(ds, tokenizer, domain_vocab, num_labels: int, *, target_domain: int | None, sources: Sequence[str],
+                batch_size: int, split_column: str | None) -> tuple[list[Task], list[Task] | None]:
+    """Source and target tasks from a prepared multi-domain dataset (fastmft.data.prepare):
+    "mlm" and "shuffle" over every text, and "domains": one sentiment-style classification task
+    per domain (all sharing the head "label"). The target task is the target domain's rows of
+    the dev split when ``split_column`` exists, else all its rows; its domain is left out of the
+    source classification tasks. ``target_domain=None`` is downstream-agnostic."""
+    special, pad = tokenizer.all_special_ids, tokenizer.pad_token_id or 0
+    ids, labels, domains = ds["input_ids"], ds["labels"], ds["domains"]
+    splits = ds[split_column] if split_column and split_column in ds.column_names else None
+    out: list[Task] = []
+    unknown = set(sources) - {"mlm", "shuffle", "domains"}
+    if unknown:
+        raise ValueError(f"unknown source kinds {sorted(unknown)}; choose from mlm, shuffle, domains")
+    if "mlm" in sources:
+        out.append(MaskedLMTask("mlm", ids, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=special, batch_size=batch_size, pad_id=pad))
+    if "shuffle" in sources:
+        out.append(TokenShuffleTask("shuffle", ids, special_ids=special, batch_size=batch_size, pad_id=pad))
+    if "domains" in sources:
+        for k, name in enumerate(domain_vocab.values):
+            if k == target_domain:
+                continue
+            rows = [i for i in range(len(ids)) if domains[i] == k and (splits is None or splits[i] == "train")]
+            if rows:
+                out.append(ClassificationTask(f"cls:{name}", [ids[i] for i in rows], [labels[i] for i in rows], num_labels, head="label", batch_size=batch_size, pad_id=pad))
+    if not out:
+        raise ValueError("no source task: check --sources and the data")
+    if target_domain is None:
+        return out, None
+    rows = [i for i in range(len(ids)) if domains[i] == target_domain and (splits is None or splits[i] == "dev")]
+    if not rows:
+        raise ValueError(f"the target domain {domain_vocab.values[target_domain]!r} has no rows" + (" in the dev split" if splits else ""))
+    target = ClassificationTask(f"target:{domain_vocab.values[target_domain]}", [ids[i] for i in rows], [labels[i] for i in rows], num_labels, head="label", batch_size=batch_size, pad_id=pad)
+    return out, [target]
+
+
+def _run_cli(args) -> int:
+    import collections
+
+    from .backbone import load_backbone
+    from .data import Columns, prepare
+    from .synthetic import synthetic_dataset
+
+    torch.manual_seed(args.seed)
+    encoder, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    columns = Columns(args.text_column, args.label_column, args.domain_column, args.text_pair_column)
+    data = prepare(args.data or synthetic_dataset(), tokenizer, columns, max_length=args.max_length)
+    if args.agnostic:
+        target = None
+    elif args.target_domain is None:
+        target = len(data.domain_vocab) - 1
+    else:
+        target = data.domain_vocab.encode(args.target_domain)
+    sources, targets = build_tasks(
+        data.dataset, tokenizer, data.domain_vocab, len(data.label_vocab), target_domain=target,
+        sources=args.sources.split(","), batch_size=args.batch_size, split_column=args.split_column,
+    )
+    model = MultiTaskModel(encoder, [*sources, *(targets or [])]).to(device)
+    selector = TaskSelector(model, sources, targets, inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n, epsilon=args.epsilon, seed=args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"task selection ({selector.mode}): sources {[s.name for s in sources]}, targets {[t.name for t in targets or []]}, on {device}")
+    history = selector.run(args.episodes, log=out / "episodes.jsonl", checkpoint=out / "checkpoint", progress=not args.no_progress)
+    picks = collections.Counter(e.chosen for e in history)
+    scoring, training = sum(e.scoring_s for e in history), sum(e.training_s for e in history)
+    print(f"episodes run now: {len(history)} (total {selector.episodes_done}); picks: {dict(picks)}")
+    print(f"time: scoring {scoring:.1f} s, training {training:.1f} s; log {out / 'episodes.jsonl'}, checkpoint {out / 'checkpoint'}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``fastmft select`` to the fastmft command line."""
+    p = subparsers.add_parser("select", help="meta-learned task selection: score source tasks by the target loss after one inner step, train the best")
+    p.add_argument("--data", help="multi-domain data (JSONL/CSV/Parquet/saved dataset; default: the embedded synthetic corpus)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--domain-column", default="domain")
+    p.add_argument("--split-column", default="split", help="train rows feed the source tasks, the target domain's dev rows the target (when the column exists)")
+    p.add_argument("--target-domain", help="downstream-aware target (default: the last domain)")
+    p.add_argument("--agnostic", action="store_true", help="downstream-agnostic: the targets are the sources")
+    p.add_argument("--sources", default="mlm,domains", help="comma-separated: mlm, shuffle, domains (default mlm,domains)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--m", type=int, default=2, help="batches per task for scoring (M)")
+    p.add_argument("--n", type=int, default=4, help="training batches of the chosen task per episode (N)")
+    p.add_argument("--epsilon", type=float, default=0.1)
+    p.add_argument("--inner-lr", type=float, default=1e-3, help="alpha of the inner step")
+    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate of the real training")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--backbone", help="local model folder or cached name (default: all-MiniLM-L6-v2)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default="runs/select", help="episode log and checkpoint; an existing checkpoint is resumed")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_cli)

@@ -1,0 +1,139 @@
+"""Meta-learned task selection: the known-answer case, agnostic mode, repeatability, utilities
+against the deepcopy computation, resume, and the self-supervised tasks' batches."""
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from fastmft.selection import ClassificationTask, MaskedLMTask, MultiTaskModel, TaskSelector, TokenShuffleTask
+from fastmft.synthetic import synthetic_corpus
+from fastmft.utility import clone_task_utility
+from tests.helpers import tiny_bert
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rows = synthetic_corpus(48, domains=2, seed=0, atypical_fraction=0.0)
+    words = " ".join(r["text"] for r in rows).replace(".", " ").replace(",", " ").split()
+    folder = tiny_bert(tmp_path_factory.mktemp("bert"), words, layers=2, hidden=32)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return rows, folder, tok
+
+
+def build(corpus, seed, *, sources=("A", "B"), targets=("target",), **kwargs):
+    rows, folder, tok = corpus
+    torch.manual_seed(seed)
+    encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+    train = [r for r in rows if r["split"] == "train"]
+    dev = [r for r in rows if r["split"] != "train"]
+    ids = lambda rs: tok([r["text"] for r in rs], truncation=True, max_length=32)["input_ids"]  # noqa: E731
+    labels = lambda rs: [int(r["label"] == "positive") for r in rs]  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    tasks = {
+        "A": ClassificationTask("A", ids(train), labels(train), 2, head="sentiment", batch_size=32),
+        "B": ClassificationTask("B", ids(train), torch.randint(0, 2, (len(train),), generator=g).tolist(), 2, head="sentiment", batch_size=32),
+        "target": ClassificationTask("target", ids(dev), labels(dev), 2, head="sentiment", batch_size=32),
+        "mlm": MaskedLMTask("mlm", ids(rows), mask_id=tok.mask_token_id, vocab_size=len(tok), special_ids=tok.all_special_ids, batch_size=8),
+        "shuffle": TokenShuffleTask("shuffle", ids(rows), special_ids=tok.all_special_ids, batch_size=8),
+    }
+    model = MultiTaskModel(encoder, list(tasks.values()))
+    selector = TaskSelector(
+        model, [tasks[s] for s in sources], [tasks[t] for t in targets] if targets else None, seed=seed, **kwargs
+    )
+    return selector, tasks
+
+
+def test_selector_picks_the_target_task_itself(corpus, rng):
+    """Source A is the target task (same head, same distribution); source B has random labels.
+    After a warm-up on A (so that the encoder carries the signal), A must win >= 90 % of episodes."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    selector, tasks = build(corpus, seed, inner_lr=3e-3, lr=1e-3, m=2, n=2, epsilon=0.0)
+    selector.train_batches(tasks["A"], 100)
+    history = selector.run(10, progress=False)
+    picks = [e.chosen for e in history]
+    assert picks.count("A") >= 9, picks
+
+
+def test_agnostic_mode_and_logs(corpus, tmp_path):
+    selector, _ = build(corpus, 1, sources=("A", "mlm", "shuffle"), targets=None, inner_lr=1e-3, m=1, n=1, epsilon=0.5)
+    assert selector.mode == "agnostic"
+    history = selector.run(3, log=tmp_path / "log.jsonl", progress=False)
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
+    for ep in history:
+        assert set(ep.utilities) == {"A", "mlm", "shuffle"}
+        assert all(torch.isfinite(torch.tensor(u)) for u in ep.utilities.values())
+        assert ep.chosen in ep.utilities and ep.scoring_s > 0 and ep.training_s > 0
+
+
+def test_seeded_run_is_repeatable(corpus):
+    runs = []
+    for _ in range(2):
+        selector, _ = build(corpus, 7, sources=("A", "B", "mlm"), inner_lr=1e-3, m=1, n=1, epsilon=0.3)
+        runs.append([(e.chosen, e.utilities, e.train_loss) for e in selector.run(3, progress=False)])
+    assert runs[0] == runs[1]
+
+
+def test_utilities_equal_deepcopy_computation(corpus):
+    selector, tasks = build(corpus, 3, sources=("A", "B", "mlm", "shuffle"), inner_lr=1e-2, m=2)
+    g = torch.Generator().manual_seed(11)
+    targets = [tasks["target"].sample(g) for _ in range(2)]
+    sources = {name: [tasks[name].sample(g) for _ in range(2)] for name in ("A", "B", "mlm", "shuffle")}
+    utilities = selector.utilities(sources, targets)
+    selector.model.eval()
+    for name, batches in sources.items():
+        slow = clone_task_utility(selector.model, lambda m, b: m(b), batches, targets, 1e-2)
+        assert utilities[name] == pytest.approx(slow, rel=1e-5, abs=1e-5), name
+
+
+def test_resume_equals_uninterrupted(corpus, tmp_path):
+    straight, _ = build(corpus, 5, sources=("A", "B"), inner_lr=1e-3, m=1, n=2, epsilon=0.5)
+    expected = [(e.chosen, e.utilities) for e in straight.run(4, progress=False)]
+    first, _ = build(corpus, 5, sources=("A", "B"), inner_lr=1e-3, m=1, n=2, epsilon=0.5)
+    got = [(e.chosen, e.utilities) for e in first.run(2, checkpoint=tmp_path / "ckpt", progress=False)]
+    resumed, _ = build(corpus, 5, sources=("A", "B"), inner_lr=1e-3, m=1, n=2, epsilon=0.5)
+    got += [(e.chosen, e.utilities) for e in resumed.run(4, checkpoint=tmp_path / "ckpt", progress=False)]
+    assert got == expected
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_self_supervised_batches(corpus):
+    _, tasks = build(corpus, 0, sources=("mlm",), targets=None)
+    rows, _, tok = corpus
+    g = torch.Generator().manual_seed(0)
+    batch = tasks["mlm"].sample(g)
+    special = torch.isin(batch["labels"].clamp_min(0), torch.tensor(tok.all_special_ids)) & (batch["labels"] != -100)
+    assert not special.any()
+    assert ((batch["labels"] != -100).sum(1) >= 1).all()
+    chosen = batch["labels"] != -100
+    assert (batch["input_ids"][chosen] == tok.mask_token_id).float().mean() > 0.5
+    batch = tasks["shuffle"].sample(g)
+    labels, ids = batch["labels"], batch["input_ids"]
+    assert set(labels.unique().tolist()) <= {-100, 0, 1} and (labels == 1).any()
+    assert (labels[:, 0] == -100).all()  # [CLS] never takes part
+    assert ((labels == 1).sum(1) != 1).all()  # a permutation never moves exactly one token
+
+
+def test_bad_configuration(corpus):
+    with pytest.raises(ValueError, match="epsilon must lie in"):
+        build(corpus, 0, epsilon=2.0)
+    selector, tasks = build(corpus, 0)
+    with pytest.raises(ValueError, match="not part of the model"):
+        TaskSelector(selector.model, [ClassificationTask("C", [[2, 3]], [0], 2)])
+
+
+def test_cli_runs_and_resumes(corpus, tmp_path, capsys):
+    import json
+
+    from fastmft.cli import main
+
+    rows, folder, _ = corpus
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({k: r[k] for k in ("text", "label", "domain", "split")}) + "\n" for r in rows))
+    args = ["select", "--data", str(data), "--backbone", str(folder), "--sources", "mlm,shuffle,domains", "--episodes", "2",
+            "--m", "1", "--n", "1", "--batch-size", "4", "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "sources ['mlm', 'shuffle', 'cls:books'], targets ['target:electronics']" in out
+    assert main(args[:8] + ["3"] + args[9:]) == 0  # one more episode, resumed from the checkpoint
+    assert "episodes run now: 1 (total 3)" in capsys.readouterr().out
+    assert len((tmp_path / "run" / "episodes.jsonl").read_text().splitlines()) == 3
