@@ -5,7 +5,7 @@ import torch
 # of the inputs: (rtol, atol).
 TOLERANCES = {
     torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-5, 1e-6),
+    torch.float32: (1e-6, 1e-6),
     torch.float16: (1e-2, 1e-3),
     torch.bfloat16: (2e-2, 1e-2),
 }
