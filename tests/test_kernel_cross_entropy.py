@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 import fastmft
 from fastmft.kernels import _util
-from tests.helpers import assert_close
+from tests.helpers import assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
