@@ -1,5 +1,7 @@
-"""Command line: ``fastmft typicality`` (score a corpus and show its most and least typical
-instances per domain) and ``fastmft demo-data`` (write the embedded synthetic corpus)."""
+"""Command line: ``fastmft train`` (MFT and its baselines), ``fastmft typicality`` (score a corpus
+and show its most and least typical instances per domain), ``fastmft score`` (streaming scoring
+of large corpora), ``fastmft select`` (meta-learned task selection) and ``fastmft demo-data``
+(write the embedded synthetic corpus)."""
 from __future__ import annotations
 
 import argparse
@@ -102,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_typicality)
 
-    from . import score, selection
+    from . import score, selection, trainer
 
     score.register_cli(sub)
     selection.register_cli(sub)
+    trainer.register_cli(sub)
 
     p = sub.add_parser("demo-data", help="write the embedded synthetic multi-domain corpus as JSON lines")
     p.add_argument("output")

@@ -1,0 +1,1023 @@
+"""The MFT trainer: Meta Fine-Tuning as the paper runs it (DESIGN.md section 1, Algorithm 1), with
+the paper's baselines and ablations under one interface.
+
+Procedure of the MFT methods (``dc``, ``tw``, ``full``):
+
+1. typicality pass with the PRE-TRAINED encoder (prototypes, then one score per training row,
+   stored with the data as the column ``typicality`` and in ``<output_dir>/typicality.safetensors``);
+2. MFT epochs over all domains with L = L_TLC + lambda * L_SDC (:class:`fastmft.MFTLoss`: label
+   head on [CLS], one domain head per skip layer, domain embedding, domain labels shuffled per
+   global batch);
+3. the added heads are dropped: the meta-learner is the bare encoder again;
+4. per domain, a copy of the meta-learner with a fresh classifier is fine-tuned on that domain alone;
+5. per-domain evaluation: accuracy and macro-F1.
+
+Methods: ``s`` BERT(S) (step 4 from the pre-trained encoder), ``mix`` BERT(Mix) (one model on the
+pooled domains), ``mtl`` BERT(MTL) (shared encoder, one classifier per domain), ``adv`` BERT(Adv)
+(pooled, plus a domain classifier behind gradient reversal), ``dc`` MFT(DC) (t = 1), ``tw``
+MFT(TW) (lambda = 0), ``full`` MFT(Full).
+
+Training: AdamW, linear warmup then linear decay per phase, gradient clipping, bf16 autocast on
+CUDA, length-bucketed batches, tqdm, metrics as JSON lines, checkpoints (model in safetensors,
+optimizer and scheduler through torch.save / torch.load(weights_only=True)) that resume to the
+same result as an uninterrupted run, and torch.distributed (torchrun): every rank takes its slice
+of the same global batch and the loss is rescaled so that the averaged gradient is exactly the
+single-process one.
+
+Python API: :func:`train` (one method), :func:`compare` (several methods on the same data),
+:func:`meta_train` (steps 1-3 alone, returns the meta-learned encoder). CLI: ``fastmft train``
+(:func:`register_cli`), also ``python -m fastmft.trainer`` (e.g. under torchrun).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import Collator, Columns, LengthBucketSampler, Vocab, check_columns, encode_labels, load_table, tokenize
+from .functional import shuffle_domains
+from .nn import MFTLoss, skip_layers
+
+METHODS = ("s", "mix", "mtl", "adv", "dc", "tw", "full")
+METHOD_NAMES = {
+    "s": "BERT(S)", "mix": "BERT(Mix)", "mtl": "BERT(MTL)", "adv": "BERT(Adv)",
+    "dc": "MFT(DC)", "tw": "MFT(TW)", "full": "MFT(Full)",
+}
+MFT_METHODS = ("dc", "tw", "full")
+JOINT_METHODS = ("mix", "mtl", "adv")
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_STATE_VERSION = 1
+
+
+def method_key(name: str) -> str:
+    """'full', 'MFT(Full)', 'bert-s', 'S' ... -> the short key of :data:`METHODS`."""
+    key = name.strip().lower()
+    for short, long in METHOD_NAMES.items():
+        if key in (short, long.lower(), long.lower().replace("(", "-").rstrip(")"), long.lower().split("(")[1].rstrip(")")):
+            return short
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} ({', '.join(METHOD_NAMES.values())})")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run. Defaults follow the paper (alpha 0.5, lambda 0.1, 1 MFT epoch,
+    2 fine-tuning epochs) with the learning rate raised for the small default backbone."""
+
+    method: str = "full"
+    mft_epochs: int = 1  # MFT epochs over all domains (dc, tw, full)
+    epochs: int = 2  # fine-tuning epochs: per domain (s and the MFT methods), pooled (mix, mtl, adv)
+    batch_size: int = 32  # GLOBAL batch (split over the ranks under torch.distributed)
+    lr: float = 5e-5
+    mft_lr: float | None = None  # default: lr
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    alpha: float = 0.5
+    lam: float = 0.1
+    layers: tuple[int, ...] | None = None  # skip layers L_s (1-based); default thirds of the depth
+    num_prototypes: int = 1
+    adv_weight: float = 0.1  # weight of BERT(Adv)'s domain loss (gradient reversal coefficient 1)
+    few_shot: float = 1.0  # fraction of each domain's training rows (stratified by label)
+    max_length: int = 128
+    pair_join: bool = False  # join text and text_pair into one text with the tokenizer's separator
+    dropout: float | None = None  # override the encoder's dropout probabilities (0 for exact DDP parity)
+    seed: int = 0
+    device: str | None = None  # default: cuda (this rank's) when available, else cpu
+    bf16: bool = True  # autocast to bfloat16 on CUDA
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at the end of each epoch only)
+    stop_after_steps: int | None = None  # checkpoint and return after this many steps in all (resume later)
+    stop_after_seconds: float | None = None  # time box: checkpoint and return once this call ran this long
+    save_models: bool = False  # keep each final (per-domain) model as safetensors in output_dir/models
+    progress: bool = True
+
+    def __post_init__(self):
+        self.method = method_key(self.method)
+        if self.layers is not None:
+            self.layers = tuple(int(l) for l in self.layers)
+        for name in ("mft_epochs", "epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.few_shot <= 1.0:
+            raise ValueError(f"few_shot must be a fraction in (0, 1], got {self.few_shot}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    method: str
+    per_domain: dict[str, dict]  # domain -> {accuracy, macro_f1, n}
+    accuracy: float  # average over domains (the paper's "Avg.")
+    macro_f1: float
+    wall_time_s: float
+    complete: bool = True  # False when stop_after_steps cut the run short (resume to finish)
+    config: dict = field(default_factory=dict)
+    device: str = ""
+    steps: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class TrainData:
+    """Tokenised train and evaluation sets with integer ``labels`` and ``domains``."""
+
+    train: Any  # datasets.Dataset
+    eval: Any
+    label_vocab: Vocab
+    domain_vocab: Vocab
+    columns: Columns
+
+
+def _select_split(ds, split: str | None, split_column: str, what: str):
+    if split is None or split_column not in ds.column_names:
+        return ds
+    out = ds.filter(lambda s: s == split, input_columns=split_column)
+    if len(out) == 0:
+        raise ValueError(f"{what}: no row has {split_column} == {split!r}")
+    return out
+
+
+def _check_domains(ds, columns: Columns, what: str) -> None:
+    for row, value in enumerate(ds[columns.domain]):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"{what}, row {row}: column {columns.domain!r} is empty ({value!r})")
+
+
+def few_shot_rows(labels: Sequence[int], domains: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """Indices of a stratified ``fraction`` of every (domain, label) cell (at least one row per
+    non-empty cell), the same for the same seed; sorted."""
+    cells: dict[tuple[int, int], list[int]] = {}
+    for i, (y, k) in enumerate(zip(labels, domains)):
+        cells.setdefault((k, y), []).append(i)
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for key in sorted(cells):
+        rows = cells[key]
+        keep.extend(rng.sample(rows, max(1, round(len(rows) * fraction))))
+    return sorted(keep)
+
+
+def load_data(
+    source,
+    tokenizer,
+    columns: Columns = Columns(),
+    *,
+    eval_source=None,
+    train_split: str | None = "train",
+    eval_split: str | None = "test",
+    split_column: str = "split",
+    max_length: int = 128,
+    pair_join: bool = False,
+    few_shot: float = 1.0,
+    seed: int = 0,
+) -> TrainData:
+    """Load, check, encode and tokenise the train and evaluation data.
+
+    ``source`` (files, glob, saved dataset or ``datasets.Dataset``) gives the training rows: those
+    whose ``split_column`` equals ``train_split`` when the column exists. The evaluation rows come
+    from ``eval_source`` when given, else from ``source`` with ``split_column == eval_split``.
+    Labels and domains are the training set's; every problem (a missing column, an empty text,
+    label or domain, a label or domain unknown to the training set, a domain without evaluation
+    rows) is a ValueError that names the column and the row or the domain."""
+    train = load_table(source)
+    check_columns(train, columns)
+    if eval_source is None:
+        if split_column not in train.column_names:
+            raise ValueError(
+                f"the data has no column {split_column!r} to tell training from evaluation rows; "
+                f"add one or pass separate evaluation data (its columns are {train.column_names})"
+            )
+        evaluation = _select_split(train, eval_split, split_column, "evaluation data")
+    else:
+        evaluation = _select_split(load_table(eval_source), eval_split, split_column, "evaluation data")
+        check_columns(evaluation, columns)
+    train = _select_split(train, train_split, split_column, "training data")
+    for ds, what in ((train, "training data"), (evaluation, "evaluation data")):
+        _check_domains(ds, columns, what)
+    if pair_join and columns.text_pair:
+        sep = tokenizer.sep_token or "[SEP]"
+
+        def join(batch):
+            return {columns.text: [f"{a} {sep} {b}" for a, b in zip(batch[columns.text], batch[columns.text_pair])]}
+
+        for ds in (train, evaluation):  # check emptiness before joining hides it
+            encode_labels(ds, columns)
+        train, evaluation = train.map(join, batched=True), evaluation.map(join, batched=True)
+        columns = dataclasses.replace(columns, text_pair=None)
+    try:
+        train, label_vocab, domain_vocab = encode_labels(train, columns)
+    except ValueError as err:
+        raise ValueError(f"training data: {err}") from None
+    try:
+        evaluation, _, _ = encode_labels(evaluation, columns, label_vocab, domain_vocab)
+    except ValueError as err:
+        raise ValueError(f"evaluation data: {err}") from None
+    missing = sorted(set(range(len(domain_vocab))) - set(evaluation["domains"]))
+    if missing:
+        names = [domain_vocab.values[k] for k in missing]
+        raise ValueError(f"domain(s) {names} have training rows but no evaluation rows: the evaluation data would leave them empty")
+    if few_shot < 1.0:
+        train = train.select(few_shot_rows(train["labels"], train["domains"], few_shot, seed))
+    train = tokenize(train, tokenizer, columns, max_length=max_length)
+    evaluation = tokenize(evaluation, tokenizer, columns, max_length=max_length)
+    return TrainData(train, evaluation, label_vocab, domain_vocab, columns)
+
+
+def _rows(ds, extra: Sequence[str] = ()) -> list[dict]:
+    wanted = [c for c in (*_MODEL_INPUTS, "labels", "domains", *extra) if c in ds.column_names]
+    return ds.select_columns(wanted).to_list()
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, coeff):
+        ctx.coeff = coeff
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.coeff * grad, None
+
+
+def grad_reverse(x: Tensor, coeff: float = 1.0) -> Tensor:
+    """Identity forward, gradient times -coeff backward (Ganin & Lempitsky)."""
+    return _GradReverse.apply(x, coeff)
+
+
+def _encode(encoder, batch: dict, hidden_states: bool = False):
+    return encoder(**{k: batch[k] for k in _MODEL_INPUTS if k in batch}, output_hidden_states=hidden_states)
+
+
+def _hidden(encoder) -> int:
+    return encoder.config.hidden_size
+
+
+class Classifier(nn.Module):
+    """Encoder + classifier on the last layer's [CLS] state. ``num_heads`` > 1: one classifier per
+    domain (BERT(MTL)). ``adv_domains``: a domain classifier behind gradient reversal (BERT(Adv))."""
+
+    def __init__(self, encoder, num_labels: int, num_heads: int = 1, adv_domains: int = 0, adv_weight: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.num_labels, self.num_heads, self.adv_weight = num_labels, num_heads, adv_weight
+        self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
+        self.classifier = nn.Linear(_hidden(encoder), num_labels * num_heads)
+        self.domain_classifier = nn.Linear(_hidden(encoder), adv_domains) if adv_domains else None
+
+    def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
+        cls = _encode(self.encoder, batch).last_hidden_state[:, 0]
+        logits = self.classifier(self.dropout(cls))
+        if self.num_heads > 1:
+            logits = logits.view(-1, self.num_heads, self.num_labels)
+            logits = logits[torch.arange(logits.shape[0], device=logits.device), batch["domains"]]
+        return logits, cls
+
+    def forward(self, batch: dict) -> dict:
+        logits, cls = self.logits(batch)
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        out = {"loss": loss, "label_loss": loss.detach()}
+        if self.domain_classifier is not None:
+            dom = self.domain_classifier(grad_reverse(cls))
+            domain_loss = F.cross_entropy(dom.float(), batch["domains"])
+            out.update(loss=loss + self.adv_weight * domain_loss, domain_loss=domain_loss.detach())
+        return out
+
+
+class MFTModel(nn.Module):
+    """Encoder + :class:`fastmft.MFTLoss` (its heads are the only parameters added)."""
+
+    def __init__(self, encoder, num_labels: int, num_domains: int, layers: Sequence[int], lam: float):
+        super().__init__()
+        self.encoder = encoder
+        self.mft = MFTLoss(_hidden(encoder), num_labels, num_domains, layers, lam)
+
+    def forward(self, batch: dict) -> dict:
+        hidden = _encode(self.encoder, batch, hidden_states=True).hidden_states
+        out = self.mft(hidden, batch["attention_mask"], batch["labels"], batch["domains"],
+                       typicality=batch.get("typicality"), corrupted=batch["corrupted"])
+        return {"loss": out.loss, "label_loss": out.label_loss.detach(), "domain_loss": out.domain_loss.detach()}
+
+
+def _prepare_encoder(encoder, dropout: float | None):
+    """A training copy: no pooler (MFT and the classifiers read token states; an unused pooler
+    would stall DistributedDataParallel), dropout overridden when asked."""
+    encoder = copy.deepcopy(encoder)
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    if dropout is not None:
+        for m in encoder.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = dropout
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if hasattr(encoder.config, name):
+                setattr(encoder.config, name, dropout)
+    return encoder
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, x: Tensor) -> Tensor:
+        if self.world > 1:
+            x = x.clone()
+            torch.distributed.all_reduce(x)
+        return x
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _setup(cfg: TrainConfig) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and (cfg.device is None or cfg.device.startswith("cuda"))
+        if use_cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+        return _Dist(dist.get_rank(), dist.get_world_size(), device)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return _Dist(0, 1, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints and metrics
+
+
+class _Store:
+    """The run folder: state.json, typicality, meta-learner, in-progress checkpoint, metrics."""
+
+    def __init__(self, folder: str | os.PathLike | None, dist: _Dist):
+        self.folder = Path(folder) if folder is not None else None
+        self.dist = dist
+        self.state: dict = {"version": _STATE_VERSION, "phase": 0, "epoch": 0, "batch": 0, "global_step": 0,
+                            "results": {}, "metrics_lines": 0}
+        if self.folder is not None and dist.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path | None:
+        return None if self.folder is None else self.folder / name
+
+    def load(self, config: dict) -> bool:
+        p = self.path("state.json")
+        if p is None or not p.is_file():
+            return False
+        state = json.loads(p.read_text())
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"{p}: checkpoint format {state.get('version')} is not {_STATE_VERSION}")
+        saved = {k: v for k, v in state.get("config", {}).items() if k not in _RESUME_FREE}
+        now = {k: v for k, v in config.items() if k not in _RESUME_FREE}
+        now = json.loads(json.dumps(now))  # tuples -> lists, as saved
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ValueError(f"{p} was written with other settings ({', '.join(diff)}): use another output folder or the same settings")
+        self.state = state
+        metrics = self.path("metrics.jsonl")
+        if self.dist.main and metrics.is_file():  # drop lines logged after the checkpoint
+            lines = metrics.read_text().splitlines(keepends=True)[: state["metrics_lines"]]
+            metrics.write_text("".join(lines))
+        return True
+
+    def save(self, config: dict) -> None:
+        if self.folder is None or not self.dist.main:
+            return
+        self.state["config"] = config
+        tmp = self.path("state.json.tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.path("state.json"))
+
+    def log(self, record: dict) -> None:
+        if self.folder is None or not self.dist.main:
+            return
+        with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.state["metrics_lines"] += 1
+
+
+# Settings that may change between an interrupted run and its resumption.
+_RESUME_FREE = {"stop_after_steps", "stop_after_seconds", "progress", "log_every", "checkpoint_every", "device", "save_models"}
+
+
+def _save_training(store: _Store, model: nn.Module, optimizer, scheduler) -> None:
+    from safetensors.torch import save_model
+
+    if store.folder is None or not store.dist.main:
+        return
+    save_model(model, str(store.path("checkpoint.safetensors")))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, store.path("optimizer.pt"))
+
+
+def _load_training(store: _Store, model: nn.Module, optimizer, scheduler) -> None:
+    from safetensors.torch import load_model
+
+    load_model(model, str(store.path("checkpoint.safetensors")), device=str(next(model.parameters()).device))
+    states = torch.load(store.path("optimizer.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the training loop
+
+
+def _step_seed(seed: int, phase: int, step: int) -> int:
+    return (seed * 1_000_003 + phase * 10_007 + step) % (2**63 - 1)
+
+
+def _warmup_linear(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    warm = int(round(total * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return factor
+
+
+def _global_batches(lengths: Sequence[int], cfg: TrainConfig, seed: int, epoch: int, world: int) -> list[list[int]]:
+    sampler = LengthBucketSampler(lengths, cfg.batch_size, seed=seed)
+    sampler.set_epoch(epoch)
+    # Each rank needs at least one row of every global batch.
+    return [b for b in sampler if len(b) >= world]
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class _Run:
+    """One run of one method: the phases, resumable, over the same store."""
+
+    def __init__(self, cfg: TrainConfig, encoder, tokenizer, data: TrainData, store: _Store, dist: _Dist):
+        self.cfg, self.data, self.store, self.dist = cfg, data, store, dist
+        self.tokenizer = tokenizer
+        self.collate = Collator(tokenizer.pad_token_id or 0)
+        self.base = _prepare_encoder(encoder, cfg.dropout).cpu()
+        self.num_labels, self.num_domains = len(data.label_vocab), len(data.domain_vocab)
+        self.config_dict = cfg.to_dict()
+        self.config_dict.update(num_labels=self.num_labels, num_domains=self.num_domains,
+                                train_rows=len(data.train), eval_rows=len(data.eval))
+        self.autocast = dist.device.type == "cuda" and cfg.bf16
+
+        self.stopped = False
+        self.t0 = time.perf_counter()
+
+    def _autocast(self):
+        return torch.autocast(self.dist.device.type, torch.bfloat16, enabled=self.autocast)
+
+    # -- phases ----------------------------------------------------------------------------
+    def phases(self) -> list[str]:
+        m = self.cfg.method
+        domains = [f"domain:{d}" for d in range(self.num_domains)]
+        if m in MFT_METHODS:
+            return ["mft", *domains]
+        if m == "s":
+            return domains
+        return ["joint"]
+
+    def run(self) -> TrainResult:
+        t0 = time.perf_counter()
+        store = self.store
+        store.load(self.config_dict)
+        wall_before = store.state.get("wall_time_s", 0.0)
+        if self.cfg.method in MFT_METHODS and self.cfg.mft_epochs > 0 and store.state["phase"] == 0:
+            self.typicality = self._typicality() if self.cfg.method != "dc" else None
+        phases = self.phases()
+        meta = None
+        while store.state["phase"] < len(phases) and not self.stopped:
+            idx = store.state["phase"]
+            name = phases[idx]
+            if name == "mft":
+                self._phase_mft(idx)
+            else:
+                if meta is None and self.cfg.method in MFT_METHODS:
+                    meta = self._meta_encoder()
+                self._phase_classifier(idx, name, meta)
+            if not self.stopped:
+                store.state.update(phase=idx + 1, epoch=0, batch=0)
+                store.state["wall_time_s"] = wall_before + time.perf_counter() - t0
+                store.save(self.config_dict)
+                if store.folder is not None and self.dist.main:  # the phase's checkpoint is spent
+                    for name in ("checkpoint.safetensors", "optimizer.pt"):
+                        store.path(name).unlink(missing_ok=True)
+                self.dist.barrier()
+        wall = wall_before + time.perf_counter() - t0
+        store.state["wall_time_s"] = wall
+        store.save(self.config_dict)
+        return self._result(wall)
+
+    def _result(self, wall: float) -> TrainResult:
+        per_domain = {}
+        for k, name in enumerate(self.data.domain_vocab.values):
+            r = self.store.state["results"].get(str(k))
+            if r is not None:
+                per_domain[str(name)] = r
+        done = not self.stopped and len(per_domain) == self.num_domains
+        acc = sum(r["accuracy"] for r in per_domain.values()) / max(1, len(per_domain))
+        f1 = sum(r["macro_f1"] for r in per_domain.values()) / max(1, len(per_domain))
+        result = TrainResult(self.cfg.method, per_domain, acc, f1, wall, done, self.config_dict,
+                             str(self.dist.device), self.store.state["global_step"])
+        if done and not self.store.state.get("result_logged"):
+            self.store.state["result_logged"] = True
+            self.store.log({"event": "result", **{k: v for k, v in result.to_dict().items() if k != "config"}})
+            self.store.save(self.config_dict)
+        return result
+
+    # -- typicality and meta-learner -----------------------------------------------------------
+    def _typicality(self) -> Tensor:
+        from safetensors.torch import load_file, save_file
+
+        from .scoring import score_dataset
+
+        p = self.store.path("typicality.safetensors")
+        if p is not None and p.is_file():
+            scores = load_file(str(p))["typicality"]
+        else:
+            encoder = copy.deepcopy(self.base).to(self.dist.device)
+            with self._autocast():
+                scores = score_dataset(
+                    encoder, self.data.train, self.num_labels, self.num_domains, alpha=self.cfg.alpha,
+                    num_prototypes=self.cfg.num_prototypes, batch_size=max(self.cfg.batch_size, 32),
+                    device=self.dist.device, pad_token_id=self.tokenizer.pad_token_id or 0,
+                    seed=self.cfg.seed, progress=self.cfg.progress and self.dist.main,
+                ).scores
+            del encoder
+            if p is not None and self.dist.main:
+                save_file({"typicality": scores.contiguous()}, str(p))
+        if len(scores) != len(self.data.train):
+            raise ValueError(f"{p} holds {len(scores)} scores for {len(self.data.train)} training rows")
+        return scores.float()
+
+    def _meta_encoder(self):
+        from safetensors.torch import load_model
+
+        encoder = copy.deepcopy(self.base)
+        p = self.store.path("meta_encoder.safetensors")
+        if self.cfg.mft_epochs > 0:
+            if getattr(self, "_meta", None) is not None:
+                encoder.load_state_dict(self._meta.state_dict())
+            else:
+                load_model(encoder, str(p))
+        return encoder
+
+    def _phase_mft(self, idx: int) -> None:
+        cfg = self.cfg
+        if cfg.mft_epochs == 0:
+            return
+        rows = _rows(self.data.train)
+        if self.typicality is not None:
+            for r, t in zip(rows, self.typicality.tolist()):
+                r["typicality"] = t
+        layers = cfg.layers or skip_layers(self.base.config.num_hidden_layers)
+        lam = 0.0 if cfg.method == "tw" else cfg.lam
+        torch.manual_seed(_step_seed(cfg.seed, idx, -1))
+        model = MFTModel(copy.deepcopy(self.base), self.num_labels, self.num_domains, layers, lam)
+        self._train(idx, "mft", model, rows, cfg.mft_epochs, cfg.mft_lr or cfg.lr, corrupt=True)
+        if self.stopped:
+            return
+        self._meta = copy.deepcopy(model.encoder).cpu()  # the heads are dropped here
+        if self.store.folder is not None and self.dist.main:
+            from safetensors.torch import save_model
+
+            save_model(self._meta, str(self.store.path("meta_encoder.safetensors")))
+        self.dist.barrier()
+
+    def _phase_classifier(self, idx: int, name: str, meta) -> None:
+        cfg = self.cfg
+        encoder = copy.deepcopy(meta if meta is not None else self.base)
+        rows = _rows(self.data.train)
+        eval_rows = _rows(self.data.eval)
+        torch.manual_seed(_step_seed(cfg.seed, idx, -1))  # the fresh classifier
+        if name == "joint":
+            model = Classifier(encoder, self.num_labels, num_heads=self.num_domains if cfg.method == "mtl" else 1,
+                               adv_domains=self.num_domains if cfg.method == "adv" else 0, adv_weight=cfg.adv_weight)
+            domains = list(range(self.num_domains))
+        else:
+            k = int(name.split(":")[1])
+            model = Classifier(encoder, self.num_labels)
+            rows = [r for r in rows if r["domains"] == k]
+            domains = [k]
+        self._train(idx, name, model, rows, cfg.epochs, cfg.lr)
+        if self.stopped:
+            return
+        for k in domains:
+            self.store.state["results"][str(k)] = self._evaluate(model, [r for r in eval_rows if r["domains"] == k], k)
+        if cfg.save_models and self.store.folder is not None and self.dist.main:
+            from safetensors.torch import save_model
+
+            (self.store.folder / "models").mkdir(exist_ok=True)
+            save_model(model, str(self.store.folder / "models" / f"{name.replace(':', '_')}.safetensors"))
+
+    # -- loops ---------------------------------------------------------------------------------
+    def _train(self, idx: int, name: str, model: nn.Module, rows: list[dict], epochs: int, lr: float, corrupt: bool = False) -> None:
+        cfg, dist, store = self.cfg, self.dist, self.store
+        model.to(dist.device)
+        lengths = [len(r["input_ids"]) for r in rows]
+        seed = cfg.seed * 7919 + idx
+        per_epoch = len(_global_batches(lengths, cfg, seed, 0, dist.world))
+        total = per_epoch * epochs
+        # Weight decay on matrices only (not on biases and LayerNorm weights), as BERT does.
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        rest = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(max(1, total), cfg.warmup_ratio))
+        state = store.state
+        resumed = state["phase"] == idx and (state["epoch"] > 0 or state["batch"] > 0)
+        if resumed:
+            _load_training(store, model, optimizer, scheduler)
+        wrapped = model
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        from tqdm.auto import tqdm
+
+        label = f"{METHOD_NAMES[cfg.method]} {name if not name.startswith('domain:') else self.data.domain_vocab.values[int(name[7:])]}"
+        bar = tqdm(total=total, initial=state["epoch"] * per_epoch + state["batch"], desc=label, unit="step",
+                   disable=not (cfg.progress and dist.main), dynamic_ncols=True)
+        phase_step = state["epoch"] * per_epoch + state["batch"]
+        for epoch in range(state["epoch"], epochs):
+            batches = _global_batches(lengths, cfg, seed, epoch, dist.world)
+            model.train()
+            for b in range(state["batch"] if epoch == state["epoch"] else 0, len(batches)):
+                if (cfg.stop_after_steps is not None and state["global_step"] >= cfg.stop_after_steps) or (
+                    cfg.stop_after_seconds is not None and time.perf_counter() - self.t0 >= cfg.stop_after_seconds
+                ):
+                    state.update(epoch=epoch, batch=b)
+                    _save_training(store, model, optimizer, scheduler)
+                    store.save(self.config_dict)
+                    dist.barrier()
+                    self.stopped = True
+                    bar.close()
+                    return
+                step_seed = _step_seed(cfg.seed, idx, phase_step)
+                torch.manual_seed(step_seed)
+                global_rows = [rows[i] for i in batches[b]]
+                n_global = len(global_rows)
+                batch = self.collate(global_rows[dist.rank :: dist.world])
+                if corrupt:
+                    domains = torch.tensor([r["domains"] for r in global_rows])
+                    g = torch.Generator().manual_seed(step_seed)
+                    batch["corrupted"] = shuffle_domains(domains, g)[dist.rank :: dist.world]
+                batch = _to(batch, dist.device)
+                n_local = batch["input_ids"].shape[0]
+                with self._autocast():
+                    out = wrapped(batch)
+                # Every loss here is a mean over this rank's rows: rescale so that DDP's average of
+                # the ranks' gradients is the gradient of the mean over the global batch.
+                scale = n_local * dist.world / n_global
+                (out["loss"] * scale).backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                phase_step += 1
+                state["global_step"] += 1
+                state.update(epoch=epoch, batch=b + 1)
+                if cfg.log_every and (phase_step % cfg.log_every == 0 or phase_step == total):
+                    logs = {k: dist.sum(v.detach().float() * n_local / n_global).item() for k, v in out.items()}
+                    record = {"event": "step", "phase": name, "epoch": epoch, "step": phase_step,
+                              "global_step": state["global_step"], "lr": scheduler.get_last_lr()[0], **logs}
+                    if grad_norm is not None:
+                        record["grad_norm"] = float(grad_norm)
+                    store.log(record)
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                bar.update(1)
+                if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+                    _save_training(store, model, optimizer, scheduler)
+                    store.save(self.config_dict)
+            state.update(epoch=epoch + 1, batch=0)
+            if epoch + 1 < epochs:
+                _save_training(store, model, optimizer, scheduler)
+                store.save(self.config_dict)
+        bar.close()
+
+    @torch.no_grad()
+    def _evaluate(self, model: Classifier, rows: list[dict], k: int) -> dict:
+        model.eval()
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+        preds = [0] * len(rows)
+        bs = max(self.cfg.batch_size, 32)
+        for s in range(0, len(order), bs):
+            chunk = order[s : s + bs]
+            batch = _to(self.collate([rows[i] for i in chunk]), self.dist.device)
+            with self._autocast():
+                logits, _ = model.logits(batch)
+            for i, p in zip(chunk, logits.argmax(-1).tolist()):
+                preds[i] = p
+        gold = [r["labels"] for r in rows]
+        result = {"accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds), "n": len(rows)}
+        self.store.log({"event": "eval", "domain": str(self.data.domain_vocab.values[k]), **result})
+        return result
+
+
+def accuracy(gold: Sequence[int], pred: Sequence[int]) -> float:
+    return sum(int(g == p) for g, p in zip(gold, pred)) / max(1, len(gold))
+
+
+def macro_f1(gold: Sequence[int], pred: Sequence[int]) -> float:
+    """Unweighted mean of the per-class F1 over the classes in gold or pred (as scikit-learn)."""
+    classes = sorted(set(gold) | set(pred))
+    scores = []
+    for c in classes:
+        tp = sum(1 for g, p in zip(gold, pred) if g == c and p == c)
+        fp = sum(1 for g, p in zip(gold, pred) if g != c and p == c)
+        fn = sum(1 for g, p in zip(gold, pred) if g == c and p != c)
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / max(1, len(scores))
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def _load_encoder(backbone):
+    """(encoder, tokenizer): a (model, tokenizer) pair passes through; else load_backbone."""
+    if isinstance(backbone, tuple):
+        return backbone
+    from .backbone import load_backbone
+
+    return load_backbone(backbone)
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    data: TrainData | None = None,
+    source=None,
+    eval_source=None,
+    columns: Columns = Columns(),
+    backbone=None,
+    output_dir: str | os.PathLike | None = None,
+    **overrides,
+) -> TrainResult:
+    """Run one method end to end and return its per-domain results.
+
+    ``backbone``: a local folder, a cached Hugging Face name, a ``(model, tokenizer)`` pair, or
+    None for the default MiniLM. ``data``: a :class:`TrainData` (e.g. from :func:`load_data`);
+    otherwise ``source`` (and ``eval_source``) are loaded with ``columns``; neither: the embedded
+    synthetic corpus. ``output_dir``: metrics.jsonl, checkpoints and results; an existing run there
+    is resumed. ``overrides``: TrainConfig fields (e.g. ``method="s", epochs=3``)."""
+    cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    dist = _setup(cfg)
+    torch.manual_seed(cfg.seed)
+    encoder, tokenizer = _load_encoder(backbone)
+    if data is None:
+        data = _default_data(source, eval_source, columns, tokenizer, cfg)
+    store = _Store(output_dir, dist)
+    result = _Run(cfg, encoder, tokenizer, data, store, dist).run()
+    if store.folder is not None and dist.main and result.complete:
+        (store.folder / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+    return result
+
+
+def _default_data(source, eval_source, columns, tokenizer, cfg: TrainConfig) -> TrainData:
+    if source is None:
+        from .synthetic import synthetic_dataset
+
+        source, columns = synthetic_dataset(), Columns()
+    return load_data(source, tokenizer, columns, eval_source=eval_source, max_length=cfg.max_length,
+                     pair_join=cfg.pair_join, few_shot=cfg.few_shot, seed=cfg.seed)
+
+
+def compare(methods: Sequence[str], config: TrainConfig | None = None, *, data: TrainData | None = None, source=None,
+            eval_source=None, columns: Columns = Columns(), backbone=None, output_dir=None, **overrides) -> dict[str, TrainResult]:
+    """:func:`train` for each method on the same data (tokenised once); output_dir/<method> each."""
+    cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    encoder, tokenizer = _load_encoder(backbone)
+    if data is None:
+        data = _default_data(source, eval_source, columns, tokenizer, cfg)
+    results = {}
+    for m in methods:
+        key = method_key(m)
+        out = None if output_dir is None else Path(output_dir) / key
+        results[key] = train(cfg, data=data, backbone=(encoder, tokenizer), output_dir=out, method=key)
+    return results
+
+
+def meta_train(config: TrainConfig | None = None, *, data: TrainData, backbone=None, output_dir=None, **overrides):
+    """Steps 1-3 alone (typicality, MFT epochs, heads dropped): returns the meta-learned encoder
+    (the backbone's class, without its pooler), e.g. to fine-tune it with your own trainer."""
+    cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    if cfg.method not in MFT_METHODS:
+        raise ValueError(f"meta_train runs an MFT method (dc, tw, full), not {cfg.method!r}")
+    dist = _setup(cfg)
+    torch.manual_seed(cfg.seed)
+    encoder, tokenizer = _load_encoder(backbone)
+    run = _Run(cfg, encoder, tokenizer, data, _Store(output_dir, dist), dist)
+    run.store.load(run.config_dict)
+    run.typicality = run._typicality() if cfg.method != "dc" else None
+    if run.store.state["phase"] == 0:
+        run._phase_mft(0)
+        if run.stopped:
+            raise RuntimeError("stop_after_steps cut meta-training short")
+    return run._meta_encoder()
+
+
+def format_table(results: dict[str, TrainResult], metric: str = "accuracy") -> str:
+    """Per-domain accuracy (or macro_f1) in %, one column per method, with the average row."""
+    methods = list(results)
+    domains: list[str] = []
+    for r in results.values():
+        domains += [d for d in r.per_domain if d not in domains]
+    head = ["domain", *[METHOD_NAMES[m] for m in methods]]
+    rows = [[d, *[f"{100 * results[m].per_domain[d][metric]:.1f}" if d in results[m].per_domain else "-" for m in methods]] for d in domains]
+    rows.append(["Average", *[f"{100 * getattr(results[m], metric):.1f}" for m in methods]])
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    fmt = lambda row: "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt(head), sep, *map(fmt, rows)])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add ``train`` to the ``fastmft`` command's subparsers."""
+    p = subparsers.add_parser(
+        "train", help="Meta Fine-Tuning and the paper's baselines; prints per-domain accuracy",
+        description="Train one or several methods (comma-separated) and print the per-domain accuracy table. "
+        "Without --data: the embedded synthetic corpus; without --backbone: all-MiniLM-L6-v2.",
+    )
+    p.add_argument("--method", default="full", help=f"comma-separated, from {', '.join(METHODS)} (default full); e.g. full,s")
+    p.add_argument("--data", help="JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the synthetic corpus)")
+    p.add_argument("--eval-data", help="evaluation rows (default: the rows of --data whose split column is --eval-split)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--split-column", default="split")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column", help="second text of sentence pairs (premise/hypothesis) or word pairs")
+    p.add_argument("--pair-join", action="store_true", help="join text and text pair into one text with the tokenizer's separator (word pairs)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--domain-column", default="domain")
+    p.add_argument("--synthetic-per-domain", type=int, default=200, help="rows per domain of the synthetic corpus (default 200)")
+    p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    d = TrainConfig()
+    p.add_argument("--mft-epochs", type=int, default=d.mft_epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs (per domain, or pooled for mix/mtl/adv)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--mft-lr", type=float, help="learning rate of the MFT epochs (default --lr)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--lam", type=float, default=d.lam, help="weight lambda of L_SDC")
+    p.add_argument("--layers", help="skip layers, 1-based, comma-separated (default: thirds of the depth)")
+    p.add_argument("--prototypes", type=int, default=d.num_prototypes)
+    p.add_argument("--adv-weight", type=float, default=d.adv_weight)
+    p.add_argument("--few-shot", type=float, default=d.few_shot, help="fraction of each domain's training rows, e.g. 0.05")
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device")
+    p.add_argument("--no-bf16", action="store_true", help="no bfloat16 autocast on CUDA")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--output-dir", help="metrics.jsonl, checkpoints, result.json per method (an existing run resumes)")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after this many steps (resume later)")
+    p.add_argument("--stop-after-seconds", type=float, help="checkpoint and stop once this run took this long (resume later)")
+    p.add_argument("--save-models", action="store_true")
+    p.add_argument("--metric", choices=("accuracy", "macro_f1"), default="accuracy")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON line per method")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cli_train)
+    return p
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.no_progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+    methods = [method_key(m) for m in args.method.split(",") if m.strip()]
+    cfg = TrainConfig(
+        method=methods[0], mft_epochs=args.mft_epochs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        mft_lr=args.mft_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+        alpha=args.alpha, lam=args.lam, layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
+        num_prototypes=args.prototypes, adv_weight=args.adv_weight, few_shot=args.few_shot, max_length=args.max_length,
+        pair_join=args.pair_join, dropout=args.dropout, seed=args.seed, device=args.device, bf16=not args.no_bf16,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, stop_after_steps=args.stop_after_steps,
+        stop_after_seconds=args.stop_after_seconds,
+        save_models=args.save_models, progress=not args.no_progress,
+    )
+    try:
+        return _cli_train_body(args, cfg, methods)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[str]) -> int:
+    t0 = time.perf_counter()
+    from .backbone import load_backbone
+
+    encoder, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
+    if args.data:
+        columns = Columns(args.text_column, args.label_column, args.domain_column, args.text_pair_column)
+        data = load_data(args.data, tokenizer, columns, eval_source=args.eval_data, train_split=args.train_split,
+                         eval_split=args.eval_split, split_column=args.split_column, max_length=cfg.max_length,
+                         pair_join=cfg.pair_join, few_shot=cfg.few_shot, seed=cfg.seed)
+    else:
+        from .synthetic import synthetic_dataset
+
+        data = load_data(synthetic_dataset(args.synthetic_per_domain), tokenizer, Columns(), max_length=cfg.max_length,
+                         few_shot=cfg.few_shot, seed=cfg.seed)
+    dist_main = int(os.environ.get("RANK", "0")) == 0
+    if dist_main:
+        print(f"{len(data.train)} training and {len(data.eval)} evaluation rows, {len(data.domain_vocab)} domains "
+              f"{data.domain_vocab.values}, {len(data.label_vocab)} labels; backbone {args.backbone or 'all-MiniLM-L6-v2 (default)'}",
+              flush=True)
+    results = {}
+    for m in methods:
+        out = None if args.output_dir is None else (Path(args.output_dir) / m if len(methods) > 1 else Path(args.output_dir))
+        results[m] = train(cfg, data=data, backbone=(encoder, tokenizer), output_dir=out, method=m)
+    if not dist_main:
+        return 0
+    if not all(r.complete for r in results.values()):
+        print("stopped early at a checkpoint; run the same command again to resume")
+        return 0
+    counts = ", ".join(f"{d} {r['n']}" for d, r in next(iter(results.values())).per_domain.items())
+    print(f"\n{args.metric} (%) per domain; evaluation rows: {counts}")
+    print(format_table(results, args.metric))
+    print(f"wall time {time.perf_counter() - t0:.0f} s ({', '.join(f'{METHOD_NAMES[m]} {r.wall_time_s:.0f} s' for m, r in results.items())})")
+    if args.json:
+        for r in results.values():
+            print(json.dumps({k: v for k, v in r.to_dict().items() if k != "config"}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastmft.trainer [train options]`` (e.g. under torchrun)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m fastmft.trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_cli(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "train":
+        argv = ["train", *argv]
+    args = parser.parse_args(argv)
+    from .backbone import BackboneNotFound
+
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, BackboneNotFound) as err:
+        print(f"fastmft train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
