@@ -1022,20 +1022,9 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastmft.score ...`` (also what torchrun runs): the same as ``fastmft score``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="fastmft")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = parser.parse_args(["score", *(sys.argv[1:] if argv is None else argv)])
-    from .backbone import BackboneNotFound
+    from .cli import main as cli_main
 
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, BackboneNotFound) as err:
-        print(f"fastmft score: error: {err}", file=sys.stderr)
-        return 2
-
+    return cli_main(["score", *(sys.argv[1:] if argv is None else argv)])
 
 if __name__ == "__main__":
     sys.exit(main())

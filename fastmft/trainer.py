@@ -34,7 +34,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -1000,24 +999,11 @@ def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastmft.trainer [train options]`` (e.g. under torchrun)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="python -m fastmft.trainer")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
+    """``python -m fastmft.trainer [train options]`` (e.g. under torchrun): ``fastmft train``."""
+    from .cli import main as cli_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "train":
-        argv = ["train", *argv]
-    args = parser.parse_args(argv)
-    from .backbone import BackboneNotFound
-
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, BackboneNotFound) as err:
-        print(f"fastmft train: error: {err}", file=sys.stderr)
-        return 2
-
+    return cli_main(argv if argv[:1] == ["train"] else ["train", *argv])
 
 if __name__ == "__main__":
     sys.exit(main())
