@@ -12,13 +12,18 @@ import textwrap
 from pathlib import Path
 
 
+def add_column_arguments(parser) -> None:
+    """The column-name options every ``fastmft`` command shares (argparse)."""
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-pair-column", help="second text of sentence pairs (premise/hypothesis) or word pairs")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--domain-column", default="domain")
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the embedded synthetic corpus)")
     p.add_argument("--split", help="keep only rows whose 'split' column equals this")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--text-pair-column", help="second text of sentence or word pairs")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--domain-column", default="domain")
+    add_column_arguments(p)
     p.add_argument("--id-column", help="row identifier to print and save (default: the row number)")
 
 

@@ -955,13 +955,12 @@ def _csv_list(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import add_column_arguments
+
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="JSONL/CSV/Parquet files, globs of shards (quote them), or saved-dataset folders")
     p.add_argument("--output", "-o", required=True, help="output Parquet file: id, domain, label, typicality per accepted row")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--text-pair-column", help="second text of sentence pairs")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--domain-column", default="domain")
+    add_column_arguments(p)
     p.add_argument("--id-column", help="row identifier (written as text; default: the 0-based row index in the input)")
     p.add_argument("--label-values", type=_csv_list, help="comma-separated labels (default: inferred in a first cheap pass)")
     p.add_argument("--domain-values", type=_csv_list, help="comma-separated domains (default: inferred in a first cheap pass)")

@@ -411,12 +411,11 @@ def _run_cli(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add ``fastmft select`` to the fastmft command line."""
+    from .cli import add_column_arguments
+
     p = subparsers.add_parser("select", help="meta-learned task selection: score source tasks by the target loss after one inner step, train the best")
     p.add_argument("--data", help="multi-domain data (JSONL/CSV/Parquet/saved dataset; default: the embedded synthetic corpus)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--text-pair-column")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--domain-column", default="domain")
+    add_column_arguments(p)
     p.add_argument("--split-column", default="split", help="train rows feed the source tasks, the target domain's dev rows the target (when the column exists)")
     p.add_argument("--target-domain", help="downstream-aware target (default: the last domain)")
     p.add_argument("--agnostic", action="store_true", help="downstream-agnostic: the targets are the sources")

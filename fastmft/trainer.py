@@ -880,6 +880,8 @@ def format_table(results: dict[str, TrainResult], metric: str = "accuracy") -> s
 
 def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` to the ``fastmft`` command's subparsers."""
+    from .cli import add_column_arguments
+
     p = subparsers.add_parser(
         "train", help="Meta Fine-Tuning and the paper's baselines; prints per-domain accuracy",
         description="Train one or several methods (comma-separated) and print the per-domain accuracy table. "
@@ -891,11 +893,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="train")
     p.add_argument("--eval-split", default="test")
     p.add_argument("--split-column", default="split")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--text-pair-column", help="second text of sentence pairs (premise/hypothesis) or word pairs")
+    add_column_arguments(p)
     p.add_argument("--pair-join", action="store_true", help="join text and text pair into one text with the tokenizer's separator (word pairs)")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--domain-column", default="domain")
     p.add_argument("--synthetic-per-domain", type=int, default=200, help="rows per domain of the synthetic corpus (default 200)")
     p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2)")
     p.add_argument("--trust-remote-code", action="store_true")
