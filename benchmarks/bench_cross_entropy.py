@@ -18,15 +18,13 @@ The targets above stay open until a GPU run stores its rows in benchmarks/result
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import COMPILED, TRITON, Case, kernel_providers
 
 OP = "multi_head_cross_entropy"
-TRITON, EAGER, COMPILED = "fastmft-triton", "torch-eager", "torch-compile"
 CLASSES = (3, 4, 4, 4)
 
 
@@ -37,14 +35,6 @@ def sizes(scale: str, device: torch.device) -> list[dict]:
         dict(N=2**20, heads=len(CLASSES), dtype="float32")
     ]
 
-
-def providers(scale: str, device: torch.device) -> list[str]:
-    out = [EAGER]
-    if device.type == "cuda":
-        out += [TRITON, COMPILED]
-    elif scale == "quick" and os.environ.get("TRITON_INTERPRET") == "1":
-        out.append(TRITON)
-    return out
 
 
 def _impl(provider: str):
@@ -72,7 +62,7 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         weights = torch.rand(N, generator=g, device=device)
         read = sum(N * C * es for C in CLASSES) + len(CLASSES) * N * 8 + N * 4
         grads_written = sum(N * C * es for C in CLASSES)
-        for provider in providers(scale, device):
+        for provider in kernel_providers(scale, device):
             impl = _impl(provider)
 
             def fwd(impl=impl):

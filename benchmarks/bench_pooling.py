@@ -18,15 +18,13 @@ The targets above stay open until a GPU run stores its rows in benchmarks/result
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import COMPILED, TRITON, Case, kernel_providers
 
 OP = "masked_mean_pool"
-TRITON, EAGER, COMPILED = "fastmft-triton", "torch-eager", "torch-compile"
 
 
 def sizes(scale: str, device: torch.device) -> list[dict]:
@@ -38,14 +36,6 @@ def sizes(scale: str, device: torch.device) -> list[dict]:
         dict(L=3, B=256, T=512, D=768, dtype="float32"),
     ]
 
-
-def providers(scale: str, device: torch.device) -> list[str]:
-    out = [EAGER]
-    if device.type == "cuda":
-        out += [TRITON, COMPILED]
-    elif scale == "quick" and os.environ.get("TRITON_INTERPRET") == "1":
-        out.append(TRITON)  # interpreter sanity run; rows are marked interpreted
-    return out
 
 
 def _impl(provider: str):
@@ -72,7 +62,7 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         grad = torch.randn(L, B, D, generator=g, device=device, dtype=dtype)
         fwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
         bwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
-        for provider in providers(scale, device):
+        for provider in kernel_providers(scale, device):
             impl = _impl(provider)
 
             def fwd(impl=impl):

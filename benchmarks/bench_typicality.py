@@ -19,14 +19,12 @@ The targets above stay open until a GPU run stores its rows in benchmarks/result
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import COMPILED, TRITON, Case, kernel_providers
 
-TRITON, EAGER, COMPILED = "fastmft-triton", "torch-eager", "torch-compile"
 
 
 def sizes(scale: str, device: torch.device) -> list[dict]:
@@ -38,14 +36,6 @@ def sizes(scale: str, device: torch.device) -> list[dict]:
         dict(N=1 * 2**20, D=768, K=5, M=3, dtype="float32"),
     ]
 
-
-def providers(scale: str, device: torch.device) -> list[str]:
-    out = [EAGER]
-    if device.type == "cuda":
-        out += [TRITON, COMPILED]
-    elif scale == "quick" and os.environ.get("TRITON_INTERPRET") == "1":
-        out.append(TRITON)
-    return out
 
 
 def typicality_formula(embeddings, labels, domains, centers, present, alpha, temperature):
@@ -95,7 +85,7 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         centers = torch.randn(K, M, 1, D, generator=g, device=device)
         present = torch.ones(K, M, 1, dtype=torch.bool, device=device)
         present[0, 0] = False  # one degenerate cell
-        for provider in providers(scale, device):
+        for provider in kernel_providers(scale, device):
             typ, sums = _impls(provider)
 
             def run_typicality(typ=typ):

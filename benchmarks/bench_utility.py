@@ -22,7 +22,6 @@ Goal (issue 4): fastmft >= 1.3x clone-update.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Iterable
 

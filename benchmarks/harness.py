@@ -51,6 +51,19 @@ RESULTS_FILE = "results.jsonl"
 FASTMFT = "fastmft"  # the library's own implementation (fused on CUDA through dispatch)
 EAGER = "torch-eager"  # the PyTorch reference, eager
 COMPILED = "torch-compile"  # the PyTorch reference under torch.compile
+TRITON = "fastmft-triton"  # a fused Triton kernel, called directly
+
+
+def kernel_providers(scale: str, device) -> list[str]:
+    """Providers of a Triton-kernel benchmark: the eager reference everywhere; the kernel and the
+    compiled reference on CUDA; the kernel also in a quick run under the Triton interpreter
+    (sanity rows, marked interpreted: not performance data)."""
+    out = [EAGER]
+    if device.type == "cuda":
+        out += [TRITON, COMPILED]
+    elif scale == "quick" and os.environ.get("TRITON_INTERPRET") == "1":
+        out.append(TRITON)
+    return out
 
 SCALES = ("quick", "full")
 
