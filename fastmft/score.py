@@ -71,9 +71,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ._dist import Dist
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 CACHE_VERSION = 1
@@ -383,52 +386,6 @@ class _Chunk:
     batches: list = field(default_factory=list)  # (positions, input tensors)
 
 
-class _Dist:
-    def __init__(self, device_type: str):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.owned = False
-        if not dist.is_available():
-            self.rank, self.world = 0, 1
-            return
-        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import datetime
-
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=12))
-            self.owned = True
-        if dist.is_initialized():
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        else:
-            self.rank, self.world = 0, 1
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.dist.barrier()
-
-    def broadcast_obj(self, obj):
-        if self.world == 1:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self) -> None:
-        if self.owned:
-            self.dist.destroy_process_group()
-
-
-def _pick_device(name: str | None):
-    import torch
-
-    if name and name != "cuda":
-        return torch.device(name)
-    if name == "cuda" or torch.cuda.is_available():  # cuda without an index: cuda:LOCAL_RANK
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")
-
-
 def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
     import torch
 
@@ -466,17 +423,16 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
         raise ScoreError("batch_size, chunk_rows, prototypes must be >= 1 and max_length >= 2")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise ScoreError(f"alpha must lie in [0, 1], got {cfg.alpha}")
-    device = _pick_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL collectives use the current device
-    dist = _Dist(device.type)
+    from ._dist import Dist
+
+    dist = Dist(cfg.device)
     try:
-        return _run(cfg, device, dist, model, tokenizer, t0)
+        return _run(cfg, dist.device, dist, model, tokenizer, t0)
     finally:
         dist.close()
 
 
-def _run(cfg: ScoreConfig, device, dist: _Dist, model, tokenizer, t0: float) -> ScoreSummary:
+def _run(cfg: ScoreConfig, device, dist: Dist, model, tokenizer, t0: float) -> ScoreSummary:
     sources = resolve_inputs(cfg.inputs, cfg.format)
     cache = cfg.cache_path()
     columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.domain_column, cfg.id_column) if c]

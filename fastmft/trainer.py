@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._dist import Dist
 from .data import Collator, Columns, LengthBucketSampler, Vocab, check_columns, encode_labels, load_table, tokenize
 from .functional import shuffle_domains
 from .nn import MFTLoss, skip_layers
@@ -343,55 +344,13 @@ def _prepare_encoder(encoder, dropout: float | None):
 
 
 # ----------------------------------------------------------------------------------------------
-# distributed
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, x: Tensor) -> Tensor:
-        if self.world > 1:
-            x = x.clone()
-            torch.distributed.all_reduce(x)
-        return x
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def _setup(cfg: TrainConfig) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import torch.distributed as dist
-
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and (cfg.device is None or cfg.device.startswith("cuda"))
-        if use_cuda:
-            torch.cuda.set_device(local)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-        return _Dist(dist.get_rank(), dist.get_world_size(), device)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return _Dist(0, 1, device)
-
-
-# ----------------------------------------------------------------------------------------------
 # checkpoints and metrics
 
 
 class _Store:
     """The run folder: state.json, typicality, meta-learner, in-progress checkpoint, metrics."""
 
-    def __init__(self, folder: str | os.PathLike | None, dist: _Dist):
+    def __init__(self, folder: str | os.PathLike | None, dist: Dist):
         self.folder = Path(folder) if folder is not None else None
         self.dist = dist
         self.state: dict = {"version": _STATE_VERSION, "phase": 0, "epoch": 0, "batch": 0, "global_step": 0,
@@ -493,7 +452,7 @@ def _to(batch: dict, device) -> dict:
 class _Run:
     """One run of one method: the phases, resumable, over the same store."""
 
-    def __init__(self, cfg: TrainConfig, encoder, tokenizer, data: TrainData, store: _Store, dist: _Dist):
+    def __init__(self, cfg: TrainConfig, encoder, tokenizer, data: TrainData, store: _Store, dist: Dist):
         self.cfg, self.data, self.store, self.dist = cfg, data, store, dist
         self.tokenizer = tokenizer
         self.collate = Collator(tokenizer.pad_token_id or 0)
@@ -804,7 +763,7 @@ def train(
     synthetic corpus. ``output_dir``: metrics.jsonl, checkpoints and results; an existing run there
     is resumed. ``overrides``: TrainConfig fields (e.g. ``method="s", epochs=3``)."""
     cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
-    dist = _setup(cfg)
+    dist = Dist(cfg.device)
     torch.manual_seed(cfg.seed)
     encoder, tokenizer = _load_encoder(backbone)
     if data is None:
@@ -846,7 +805,7 @@ def meta_train(config: TrainConfig | None = None, *, data: TrainData, backbone=N
     cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
     if cfg.method not in MFT_METHODS:
         raise ValueError(f"meta_train runs an MFT method (dc, tw, full), not {cfg.method!r}")
-    dist = _setup(cfg)
+    dist = Dist(cfg.device)
     torch.manual_seed(cfg.seed)
     encoder, tokenizer = _load_encoder(backbone)
     run = _Run(cfg, encoder, tokenizer, data, _Store(output_dir, dist), dist)
