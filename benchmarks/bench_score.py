@@ -20,6 +20,7 @@ the harness cannot see: it counts torch allocations only) and appends rows to
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
@@ -232,11 +233,12 @@ def _one(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     common = dict(max_length=args.max_length, batch_size=args.batch_size, device=device)
+    (data,) = args.data  # main() hands each subprocess one prepared file
     t0 = time.perf_counter()
     if args.provider.startswith("fastmft-score"):
         workdir = tempfile.mkdtemp(prefix="fastmft-bench-score-out-")
         quantize = "int8" if args.provider.endswith("-int8") else None
-        s = fastmft_pipeline(args.data, args.rows, args.model, workdir=workdir, chunk_rows=args.chunk_rows,
+        s = fastmft_pipeline(data, args.rows, args.model, workdir=workdir, chunk_rows=args.chunk_rows,
                              quantize=quantize, **common)
         n = s.scored
         if args.scores_out:
@@ -245,7 +247,7 @@ def _one(args) -> dict:
     else:
         model, tok = _load(args.model, device)
         fn = naive_pipeline if args.provider == "naive" else peer_pipeline
-        n = len(fn(args.data, args.rows, model, tok, **common))
+        n = len(fn(data, args.rows, model, tok, **common))
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"provider": args.provider, "rows": n, "wall_s": wall, "rows_per_s": n / wall, "peak_rss_bytes": rss}
@@ -258,7 +260,8 @@ def main(argv=None) -> int:
     import sys
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="JSONL with text/label/domain (default: generated synthetic rows)")
+    p.add_argument("--data", nargs="+", help="JSONL files or globs with text/label/domain, read in sorted order "
+                   "(default: generated synthetic rows)")
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--model", default="minilm", choices=("minilm", *MODELS))
     p.add_argument("--max-length", type=int, default=256)
@@ -275,16 +278,22 @@ def main(argv=None) -> int:
     if args.provider:
         print("RESULT " + json.dumps(_one(args)))
         return 0
-    if args.data:  # the first --rows rows, in a temporary file outside the repository
+    if args.data:  # the first --rows rows of the files in order, in a temporary file outside the repository
+        files = sorted({f for pattern in args.data for f in (glob.glob(pattern) or [pattern])})
         data = str(Path(tempfile.mkdtemp(prefix="fastmft-bench-score-")) / f"first-{args.rows}.jsonl")
-        with open(args.data, encoding="utf-8") as src, open(data, "w", encoding="utf-8") as dst:
-            kept = 0
-            for line in src:
-                if line.strip() and kept < args.rows:
-                    dst.write(line if line.endswith("\n") else line + "\n")
-                    kept += 1
+        kept = 0
+        with open(data, "w", encoding="utf-8") as dst:
+            for name in files:
+                with open(name, encoding="utf-8") as src:
+                    for line in src:
+                        if line.strip() and kept < args.rows:
+                            dst.write(line if line.endswith("\n") else line + "\n")
+                            kept += 1
+        args.rows = kept
+        data_name = ",".join(os.path.basename(f) for f in files) + f"[:{kept}]"
     else:
         data = _corpus(args.rows)
+        data_name = f"synthetic-{args.rows}"
     results = []
     scores = {}
     for provider in args.providers.split(","):
@@ -303,9 +312,9 @@ def main(argv=None) -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1
         row = json.loads(line[0][7:])
-        row.update(process_wall_s=time.perf_counter() - t0, data=f"{os.path.basename(args.data)}[:{args.rows}]" if args.data else f"synthetic-{args.rows}",
+        row.update(process_wall_s=time.perf_counter() - t0, data=data_name,
                    model=args.model, max_length=args.max_length, batch_size=args.batch_size, device=args.device,
-                   threads=args.threads or torch.get_num_threads(), cpus=os.cpu_count(),
+                   threads=args.threads or torch.get_num_threads(), cpus=os.cpu_count(), cpus_allowed=len(os.sched_getaffinity(0)),
                    loadavg=os.getloadavg()[0], host=platform.node(), torch=torch.__version__,
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), note=args.label)
         if provider == "fastmft-score-int8" and "fastmft-score" in scores:
