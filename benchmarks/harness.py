@@ -245,28 +245,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_call(case: Case, device: torch.device) -> float:
+    """Seconds of one synchronised call of the case (its setup untimed)."""
+    if case.setup is not None:
+        case.setup()
+    _sync(device)
+    t0 = time.perf_counter()
+    case.fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def _warmup(case: Case, device: torch.device, budget: Budget) -> float:
     """Run the case until the warm-up budget is spent; returns the estimated seconds per call
     (the median of the warm-up calls after the first, which may include compilation)."""
-    setup = case.setup or (lambda: None)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < 1000:
-        setup()
-        _sync(device)
-        t0 = time.perf_counter()
-        case.fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(_timed_call(case, device))
         if len(times) >= budget.min_warmup and time.perf_counter() - start >= budget.warmup_s:
             break
     if len(times) == 1:  # one slow first call: time one more to keep compilation out of the estimate
-        setup()
-        _sync(device)
-        t0 = time.perf_counter()
-        case.fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(_timed_call(case, device))
     return statistics.median(times[1:])
 
 

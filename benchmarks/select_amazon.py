@@ -35,8 +35,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 RESULTS = Path(__file__).resolve().parent / "results" / "select_amazon"
 
 
-def _cell_path(schedule: str, seed: int, target: str) -> Path:
-    return RESULTS / f"{target}-{schedule}-seed{seed}.json"
+def _cell_path(results: Path, schedule: str, seed: int, target: str) -> Path:
+    return results / f"{target}-{schedule}-seed{seed}.json"
 
 
 def run_cell(schedule: str, seed: int, args) -> dict:
@@ -93,10 +93,10 @@ def run_cell(schedule: str, seed: int, args) -> dict:
     }
 
 
-def table(target: str) -> str:
+def table(results: Path, target: str) -> str:
     lines = [f"| schedule | test accuracy on {target} (mean ± std) | seeds | scoring s (mean) |", "| --- | --- | --- | --- |"]
     for schedule in SCHEDULES:
-        cells = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{target}-{schedule}-seed*.json"))]
+        cells = [json.loads(p.read_text()) for p in sorted(results.glob(f"{target}-{schedule}-seed*.json"))]
         if not cells:
             lines.append(f"| {schedule} | pending | 0 | – |")
             continue
@@ -123,13 +123,14 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--backbone")
     p.add_argument("--device")
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--table", action="store_true", help="print the table of finished cells and exit")
     args = p.parse_args()
     if not args.table:
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        args.results_dir.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
             for schedule in args.schedules:
-                path = _cell_path(schedule, seed, args.target)
+                path = _cell_path(args.results_dir, schedule, seed, args.target)
                 if path.exists():
                     continue
                 cell = run_cell(schedule, seed, args)
@@ -137,7 +138,10 @@ def main() -> None:
                 tmp.write_text(json.dumps(cell, indent=1))
                 tmp.replace(path)
                 print(f"{schedule} seed {seed}: accuracy {cell['test_accuracy']:.3f} in {cell['total_wall_s']:.0f} s")
-    print(table(args.target))
+    text = table(args.results_dir, args.target)
+    if args.results_dir.is_dir():
+        (args.results_dir / "TABLE.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
