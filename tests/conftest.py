@@ -2,7 +2,8 @@
 # torch._dynamo import it), so this stays the first statement of the test session.
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+if os.environ.get("FASTMFT_TEST_DEVICE", "cpu") == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

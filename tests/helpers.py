@@ -1,5 +1,13 @@
-"""Shared test helpers: the per-dtype tolerance table and the comparison against float64."""
+"""Shared test helpers: the per-dtype tolerance table, the comparison against float64, and the
+device the kernel tests run on."""
+import os
+
 import torch
+
+# The kernel tests run on "cpu" through the Triton interpreter (CI), or on a GPU with
+# FASTMFT_TEST_DEVICE=cuda (see the README). Inputs are drawn on the CPU from seeded
+# generators and then moved, so a case is the same data on either device.
+DEVICE = torch.device(os.environ.get("FASTMFT_TEST_DEVICE", "cpu"))
 
 # Tolerances of fastmft results against float64 references written from the formulas, per dtype
 # of the inputs: (rtol, atol).

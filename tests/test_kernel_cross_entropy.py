@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 import fastmft
 from fastmft.kernels import _util
-from tests.helpers import assert_kernel_close as assert_close
+from tests.helpers import DEVICE, assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -16,7 +16,7 @@ def poison(monkeypatch):
 
 
 def _mhce64(logits, targets, sample_weight, head_weight, ignore_index):
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=logits[0].device)
     for h, (x, y) in enumerate(zip(logits, targets)):
         keep = y != ignore_index
         x = x.double()
@@ -54,21 +54,21 @@ def test_mhce_forward_backward_vs_float64(
     logits = []
     for C, dt in zip(classes, dtypes):
         if layout == "contiguous":
-            x = torch.randn(N, C, generator=g)
+            x = torch.randn(N, C, generator=g).to(DEVICE)
         elif layout == "strided":
-            x = torch.randn(N, 2 * C, generator=g)[:, ::2]
+            x = torch.randn(N, 2 * C, generator=g).to(DEVICE)[:, ::2]
         else:
-            x = torch.randn(C, N, generator=g).t()
+            x = torch.randn(C, N, generator=g).to(DEVICE).t()
         logits.append((3 * x).to(dt).requires_grad_())
     targets = []
     for C in classes:
-        y = torch.randint(0, C, (N,), generator=g)
-        y[torch.rand(N, generator=g) < ignored] = ignore_index
+        y = torch.randint(0, C, (N,), generator=g).to(DEVICE)
+        y[torch.rand(N, generator=g).to(DEVICE) < ignored] = ignore_index
         targets.append(y)
     sw = None
     if weight is not None:
-        sw = torch.rand(N, generator=g).to(weight).requires_grad_(weight_grad)
-    hw = [float(v) for v in torch.rand(H, generator=g) * 2] if head_weights else None
+        sw = torch.rand(N, generator=g).to(DEVICE).to(weight).requires_grad_(weight_grad)
+    hw = [float(v) for v in torch.rand(H, generator=g).to(DEVICE) * 2] if head_weights else None
     before = [x.detach().clone() for x in logits]
     with fastmft.use_backend("triton"):
         loss = fastmft.multi_head_cross_entropy(logits, targets, sample_weight=sw, head_weight=hw, ignore_index=ignore_index)
@@ -80,7 +80,7 @@ def test_mhce_forward_backward_vs_float64(
     # The math is float32 whatever the logits dtype: the loss meets the float32 tolerance
     # (inputs are exact in every dtype), loosened only for the 16-bit weight.
     assert_close(loss, ref, torch.float32 if weight != torch.bfloat16 else torch.bfloat16)
-    grad = torch.rand((), generator=g) + 0.5
+    grad = torch.rand((), generator=g).to(DEVICE) + 0.5
     loss.backward(grad)
     ref.backward(grad.double())
     for x, r, b in zip(logits, ref_logits, before):
@@ -93,9 +93,9 @@ def test_mhce_forward_backward_vs_float64(
 
 
 def test_mhce_only_some_heads_need_grad(rng):
-    a = torch.randn(20, 3, generator=rng).requires_grad_()
-    b = torch.randn(20, 4, generator=rng)  # constant head
-    ya, yb = torch.randint(0, 3, (20,), generator=rng), torch.randint(0, 4, (20,), generator=rng)
+    a = torch.randn(20, 3, generator=rng).to(DEVICE).requires_grad_()
+    b = torch.randn(20, 4, generator=rng).to(DEVICE)  # constant head
+    ya, yb = torch.randint(0, 3, (20,), generator=rng).to(DEVICE), torch.randint(0, 4, (20,), generator=rng).to(DEVICE)
     with fastmft.use_backend("triton"):
         loss = fastmft.nn.MultiHeadCrossEntropyLoss(head_weight=[0.5, 2.0])([a, b], [ya, yb])
     loss.backward()
@@ -109,9 +109,9 @@ def test_mhce_only_some_heads_need_grad(rng):
 
 def test_mhce_float64_and_empty_use_the_reference(rng):
     x = torch.randn(6, 3, dtype=torch.float64, generator=rng, requires_grad=True)
-    y = torch.randint(0, 3, (6,), generator=rng)
+    y = torch.randint(0, 3, (6,), generator=rng).to(DEVICE)
     with fastmft.use_backend("triton"):
         loss = fastmft.multi_head_cross_entropy([x], [y])
-        empty = fastmft.multi_head_cross_entropy([torch.randn(0, 3)], [torch.zeros(0, dtype=torch.int64)])
+        empty = fastmft.multi_head_cross_entropy([torch.randn(0, 3, device=DEVICE)], [torch.zeros(0, dtype=torch.int64, device=DEVICE)])
     torch.testing.assert_close(loss, _mhce64([x], [y], None, None, -100).float())
     assert float(empty) == 0.0

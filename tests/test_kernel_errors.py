@@ -11,6 +11,14 @@ import fastmft
 from fastmft import triton_ops
 from fastmft.kernels import cross_entropy, pooling
 from fastmft.kernels import typicality as ktyp
+from tests.helpers import DEVICE
+
+
+@pytest.fixture(autouse=True)
+def on_test_device():
+    """Factories below make tensors on the test device (the checks must fire there too)."""
+    with torch.device(DEVICE):
+        yield
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import fastmft
 from fastmft import triton_ops
 from fastmft.kernels import _util
-from tests.helpers import assert_kernel_close as assert_close
+from tests.helpers import DEVICE, assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MASK_DTYPES = [torch.bool, torch.int64, torch.int32, torch.uint8, torch.float32, torch.float16]
@@ -30,25 +30,25 @@ def _pool64(layers, mask, skip_cls):
 
 def _layers(L, B, T, D, dtype, layout, g):
     if layout == "contiguous":
-        return [torch.randn(B, T, D, generator=g).to(dtype) for _ in range(L)]
+        return [torch.randn(B, T, D, generator=g).to(DEVICE).to(dtype) for _ in range(L)]
     if layout == "sliced":  # views into a wider buffer: row stride != T * D
-        return [torch.randn(B, T, D + 3, generator=g).to(dtype)[..., 1 : D + 1] for _ in range(L)]
+        return [torch.randn(B, T, D + 3, generator=g).to(DEVICE).to(dtype)[..., 1 : D + 1] for _ in range(L)]
     if layout == "transposed":  # [T, B, D] storage seen as [B, T, D]
-        return [torch.randn(T, B, D, generator=g).to(dtype).transpose(0, 1) for _ in range(L)]
+        return [torch.randn(T, B, D, generator=g).to(DEVICE).to(dtype).transpose(0, 1) for _ in range(L)]
     if layout == "d_strided":  # D not contiguous
-        return [torch.randn(B, T, 2 * D, generator=g).to(dtype)[..., ::2] for _ in range(L)]
-    stacked = torch.randn(L, B, T, D, generator=g).to(dtype)  # "stacked": views of one tensor
+        return [torch.randn(B, T, 2 * D, generator=g).to(DEVICE).to(dtype)[..., ::2] for _ in range(L)]
+    stacked = torch.randn(L, B, T, D, generator=g).to(DEVICE).to(dtype)  # "stacked": views of one tensor
     return list(stacked.unbind(0))
 
 
 def _mask(B, T, mask_dtype, g):
-    valid = torch.rand(B, T, generator=g) > 0.4
-    if B > 1 or torch.rand((), generator=g) < 0.25:
+    valid = torch.rand(B, T, generator=g).to(DEVICE) > 0.4
+    if B > 1 or torch.rand((), generator=g).to(DEVICE) < 0.25:
         valid[-1] = False  # an all-masked row (for B = 1: the whole batch, now and then)
     if mask_dtype == torch.bool:
         return valid
     if mask_dtype.is_floating_point:  # any nonzero value is valid, not only 1
-        return (valid * (0.5 + torch.rand(B, T, generator=g))).to(mask_dtype)
+        return (valid * (0.5 + torch.rand(B, T, generator=g).to(DEVICE))).to(mask_dtype)
     return valid.to(mask_dtype)
 
 
@@ -75,7 +75,7 @@ def test_pool_forward_backward_vs_float64(L, B, T, D, dtype, mask_dtype, skip_cl
     ref_layers = [h.detach().double().requires_grad_() for h in layers]
     ref = _pool64(ref_layers, mask, skip_cls)
     assert_close(out, ref, dtype)
-    grad = torch.randn(L, B, D, generator=g).to(dtype)
+    grad = torch.randn(L, B, D, generator=g).to(DEVICE).to(dtype)
     out.backward(grad)
     ref.backward(grad.double())
     for h, r in zip(layers, ref_layers):
@@ -86,8 +86,8 @@ def test_pool_forward_backward_vs_float64(L, B, T, D, dtype, mask_dtype, skip_cl
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pool_single_and_stacked_inputs(dtype, rng):
     B, T, D = 3, 19, 45
-    x = torch.randn(2, B, T, D, generator=rng).to(dtype).requires_grad_()
-    mask = torch.rand(B, T, generator=rng) > 0.5
+    x = torch.randn(2, B, T, D, generator=rng).to(DEVICE).to(dtype).requires_grad_()
+    mask = torch.rand(B, T, generator=rng).to(DEVICE) > 0.5
     with fastmft.use_backend("triton"):
         one = fastmft.masked_mean_pool(x[1], mask)
         both = fastmft.masked_mean_pool(x, mask, skip_cls=True)
@@ -103,8 +103,8 @@ def test_pool_single_and_stacked_inputs(dtype, rng):
 
 def test_pool_padding_values_never_leak(rng):
     B, T, D = 2, 9, 20
-    x = torch.randn(B, T, D, generator=rng)
-    mask = torch.ones(B, T, dtype=torch.int64)
+    x = torch.randn(B, T, D, generator=rng).to(DEVICE)
+    mask = torch.ones(B, T, dtype=torch.int64, device=DEVICE)
     mask[:, 5:] = 0
     x[:, 5:] = float("nan")
     x[:, 0] = float("inf")  # [CLS] excluded by skip_cls
@@ -119,8 +119,8 @@ def test_pool_float64_runs_the_reference(monkeypatch, rng):
         raise AssertionError("the kernel must not run for float64")
 
     monkeypatch.setattr(triton_ops._pool, "pool_forward", boom)
-    x = torch.randn(2, 5, 7, dtype=torch.float64, generator=rng)
-    mask = torch.ones(2, 5)
+    x = torch.randn(2, 5, 7, dtype=torch.float64, generator=rng).to(DEVICE)
+    mask = torch.ones(2, 5, device=DEVICE)
     with fastmft.use_backend("triton"):
         out = fastmft.masked_mean_pool(x, mask)
     assert out.dtype == torch.float64

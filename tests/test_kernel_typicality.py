@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import fastmft
 from fastmft import triton_ops
 from fastmft.kernels import _util
-from tests.helpers import assert_kernel_close as assert_close
+from tests.helpers import DEVICE, assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -18,15 +18,15 @@ def poison(monkeypatch):
 
 def _embeddings(N, D, dtype, layout, g):
     if layout == "contiguous":
-        return torch.randn(N, D, generator=g).to(dtype)
+        return torch.randn(N, D, generator=g).to(DEVICE).to(dtype)
     if layout == "strided":
-        return torch.randn(N, 2 * D, generator=g).to(dtype)[:, ::2]
-    return torch.randn(D, N, generator=g).to(dtype).t()  # column-major
+        return torch.randn(N, 2 * D, generator=g).to(DEVICE).to(dtype)[:, ::2]
+    return torch.randn(D, N, generator=g).to(DEVICE).to(dtype).t()  # column-major
 
 
 def _prototypes64(x, y, k, M, K):
     cells = k.long() * M + y.long()
-    sums = torch.zeros(K * M, x.shape[1], dtype=torch.float64).index_add_(0, cells, x.double())
+    sums = torch.zeros(K * M, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, cells, x.double())
     counts = torch.bincount(cells, minlength=K * M)
     return (sums / counts.clamp_min(1)[:, None]).view(K, M, -1), counts.view(K, M)
 
@@ -37,7 +37,7 @@ def _typicality64(x, y, k, centers, counts, alpha):
     e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-8)
     c = centers.double()
     c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    rows = torch.arange(x.shape[0])
+    rows = torch.arange(x.shape[0], device=x.device)
     cos = torch.einsum("nd,kmd->nkm", e, c)[rows, :, y.long()]  # [N, K]
     own = cos[rows, k.long()]
     others = (counts > 0)[:, y.long()].T.clone()
@@ -63,15 +63,15 @@ def _typicality64(x, y, k, centers, counts, alpha):
 def test_prototypes_and_typicality_vs_float64(N, D, K, M, dtype, index_dtype, layout, alpha, drop_cells, seed):
     g = torch.Generator().manual_seed(seed)
     x = _embeddings(N, D, dtype, layout, g)
-    y = torch.randint(0, M, (N,), generator=g).to(index_dtype)
-    k = torch.randint(0, K, (N,), generator=g).to(index_dtype)
+    y = torch.randint(0, M, (N,), generator=g).to(DEVICE).to(index_dtype)
+    k = torch.randint(0, K, (N,), generator=g).to(DEVICE).to(index_dtype)
     with fastmft.use_backend("triton"):
         protos = fastmft.class_prototypes(x, y, k, M, K)
     centers64, counts64 = _prototypes64(x, y, k, M, K)
     assert torch.equal(protos.counts, counts64)
     assert_close(protos.centers, centers64, dtype)
     if drop_cells:  # degenerate cells: empty (k', y) cells, including a row's own cell
-        gone = torch.rand(K, M, generator=g) < 0.4
+        gone = torch.rand(K, M, generator=g).to(DEVICE) < 0.4
         protos = fastmft.Prototypes(protos.centers.masked_fill(gone[..., None], 0.0), protos.counts.masked_fill(gone, 0))
     with fastmft.use_backend("triton"):
         t = fastmft.typicality(x, y, k, protos, alpha=alpha)
@@ -82,9 +82,9 @@ def test_prototypes_and_typicality_vs_float64(N, D, K, M, dtype, index_dtype, la
 def test_many_cells_and_row_chunks(rng):
     """81 cells (two cell blocks of 64) and enough rows for several row chunks per program grid."""
     N, D, K, M = 3000, 24, 9, 9
-    x = torch.randn(N, D, generator=rng)
-    y = torch.randint(0, M, (N,), generator=rng)
-    k = torch.randint(0, K, (N,), generator=rng)
+    x = torch.randn(N, D, generator=rng).to(DEVICE)
+    y = torch.randint(0, M, (N,), generator=rng).to(DEVICE)
+    k = torch.randint(0, K, (N,), generator=rng).to(DEVICE)
     with fastmft.use_backend("triton"):
         protos = fastmft.class_prototypes(x, y, k, M, K)
         t = fastmft.typicality(x, y, k, protos, alpha=0.5)
@@ -96,9 +96,9 @@ def test_many_cells_and_row_chunks(rng):
 
 def test_single_domain_and_lonely_class(rng):
     """K = 1 gives t = cos(own); a class present in one domain only also gives t = cos(own)."""
-    x = torch.randn(40, 10, generator=rng)
-    y = torch.randint(0, 3, (40,), generator=rng)
-    k = torch.zeros(40, dtype=torch.int64)
+    x = torch.randn(40, 10, generator=rng).to(DEVICE)
+    y = torch.randint(0, 3, (40,), generator=rng).to(DEVICE)
+    k = torch.zeros(40, dtype=torch.int64, device=DEVICE)
     with fastmft.use_backend("triton"):
         protos = fastmft.class_prototypes(x, y, k, 3, 1)
         t = fastmft.typicality(x, y, k, protos, alpha=0.2)
@@ -110,9 +110,9 @@ def test_multi_prototypes_and_float64_use_the_reference(monkeypatch, rng):
     def boom(*args, **kwargs):
         raise AssertionError("the kernel must not run here")
 
-    x = torch.randn(30, 8, generator=rng)
-    y = torch.randint(0, 2, (30,), generator=rng)
-    k = torch.randint(0, 2, (30,), generator=rng)
+    x = torch.randn(30, 8, generator=rng).to(DEVICE)
+    y = torch.randint(0, 2, (30,), generator=rng).to(DEVICE)
+    k = torch.randint(0, 2, (30,), generator=rng).to(DEVICE)
     multi = fastmft.multi_prototypes(x, y, k, 2, 2, 2, generator=rng)
     expected = fastmft.typicality(x, y, k, multi)
     monkeypatch.setattr(triton_ops._typ, "typicality", boom)

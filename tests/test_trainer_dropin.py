@@ -5,6 +5,7 @@ import torch
 
 import fastmft
 from fastmft import triton_ops
+from tests.helpers import DEVICE, assert_close
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
@@ -69,7 +70,7 @@ def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeyp
     model = TinyMFTModel()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=3, per_device_train_batch_size=8,
+        output_dir=str(tmp_path), use_cpu=DEVICE.type == "cpu", report_to=[], max_steps=3, per_device_train_batch_size=8,
         learning_rate=1e-2, logging_steps=1, save_strategy="no", remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=True,
     )
@@ -88,17 +89,17 @@ def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mft_loss_triton_matches_torch(dtype):
     """MFTLoss through the Triton kernels gives the reference's loss and gradients."""
-    from tests.helpers import assert_close
 
     g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
     B, T, D = 5, 11, 24
-    hidden = [torch.randn(B, T, D, generator=g).to(dtype).requires_grad_() for _ in range(4)]
-    mask = (torch.arange(T)[None] < torch.randint(2, T + 1, (B,), generator=g)[:, None]).long()
+    hidden = [torch.randn(B, T, D, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(4)]
+    mask = (torch.arange(T)[None] < torch.randint(2, T + 1, (B,), generator=g)[:, None]).long().to(DEVICE)
     labels = torch.randint(0, 3, (B,), generator=g)
     domains = torch.randint(0, 2, (B,), generator=g)
-    corrupted = fastmft.shuffle_domains(domains, g)
-    typ = torch.rand(B, generator=g)
-    loss_fn = fastmft.MFTLoss(D, 3, 2, layers=(1, 2, 3)).to(dtype)
+    corrupted = fastmft.shuffle_domains(domains, g).to(DEVICE)
+    labels, domains = labels.to(DEVICE), domains.to(DEVICE)
+    typ = torch.rand(B, generator=g).to(DEVICE)
+    loss_fn = fastmft.MFTLoss(D, 3, 2, layers=(1, 2, 3)).to(DEVICE, dtype)
     results = {}
     for name in ("torch", "triton"):
         for h in hidden:
