@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from benchmarks.harness import COMPILED, TRITON, Case, kernel_providers
+from benchmarks.harness import Case, forward_backward_cases, kernel_op, kernel_providers
 
 OP = "multi_head_cross_entropy"
 CLASSES = (3, 4, 4, 4)
@@ -34,19 +34,6 @@ def sizes(scale: str, device: torch.device) -> list[dict]:
     return [dict(N=n, heads=len(CLASSES), dtype="bfloat16") for n in (32, 128, 256, 2**20)] + [
         dict(N=2**20, heads=len(CLASSES), dtype="float32")
     ]
-
-
-
-def _impl(provider: str):
-    from fastmft import reference
-
-    if provider == TRITON:
-        from fastmft import triton_ops
-
-        return triton_ops.multi_head_cross_entropy
-    if provider == COMPILED:
-        return torch.compile(reference.multi_head_cross_entropy)
-    return reference.multi_head_cross_entropy
 
 
 def cases(scale: str, device: torch.device) -> Iterable[Case]:
@@ -63,20 +50,7 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         read = sum(N * C * es for C in CLASSES) + len(CLASSES) * N * 8 + N * 4
         grads_written = sum(N * C * es for C in CLASSES)
         for provider in kernel_providers(scale, device):
-            impl = _impl(provider)
-
-            def fwd(impl=impl):
-                with torch.no_grad():
-                    return impl(logits, targets, weights, head_weight, -100)
-
-            yield Case(OP, provider, "fwd", dict(size), fwd, bytes=read, items=N)
-            leaves = [x.detach().clone().requires_grad_() for x in logits]
-
-            def setup(leaves=leaves):
-                for x in leaves:
-                    x.grad = None
-
-            def fwd_bwd(impl=impl, leaves=leaves):
-                impl(leaves, targets, weights, head_weight, -100).backward()
-
-            yield Case(OP, provider, "fwd+bwd", dict(size), fwd_bwd, bytes=2 * read + grads_written, setup=setup, items=N)
+            mhce = kernel_op(provider, OP)
+            yield from forward_backward_cases(
+                OP, provider, size, logits, lambda xs, mhce=mhce: mhce(xs, targets, weights, head_weight, -100),
+                fwd_bytes=read, fwd_bwd_bytes=2 * read + grads_written, items=N)

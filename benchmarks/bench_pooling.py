@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from benchmarks.harness import COMPILED, TRITON, Case, kernel_providers
+from benchmarks.harness import Case, forward_backward_cases, kernel_op, kernel_providers
 
 OP = "masked_mean_pool"
 
@@ -35,19 +35,6 @@ def sizes(scale: str, device: torch.device) -> list[dict]:
         dict(L=3, B=32, T=128, D=768, dtype="bfloat16"),  # an MFT batch
         dict(L=3, B=256, T=512, D=768, dtype="float32"),
     ]
-
-
-
-def _impl(provider: str):
-    from fastmft import reference
-
-    if provider == TRITON:
-        from fastmft import triton_ops
-
-        return triton_ops.masked_mean_pool
-    if provider == COMPILED:
-        return torch.compile(reference.masked_mean_pool)
-    return reference.masked_mean_pool
 
 
 def cases(scale: str, device: torch.device) -> Iterable[Case]:
@@ -63,20 +50,6 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         fwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
         bwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
         for provider in kernel_providers(scale, device):
-            impl = _impl(provider)
-
-            def fwd(impl=impl):
-                with torch.no_grad():
-                    return impl(layers, mask, True)
-
-            yield Case(OP, provider, "fwd", dict(size), fwd, bytes=fwd_bytes, items=B)
-            leaves = [h.detach().clone().requires_grad_() for h in layers]
-
-            def setup(leaves=leaves):
-                for h in leaves:
-                    h.grad = None
-
-            def fwd_bwd(impl=impl, leaves=leaves):
-                impl(leaves, mask, True).backward(grad)
-
-            yield Case(OP, provider, "fwd+bwd", dict(size), fwd_bwd, bytes=fwd_bytes + bwd_bytes, setup=setup, items=B)
+            pool = kernel_op(provider, OP)
+            yield from forward_backward_cases(OP, provider, size, layers, lambda hs, pool=pool: pool(hs, mask, True),
+                                              fwd_bytes=fwd_bytes, fwd_bwd_bytes=fwd_bytes + bwd_bytes, items=B, grad=grad)

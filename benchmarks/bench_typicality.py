@@ -23,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from benchmarks.harness import COMPILED, TRITON, Case, kernel_providers
+from benchmarks.harness import Case, kernel_op, kernel_providers
 
 
 
@@ -60,18 +60,6 @@ def prototype_sums_formula(embeddings, cells, num_cells):
     return sums, torch.bincount(cells, minlength=num_cells)
 
 
-def _impls(provider: str):
-    from fastmft import reference
-
-    if provider == TRITON:
-        from fastmft import triton_ops
-
-        return triton_ops.typicality, triton_ops.prototype_sums
-    if provider == COMPILED:
-        return torch.compile(typicality_formula), torch.compile(prototype_sums_formula)
-    return reference.typicality, reference.prototype_sums
-
-
 def cases(scale: str, device: torch.device) -> Iterable[Case]:
     for size in sizes(scale, device):
         N, D, K, M = size["N"], size["D"], size["K"], size["M"]
@@ -86,7 +74,8 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         present = torch.ones(K, M, 1, dtype=torch.bool, device=device)
         present[0, 0] = False  # one degenerate cell
         for provider in kernel_providers(scale, device):
-            typ, sums = _impls(provider)
+            typ = kernel_op(provider, "typicality", typicality_formula)
+            sums = kernel_op(provider, "prototype_sums", prototype_sums_formula)
 
             def run_typicality(typ=typ):
                 return typ(x, labels, domains, centers, present, 0.5, 1.0)

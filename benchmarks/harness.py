@@ -65,6 +65,21 @@ def kernel_providers(scale: str, device) -> list[str]:
         out.append(TRITON)
     return out
 
+def kernel_op(provider: str, name: str, compile_target: Callable | None = None) -> Callable:
+    """Op ``name`` as a kernel benchmark's provider runs it: the Triton op of fastmft.triton_ops,
+    the reference of fastmft.reference, or ``compile_target`` (default: that reference) under
+    torch.compile."""
+    from fastmft import reference
+
+    if provider == TRITON:
+        from fastmft import triton_ops
+
+        return getattr(triton_ops, name)
+    if provider == COMPILED:
+        return torch.compile(compile_target or getattr(reference, name))
+    return getattr(reference, name)
+
+
 SCALES = ("quick", "full")
 
 
@@ -112,6 +127,28 @@ BUDGETS = {
     ("quick", "cuda"): Budget(warmup_s=0.01, measure_s=0.05, min_reps=5, max_reps=100, min_warmup=2),
     ("full", "cuda"): Budget(warmup_s=0.025, measure_s=0.1, min_reps=10, max_reps=1000, min_warmup=3),
 }
+
+
+def forward_backward_cases(op: str, provider: str, size: dict, inputs: Sequence[torch.Tensor],
+                           call: Callable[[Sequence[torch.Tensor]], torch.Tensor], *, fwd_bytes: int,
+                           fwd_bwd_bytes: int, items: int, grad: torch.Tensor | None = None) -> Iterable[Case]:
+    """A ``fwd`` case (``call(inputs)`` without autograd) and a ``fwd+bwd`` case (``call`` on leaf
+    copies of ``inputs``, then ``backward(grad)``; their grads are reset untimed before each call)."""
+    def fwd():
+        with torch.no_grad():
+            return call(inputs)
+
+    yield Case(op, provider, "fwd", dict(size), fwd, bytes=fwd_bytes, items=items)
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+
+    def setup():
+        for x in leaves:
+            x.grad = None
+
+    def fwd_bwd():
+        call(leaves).backward(grad)
+
+    yield Case(op, provider, "fwd+bwd", dict(size), fwd_bwd, bytes=fwd_bwd_bytes, setup=setup, items=items)
 
 
 def budget_for(scale: str, device: torch.device) -> Budget:
