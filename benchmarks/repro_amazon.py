@@ -158,8 +158,10 @@ def render(work_dir: Path | None = None) -> str:
         cells = [json.loads(cell_path(m, s).read_text()) for s in SEEDS if cell_path(m, s).is_file()]
         per = [_mean_std([c["accuracy"][d] for c in cells]) for d in DOMAINS]
         avg = _mean_std([c["average_accuracy"] for c in cells])
-        wall = (f"{statistics.fmean(c['wall_time_s'] for c in cells) / 60:.0f} min ({cells[0]['device_name']})"
-                if cells else "-")
+        by_device: dict[str, list[float]] = {}
+        for c in cells:  # cells may have run on different machines or thread counts
+            by_device.setdefault(c["device_name"], []).append(c["wall_time_s"])
+        wall = "; ".join(f"{statistics.fmean(t) / 60:.0f} min ({name})" for name, t in by_device.items()) or "-"
         running = ""
         if work_dir is not None:
             partial = [s for s in SEEDS if not cell_path(m, s).is_file() and (work_dir / f"{m}_seed{s}" / "state.json").is_file()]
