@@ -11,6 +11,7 @@ For every (device, scale, op, provider, mode, size) the newest row is shown.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -283,9 +284,41 @@ def render(results_dir: Path | str = harness.RESULTS_DIR, plots: bool = True) ->
                 msg = (r.get("error") or "").strip().splitlines()
                 lines.append(f"- `{r['module']}` {r['op']} {r['provider']} {r['mode']} {r['size_label']}: {msg[-1] if msg else ''}")
             lines.append("")
+    lines += score_section(results_dir / "score.jsonl")
     path = results_dir / "SUMMARY.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def score_section(path: Path) -> list[str]:
+    """The whole-command scoring runs of ``python -m benchmarks.bench_score`` (score.jsonl): one
+    table per setting (data, model, lengths, device, threads) with the newest row of each provider,
+    its rows/s and peak RSS, and the notes stored with those rows."""
+    if not path.is_file():
+        return []
+    runs: dict[tuple, dict[str, dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            key = (r["data"], r["model"], r["max_length"], r["batch_size"], r["device"], r.get("threads"))
+            runs.setdefault(key, {})[r["provider"]] = r  # a rerun of a provider replaces its earlier row
+    lines = ["## fastmft score end to end (`benchmarks/results/score.jsonl`)", "",
+             "Whole process, one fresh subprocess per provider: `fastmft-score` (the command), `naive` (random order, "
+             "batches padded to max length, two encoder passes), `peer` (sentence-transformers style: length-sorted, "
+             "all embeddings in memory, typicality in numpy); `-int8` is the optional CPU mode (Spearman of its "
+             "scores against fp32 shown).", ""]
+    for (data, model, max_len, batch, device, threads), by in runs.items():
+        lines += [f"### {data} · {model} · max length {max_len} · batch {batch} · {device} ({threads} threads)", ""]
+        notes = dict.fromkeys(r.get("note") for r in by.values() if r.get("note"))
+        lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+        lines += ["| provider | rows | wall s | rows/s | peak RSS MiB | vs naive | vs peer | date |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in by.items():
+            rel = {b: f"{r['rows_per_s'] / by[b]['rows_per_s']:.2f}x" if b in by and b != name else "–" for b in ("naive", "peer")}
+            spearman = f" (Spearman {r['spearman_vs_fp32']:.3f})" if r.get("spearman_vs_fp32") is not None else ""
+            lines.append(f"| {name}{spearman} | {r['rows']} | {r['wall_s']:.1f} | {r['rows_per_s']:.1f} | "
+                         f"{r['peak_rss_bytes'] / 2**20:.0f} | {rel['naive']} | {rel['peer']} | {r['date'][:16]} |")
+        lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,3 +194,20 @@ def test_every_benchmark_module_quick_cases_run(name, one_thread):
         if case.setup is not None:
             case.setup()
         case.fn()
+
+
+def test_score_section_keeps_the_newest_row_per_provider_and_relates_them(tmp_path):
+    def row(provider, rows_per_s, date, note):
+        return {"provider": provider, "rows": 100, "wall_s": 100 / rows_per_s, "rows_per_s": rows_per_s,
+                "peak_rss_bytes": 300 << 20, "data": "d.jsonl[:100]", "model": "tiny", "max_length": 64,
+                "batch_size": 8, "device": "cpu", "threads": 1, "date": date, "note": note}
+
+    rows = [row("fastmft-score", 40.0, "2026-01-01T00:00", "first"), row("peer", 10.0, "2026-01-01T00:01", "first"),
+            row("naive", 8.0, "2026-01-01T00:02", "first"), row("peer", 20.0, "2026-01-01T00:03", "peer rerun")]
+    path = tmp_path / "score.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = "\n".join(plot.score_section(path))
+    ours = next(line for line in text.splitlines() if line.startswith("| fastmft-score |"))
+    assert "| 5.00x | 2.00x |" in ours  # 40/8 against naive, 40/20 against the newest peer row
+    assert "- first" in text and "- peer rerun" in text
+    assert plot.score_section(tmp_path / "missing.jsonl") == []
