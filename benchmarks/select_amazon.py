@@ -16,10 +16,15 @@ copied into the repository).
 
     python -m benchmarks.select_amazon --seeds 0 1 2            # run the missing cells
     python -m benchmarks.select_amazon --table                  # print the table
+
+The committed CPU cells (one pinned thread each) ran with ``--max-length 64 --episodes 20``
+(160 schedule batches of 16 reviews) to fit 9 cells into one session; each cell stores its
+settings, and a GPU run can use the defaults (128 tokens, 30 episodes) in a new results folder.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import platform
@@ -94,15 +99,25 @@ def run_cell(schedule: str, seed: int, args) -> dict:
 
 
 def table(results: Path, target: str) -> str:
-    lines = [f"| schedule | test accuracy on {target} (mean ± std) | seeds | scoring s (mean) |", "| --- | --- | --- | --- |"]
+    lines = [f"| schedule | test accuracy on {target} % (mean ± std) | seeds | scoring s | schedule s (scoring + training) | cell s | picks (all seeds) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    settings = set()
     for schedule in SCHEDULES:
         cells = [json.loads(p.read_text()) for p in sorted(results.glob(f"{target}-{schedule}-seed*.json"))]
         if not cells:
-            lines.append(f"| {schedule} | pending | 0 | – |")
+            lines.append(f"| {schedule} | pending | 0 | – | – | – | – |")
             continue
         acc = [100 * c["test_accuracy"] for c in cells]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        lines.append(f"| {schedule} | {statistics.mean(acc):.1f} ± {std:.1f} | {len(cells)} | {statistics.mean(c['scoring_s'] for c in cells):.0f} |")
+        picks = collections.Counter(p for c in cells for p in c["picks"])
+        mean = lambda key: statistics.mean(c[key] for c in cells)  # noqa: E731
+        lines.append(f"| {schedule} | {statistics.mean(acc):.1f} ± {std:.1f} | {len(cells)} | {mean('scoring_s'):.0f} | "
+                     f"{mean('schedule_wall_s'):.0f} | {mean('total_wall_s'):.0f} | "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(picks.items())) + " |")
+        settings |= {json.dumps({"episodes": c["episodes"], "n": c["n"], "m": c["m"], **c["hyper"], "device": c["device"]},
+                                sort_keys=True) for c in cells}
+    lines += ["", "Settings of the cells above (seconds are wall time on their device):"]
+    lines += [f"- `{s}`" for s in sorted(settings)]
     return "\n".join(lines)
 
 
