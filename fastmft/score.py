@@ -427,12 +427,13 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
 
     dist = Dist(cfg.device)
     try:
-        return _run(cfg, dist.device, dist, model, tokenizer, t0)
+        return _run(cfg, dist, model, tokenizer, t0)
     finally:
         dist.close()
 
 
-def _run(cfg: ScoreConfig, device, dist: Dist, model, tokenizer, t0: float) -> ScoreSummary:
+def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSummary:
+    device = dist.device
     sources = resolve_inputs(cfg.inputs, cfg.format)
     cache = cfg.cache_path()
     columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.domain_column, cfg.id_column) if c]
