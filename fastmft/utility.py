@@ -9,6 +9,15 @@ For a source task s and its M sampled batches tau:
 extension where available), and the target losses at theta' by ``torch.func.functional_call``
 under ``torch.inference_mode``. Repeated calls reuse the same buffer: memory stays flat.
 
+Embedding tables (``nn.Embedding``: half of MiniLM's parameters are its word embeddings) take
+row-sparse gradients during the step (the module's ``sparse`` flag is set for the backward and
+restored): a batch touches a few hundred of 30,522 rows, so the dense gradient (allocated and
+zeroed on every backward) and the full-table step are skipped. theta' of such a table differs from
+theta only in the rows the last step touched; the next step restores those rows from theta and
+writes its own. A table whose parameter changed in place since (an optimizer step, checked by its
+version counter) is copied whole again, and a tied table whose gradient comes back dense (an MLM
+decoder sharing the word embeddings) takes the dense step.
+
 ``loss_fn(model, batch) -> scalar Tensor`` is the user's loss; it receives either the module
 itself (at theta) or a stand-in that calls the module with theta' (attribute access is forwarded
 to the module, so ``model.config`` and the like work). The default, :func:`hf_loss`, is
@@ -63,7 +72,9 @@ class TaskUtilityScorer:
     ``requires_grad``); the others keep their values at theta'. ``nonfinite``: what a step whose
     theta' has an inf or NaN does: ``"raise"`` (:class:`fastmft.inner_step.NonFiniteError`),
     ``"-inf"`` (that step contributes -inf to the utility, the task is never picked), or
-    ``"ignore"`` (no check; NaN spreads into the utility).
+    ``"ignore"`` (no check; NaN spreads into the utility). ``sparse_embeddings``: the row-sparse
+    step for ``nn.Embedding`` tables (module docstring); it sets their ``sparse`` flag during
+    :meth:`step`, so do not run the same module's backward from another thread meanwhile.
     """
 
     def __init__(
@@ -74,6 +85,7 @@ class TaskUtilityScorer:
         *,
         params: Iterable[str] | None = None,
         nonfinite: str = "raise",
+        sparse_embeddings: bool = True,
     ):
         if nonfinite not in ("raise", "-inf", "ignore"):
             raise ValueError(f"nonfinite must be 'raise', '-inf' or 'ignore', got {nonfinite!r}")
@@ -95,6 +107,15 @@ class TaskUtilityScorer:
         # theta' lives here for the scorer's whole life: one buffer per dtype/device, views per name.
         self.flat = FlatParams({n: named[n] for n in names}, copy=False)
         self._adapted = self.flat.as_dict()
+        # (index into names, module) of the embedding tables that take the row-sparse step;
+        # max_norm tables are left out (their forward renormalises the weight in place).
+        self._tables: list[tuple[int, nn.Embedding]] = []
+        if sparse_embeddings:
+            index = {id(named[n]): i for i, n in enumerate(names)}
+            self._tables = [(index[id(m.weight)], m) for m in model.modules()
+                            if isinstance(m, nn.Embedding) and m.max_norm is None and id(m.weight) in index]
+        # index -> (parameter, its data_ptr and version when theta' was written, rows that differ)
+        self._dirty_rows: dict[int, tuple[Tensor, int, int, Tensor]] = {}
 
     def _params(self) -> list[Tensor]:
         named = dict(self.model.named_parameters())
@@ -107,17 +128,56 @@ class TaskUtilityScorer:
         finite and ``nonfinite="-inf"``.
         """
         params = self._params()
-        with torch.enable_grad():
-            loss = self.loss_fn(self.model, source_batch)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        del loss
+        tables = [m for _, m in self._tables if not m.sparse]
+        for m in tables:
+            m.sparse = True
         try:
-            inner_step(params, grads, self.lr, out=self.flat, check_finite=self.nonfinite != "ignore")
+            with torch.enable_grad():
+                loss = self.loss_fn(self.model, source_batch)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            for m in tables:
+                m.sparse = False
+        del loss
+        check = self.nonfinite != "ignore"
+        nonfinite = False
+        sparse = set()
+        for i, _ in self._tables:
+            if grads[i] is not None and grads[i].is_sparse:
+                nonfinite |= self._row_sparse_step(i, params[i], grads[i], check)
+                sparse.add(i)
+            else:
+                self._dirty_rows.pop(i, None)  # the dense step below rewrites the whole table
+        dense = [i for i in range(len(params)) if i not in sparse]
+        try:
+            inner_step([params[i] for i in dense], [grads[i] for i in dense], self.lr,
+                       out=[self.flat.views[i] for i in dense], check_finite=check)
         except NonFiniteError:
+            nonfinite = True
+        if nonfinite:
             if self.nonfinite == "raise":
-                raise
+                raise NonFiniteError("TaskUtilityScorer: theta - lr * grad has a non-finite value (inf or NaN)")
             return None
         return self._adapted
+
+    def _row_sparse_step(self, i: int, param: Tensor, grad: Tensor, check: bool) -> bool:
+        """theta' of table ``i`` = theta with the rows of the sparse ``grad`` stepped; returns
+        whether a stepped row is non-finite (when ``check``)."""
+        out = self.flat.views[i]
+        with torch.no_grad():
+            theta = param.detach()
+            state = self._dirty_rows.get(i)
+            if state is None or state[0] is not param or state[1:3] != (theta.data_ptr(), theta._version):
+                out.copy_(theta)
+            else:
+                out.index_copy_(0, state[3], theta.index_select(0, state[3]))
+            grad = grad.coalesce()
+            rows = grad.indices()[0]
+            # torch.add: the same arithmetic as the dense reference step (fp32 math for half types)
+            stepped = torch.add(theta.index_select(0, rows), grad.values(), alpha=-self.lr)
+            out.index_copy_(0, rows, stepped)
+            self._dirty_rows[i] = (param, theta.data_ptr(), theta._version, rows)
+            return check and not bool(torch.isfinite(stepped).all())
 
     def target_loss(self, target_batches: Sequence) -> Tensor:
         """Sum of the target batches' losses at the current theta' (a 0-d tensor, no graph)."""
