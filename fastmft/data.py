@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import datasets
 import torch
@@ -33,12 +33,17 @@ class Columns:
 
 
 class Vocab:
-    """A fixed, ordered set of label or domain values and their integer ids."""
+    """A fixed, ordered set of label or domain values and their integer ids.
 
-    def __init__(self, values: Sequence[Any], name: str = "value"):
+    ``key`` maps a value to its lookup key (default: the value itself); ``fastmft score`` looks
+    values up by string form, since command-line values are strings and data values may be numbers.
+    """
+
+    def __init__(self, values: Sequence[Any], name: str = "value", key: Callable[[Any], Any] | None = None):
         self.values = list(values)
         self.name = name
-        self.index = {v: i for i, v in enumerate(self.values)}
+        self.key = key
+        self.index = {(v if key is None else key(v)): i for i, v in enumerate(self.values)}
         if len(self.index) != len(self.values):
             raise ValueError(f"{name} vocabulary has duplicate values: {self.values}")
 
@@ -51,12 +56,19 @@ class Vocab:
         except TypeError:
             raise ValueError(f"{name} values mix types and cannot be ordered: {sorted(map(repr, distinct))}") from None
 
-    def encode(self, value, row: int | None = None) -> int:
+    def get(self, value) -> int | None:
+        """The id of ``value``, or None when it is not in the vocabulary."""
         try:
-            return self.index[value]
-        except (KeyError, TypeError):
+            return self.index.get(value if self.key is None else self.key(value))
+        except TypeError:  # unhashable
+            return None
+
+    def encode(self, value, row: int | None = None) -> int:
+        i = self.get(value)
+        if i is None:
             where = f" in row {row}" if row is not None else ""
-            raise ValueError(f"unknown {self.name} {value!r}{where}; known: {self.values}") from None
+            raise ValueError(f"unknown {self.name} {value!r}{where}; known: {self.values}")
+        return i
 
     def __len__(self) -> int:
         return len(self.values)

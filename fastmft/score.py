@@ -77,6 +77,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from ._dist import Dist
+    from .data import Vocab
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 CACHE_VERSION = 1
@@ -322,16 +323,16 @@ def _key(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-class _Vocab:
-    """Ordered values; lookup by string form (CLI values are strings, data values may be numbers)."""
+def _vocab(values: list, name: str) -> Vocab:
+    """A vocabulary looked up by string form (CLI values are strings, data values may be numbers)."""
+    if not values:
+        raise ScoreError(f"no {name} value found in the input")
+    from .data import Vocab
 
-    def __init__(self, values: list, name: str):
-        self.values, self.name = list(values), name
-        self.index = {_key(v): i for i, v in enumerate(self.values)}
-        if len(self.index) != len(self.values):
-            raise ScoreError(f"{name} values are not distinct: {self.values}")
-        if not self.values:
-            raise ScoreError(f"no {name} value found in the input")
+    try:
+        return Vocab(values, name, key=_key)
+    except ValueError as e:
+        raise ScoreError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,8 +473,8 @@ def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSumm
         summary = ScoreSummary(**state["summary"])
         summary.seconds, summary.resumed_chunks = time.perf_counter() - t0, state["n_chunks"]
         return summary
-    labels = _Vocab(state["labels"], "label")
-    domains = _Vocab(state["domains"], "domain")
+    labels = _vocab(state["labels"], "label")
+    domains = _vocab(state["domains"], "domain")
     total_rows, n_chunks = state["rows"], state["n_chunks"]
     mine = [c for c in range(n_chunks) if c % dist.world == dist.rank]
 
@@ -605,7 +606,7 @@ def _scan(sources: list[Source], cfg: ScoreConfig, columns: list[str]) -> dict:
 
     out = {"rows": rows, "n_chunks": math.ceil(rows / cfg.chunk_rows),
            "labels": vocab(cfg.label_values, seen_l, "label"), "domains": vocab(cfg.domain_values, seen_d, "domain")}
-    _Vocab(out["labels"], "label"), _Vocab(out["domains"], "domain")  # validate
+    _vocab(out["labels"], "label"), _vocab(out["domains"], "domain")  # validate
     return out
 
 
@@ -629,7 +630,7 @@ def _check_schema(src: Source, columns: list[str], cfg: ScoreConfig) -> None:
             raise ScoreError(f"{src.path} has no column {', '.join(map(repr, missing))}; its columns are {names}")
 
 
-def _validate(row: dict, cfg: ScoreConfig, labels: _Vocab, domains: _Vocab, index: int):
+def _validate(row: dict, cfg: ScoreConfig, labels: Vocab, domains: Vocab, index: int):
     text = row.get(cfg.text_column)
     if not isinstance(text, str) or not text.strip():
         raise _Reject(f"missing text ({cfg.text_column!r})")
@@ -643,7 +644,7 @@ def _validate(row: dict, cfg: ScoreConfig, labels: _Vocab, domains: _Vocab, inde
         v = row.get(column)
         if v is None or v == "":
             raise _Reject(f"missing {vocab.name} ({column!r})")
-        i = vocab.index.get(_key(v))
+        i = vocab.get(v)
         if i is None:
             raise _Reject(f"unknown {vocab.name} {v!r}")
         out.append(i)
@@ -830,7 +831,7 @@ def _multi_prototypes(cfg, cache, n_chunks, M, K, dim) -> dict:
     return {"centers": centers, "counts": counts, "temperature": cfg.temperature}
 
 
-def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: _Vocab, domains: _Vocab, total_rows: int) -> ScoreSummary:
+def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains: Vocab, total_rows: int) -> ScoreSummary:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

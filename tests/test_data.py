@@ -56,6 +56,13 @@ def test_vocab_and_label_encoding():
     assert ds["labels"] == [1, 0, 1] and ds["domains"] == [1, 0, 1]
     assert Vocab.from_values([3, 1, 2, 1]).values == [1, 2, 3]
     assert Vocab.from_json(labels.to_json()) == labels
+    by_string = Vocab([1, 2.5, "x"], "label", key=str)  # command-line values are strings
+    assert [by_string.get(v) for v in ("1", "2.5", "x", 1, "3", ["unhashable"])] == [0, 1, 2, 0, None, None]
+    assert by_string.encode("2.5") == 1 and labels.get("pos") == 1 and labels.get(["neg"]) is None
+    with pytest.raises(ValueError, match="unknown label '3' in row 7"):
+        by_string.encode("3", row=7)
+    with pytest.raises(ValueError, match="duplicate"):
+        Vocab([1, "1"], "label", key=str)
 
 
 @pytest.mark.parametrize(
