@@ -33,7 +33,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, environment
 
 MODELS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
@@ -254,8 +254,6 @@ def _one(args) -> dict:
 
 
 def main(argv=None) -> int:
-    import datetime
-    import platform
     import subprocess
     import sys
 
@@ -296,6 +294,8 @@ def main(argv=None) -> int:
         data_name = f"synthetic-{args.rows}"
     results = []
     scores = {}
+    # device name, versions, date, commit (the kernel harness's timing fields do not apply here)
+    env = {k: v for k, v in environment(torch.device(args.device), "").items() if k not in ("timing_method", "interpreted", "scale")}
     for provider in args.providers.split(","):
         cmd = [sys.executable, "-m", "benchmarks.bench_score", "--provider", provider, "--data", data,
                "--rows", str(args.rows), "--model", args.model, "--max-length", str(args.max_length),
@@ -312,11 +312,10 @@ def main(argv=None) -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1
         row = json.loads(line[0][7:])
-        row.update(process_wall_s=time.perf_counter() - t0, data=data_name,
+        row.update(env, process_wall_s=time.perf_counter() - t0, data=data_name,
                    model=args.model, max_length=args.max_length, batch_size=args.batch_size, device=args.device,
                    threads=args.threads or torch.get_num_threads(), cpus=os.cpu_count(), cpus_allowed=len(os.sched_getaffinity(0)),
-                   loadavg=os.getloadavg()[0], host=platform.node(), torch=torch.__version__,
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), note=args.label)
+                   loadavg=os.getloadavg()[0], note=args.label)
         if provider == "fastmft-score-int8" and "fastmft-score" in scores:
             import pyarrow.parquet as pq
 
