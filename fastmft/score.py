@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from ._dist import Dist
     from .data import Vocab
 
+_TOKENIZE_ROWS = 256  # rows per tokenizer call
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 CACHE_VERSION = 1
 
@@ -669,10 +670,20 @@ def _reader(cfg, sources, columns, labels, domains, todo, n_chunks, dist, tokeni
 
         def finish(ch: _Chunk) -> None:
             if ch.texts:
-                enc = tokenizer(ch.texts, ch.pairs, truncation=True, max_length=cfg.max_length,
-                                return_attention_mask=False, return_token_type_ids=want_tt)
-                ids = enc["input_ids"]
-                tts = enc.get("token_type_ids") if want_tt else None
+                # in slices: the tokenizer's encodings of a whole chunk (tokens, offsets, ...) would
+                # hold ~40 KB per row at once; only the ids are kept
+                ids, tts = [], ([] if want_tt else None)
+                for s in range(0, len(ch.texts), _TOKENIZE_ROWS):
+                    enc = tokenizer(ch.texts[s : s + _TOKENIZE_ROWS],
+                                    None if ch.pairs is None else ch.pairs[s : s + _TOKENIZE_ROWS],
+                                    truncation=True, max_length=cfg.max_length,
+                                    return_attention_mask=False, return_token_type_ids=want_tt)
+                    ids.extend(enc["input_ids"])
+                    if tts is not None and "token_type_ids" in enc:
+                        tts.extend(enc["token_type_ids"])
+                    else:
+                        tts = None
+                    del enc
                 lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
                 # longest first: the first batch sizes the allocator's buffers, later ones reuse them
                 order = np.argsort(-lengths, kind="stable")

@@ -81,8 +81,9 @@ def read(path):
     return pq.read_table(path).to_pydict()
 
 
-def test_scores_equal_float64_reference_and_rejects_add_up(corpus, tmp_path):
+def test_scores_equal_float64_reference_and_rejects_add_up(corpus, tmp_path, monkeypatch):
     _, bert, rows, path = corpus
+    monkeypatch.setattr(score_mod, "_TOKENIZE_ROWS", 5)  # several tokenizer calls per 16-row chunk
     cfg = config(corpus, tmp_path, keep_cache=True, alpha=0.3, report=str(tmp_path / "report.json"), top_k=2)
     s = score_files(cfg)
     out = read(cfg.output)
@@ -120,6 +121,26 @@ def test_scores_equal_float64_reference_and_rejects_add_up(corpus, tmp_path):
     # rerunning the finished command is a no-op that reports the same summary
     again = score_files(cfg)
     assert (again.scored, again.rejected) == (96, 5) and read(cfg.output) == out
+
+
+def test_text_pairs_are_encoded_as_pairs(corpus, tmp_path, monkeypatch):
+    """--text-pair-column: each row is encoded as the pair (text, text pair), in tokenizer slices."""
+    from transformers import AutoModel, AutoTokenizer
+
+    _, bert, rows, _ = corpus
+    monkeypatch.setattr(score_mod, "_TOKENIZE_ROWS", 3)
+    pairs = [dict(r, hypothesis=rows[(i + 1) % len(rows)]["text"]) for i, r in enumerate(rows[:20])]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    cfg = config(corpus, tmp_path, inputs=[str(path)], text_pair_column="hypothesis", keep_cache=True)
+    assert score_files(cfg).scored == 20
+    emb = torch.from_numpy(np.concatenate([np.load(p) for p in sorted(cfg.cache_path().glob("chunk-*.emb.npy"))])).double()
+    model = AutoModel.from_pretrained(bert, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(bert, local_files_only=True)
+    with torch.no_grad():
+        ref = torch.stack([model(**tok(r["text"], r["hypothesis"], truncation=True, max_length=32, return_tensors="pt"))
+                           .last_hidden_state[0].double().mean(0) for r in pairs])
+    assert_close(emb, ref, torch.float16)
 
 
 def test_strict_and_foreign_cache(corpus, tmp_path):
