@@ -8,7 +8,8 @@ head) and ``torch-compile`` (the reference under torch.compile; CUDA only), call
 calls them, after argument checking.
 
 Issue 3's targets (CUDA): MFT-sized batches B = 32..256 fwd+bwd 3x eager (launch-bound), N = 1M
-rows 2x eager. ``bytes`` = logits, targets and weights read once (forward; the backward reads
+rows 2x eager. On CUDA every row also counts the device operations of one call
+(``device_launches``, from the profiler). ``bytes`` = logits, targets and weights read once (forward; the backward reads
 them again and writes the logits' gradients once).
 
 Status: NOT YET MEASURED ON A GPU. The session that wrote these kernels had no GPU; the kernels

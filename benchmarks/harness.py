@@ -174,6 +174,7 @@ ROW_FIELDS = (
     "reps",
     "peak_mem_bytes",
     "mem_method",
+    "device_launches",  # kernels, memsets and copies of one call (CUDA profiler); null on CPU
     "bytes",
     "flops",
     "items",
@@ -436,6 +437,28 @@ def peak_memory(case: Case, device: torch.device) -> tuple[int | None, str]:
         return peak, "torch.profiler CPU allocator events"
     except Exception as exc:  # the profiler's private API may change: degrade to null
         return None, f"unavailable ({type(exc).__name__}: {exc})"
+
+
+def device_launches(case: Case, device: torch.device) -> int | None:
+    """Device operations (kernels, memsets, copies) one call issues, from the profiler's CUDA
+    activity: what bounds launch-bound ops such as the MFT-sized cross-entropy. None on CPU, or
+    when the profiler fails (its private API may change)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        if case.setup is not None:
+            case.setup()
+        torch.cuda.synchronize(device)
+        with _quiet_stderr():
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                out = case.fn()
+                torch.cuda.synchronize(device)
+                del out
+        return sum(1 for e in prof.profiler.kineto_results.events() if str(e.device_type()).endswith("CUDA"))
+    except Exception:
+        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ GPU_GOALS = [
          checks=[("pct_copy_bw", 80.0), ("speedup:" + harness.EAGER, 2.0)]),
     dict(name="multi-head CE, MFT-sized batches (B = 32..256, 4 heads) fwd+bwd: 3x eager",
          op="cross_entropy", mode="bwd", provider=_FUSED, size=dict(N=(32, 256), heads=4),
-         checks=[("speedup:" + harness.EAGER, 3.0)]),
+         checks=[("speedup:" + harness.EAGER, 3.0), ("device_launches", None)]),
     dict(name="multi-head CE, N = 1M rows: 2x eager",
          op="cross_entropy", mode="", provider=_FUSED, size=dict(N=2**20),
          checks=[("speedup:" + harness.EAGER, 2.0)]),
@@ -128,6 +128,9 @@ def goal_status(rows: list[dict]) -> list[tuple[str, str, str]]:
                 if metric.startswith("speedup:"):
                     value = (r.get("speedup_vs") or {}).get(metric.split(":", 1)[1])
                     parts.append(f"{_fmt(value, '.2f')}x vs {metric.split(':', 1)[1]}")
+                elif metric == "device_launches":
+                    value = r.get(metric)
+                    parts.append(f"{_fmt(value, 'd')} device launches")
                 else:
                     value = r.get(metric)
                     parts.append(f"{_fmt(value, '.1f')} % {metric}")

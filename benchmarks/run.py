@@ -111,6 +111,7 @@ def run_group(cases: list[Case], device: torch.device, budget: harness.Budget, e
         if not isinstance(timing, BaseException) and memory:
             try:
                 row["peak_mem_bytes"], row["mem_method"] = harness.peak_memory(case, device)
+                row["device_launches"] = harness.device_launches(case, device)
             except Exception as exc:
                 timing = exc
         if isinstance(timing, BaseException):  # recorded, never fatal: one broken case must not hide the others

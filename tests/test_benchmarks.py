@@ -146,6 +146,11 @@ def test_goal_status_reads_gpu_rows():
     status = dict((g, s) for g, s, _ in plot.goal_status([row]))
     assert status[plot.GPU_GOALS[0]["name"]] == "NOT met"
     assert status[plot.GPU_GOALS[1]["name"]] == "no matching GPU row"
+    ce = dict(row, op="multi_head_cross_entropy", mode="fwd+bwd", size={"N": 128, "heads": 4, "dtype": "bfloat16"},
+              size_label="N=128 heads=4 dtype=bfloat16", speedup_vs={"torch-eager": 3.4}, device_launches=3)
+    goal = next(g for g in plot.GPU_GOALS if "MFT-sized" in g["name"])
+    (status, evidence), = [(s, e) for g, s, e in plot.goal_status([ce]) if g == goal["name"]]
+    assert status == "met" and "3.40x vs torch-eager" in evidence and "3 device launches" in evidence
 
 
 def test_hf_baseline_computes_the_same_loss_as_fastmft():
