@@ -15,6 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?usage: benchmarks/gpu_session.sh prepare|tests|bench|score [OUTDIR] [ARGS]}
+case $stage in
+prepare | tests | bench | score) ;;
+*) echo "unknown stage $stage: prepare, tests, bench or score" >&2; exit 2 ;;
+esac
 
 if [[ $stage == prepare ]]; then
     python=${PYTHON:-python3}
@@ -72,9 +76,5 @@ bench)
 score)
     python3 -m benchmarks.bench_score --rows 1000000 --model minilm --max-length 128 --batch-size 256 \
         --device cuda --out "$out/score.jsonl" "$@" 2>&1 | tee "$out/score.log"
-    ;;
-*)
-    echo "unknown stage $stage: prepare, tests, bench or score" >&2
-    exit 2
     ;;
 esac

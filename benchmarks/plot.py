@@ -128,12 +128,10 @@ def goal_status(rows: list[dict]) -> list[tuple[str, str, str]]:
                 if metric.startswith("speedup:"):
                     value = (r.get("speedup_vs") or {}).get(metric.split(":", 1)[1])
                     parts.append(f"{_fmt(value, '.2f')}x vs {metric.split(':', 1)[1]}")
-                elif metric == "device_launches":
-                    value = r.get(metric)
-                    parts.append(f"{_fmt(value, 'd')} device launches")
                 else:
                     value = r.get(metric)
-                    parts.append(f"{_fmt(value, '.1f')} % {metric}")
+                    parts.append(f"{_fmt(value, 'd')} device launches" if metric == "device_launches"
+                                 else f"{_fmt(value, '.1f')} % {metric}")
                 if threshold is not None:
                     ok = ok and value is not None and value >= threshold
             verdicts.append(ok)
