@@ -31,24 +31,52 @@ def rank(name: str, value: torch.Tensor, *ranks: int, shape_hint: str = "") -> t
     return value
 
 
+def _host_read(values: torch.Tensor) -> list:
+    """The checks' only device-to-host copy (one stream sync on CUDA); tests count its calls."""
+    return values.tolist()
+
+
 def index(name: str, value, n: int | None, upper: int, *, ignore_index: int | None = None) -> torch.Tensor:
     """An integer index tensor of shape [n] whose entries lie in [0, upper) (or equal ignore_index)."""
+    indices((name, value, n, upper, ignore_index))
+    return value
+
+
+def index_tensor(name: str, value, n: int | None) -> torch.Tensor:
+    """An integer tensor of shape [n] (its values unchecked)."""
     tensor(name, value)
     if value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
     rank(name, value, 1)
     if n is not None and value.shape[0] != n:
         raise ValueError(f"{name} has {value.shape[0]} entries, expected {n}")
-    if value.numel():
-        checked = value if ignore_index is None else value[value != ignore_index]
-        if checked.numel():
-            lo, hi = torch.aminmax(checked)  # one reduction; .tolist() is the only device sync
-            lo, hi = torch.stack([lo, hi]).tolist()
-            if lo < 0 or hi >= upper:
-                bad = lo if lo < 0 else hi
-                extra = f" (or {ignore_index} to ignore a row)" if ignore_index is not None else ""
-                raise ValueError(f"{name} holds {bad}, outside [0, {upper}){extra}")
     return value
+
+
+def indices(*specs: tuple[str, torch.Tensor, int | None, int, int | None]) -> None:
+    """Check several index tensors, each spec (name, tensor, n, upper, ignore_index), with one
+    fused min/max reduction and a single host read for all of them: a range check must read the
+    values on the host, and each read stalls a CUDA stream, so a training step pays for one."""
+    bounds, checked = [], []
+    for name, value, n, upper, ignore_index in specs:
+        index_tensor(name, value, n)
+        if value.numel() == 0:
+            continue
+        v = value.long()
+        if ignore_index is not None:
+            # Ignored entries become 0, inside every range; a tensor of only ignored rows passes.
+            v = torch.where(v == ignore_index, 0, v)
+        lo, hi = torch.aminmax(v)
+        bounds.append(torch.stack([lo, hi]).to(specs[0][1].device))
+        checked.append((name, upper, ignore_index))
+    if not bounds:
+        return
+    values = _host_read(torch.cat(bounds))
+    for (name, upper, ignore_index), lo, hi in zip(checked, values[0::2], values[1::2]):
+        if lo < 0 or hi >= upper:
+            bad = lo if lo < 0 else hi
+            extra = f" (or {ignore_index} to ignore a row)" if ignore_index is not None else ""
+            raise ValueError(f"{name} holds {bad}, outside [0, {upper}){extra}")
 
 
 def same_device(*named: tuple[str, torch.Tensor]) -> None:

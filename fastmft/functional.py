@@ -87,8 +87,7 @@ def typicality(
     if embeddings.shape[1] != D:
         raise ValueError(f"embeddings have dim {embeddings.shape[1]} but the prototypes have dim {D}")
     n = embeddings.shape[0]
-    _checks.index("labels", labels, n, M)
-    _checks.index("domains", domains, n, K)
+    _checks.indices(("labels", labels, n, M, None), ("domains", domains, n, K, None))
     _checks.same_device(("embeddings", embeddings), ("labels", labels), ("domains", domains), ("prototypes", centers))
     impl = backend.resolve("typicality", embeddings.device)
     return impl(embeddings, labels, domains, centers, present, float(alpha), float(temperature))
@@ -109,6 +108,12 @@ def multi_head_cross_entropy(
     logits: H tensors [N, C_h] (a single tensor is one head); targets: H integer tensors [N].
     Differentiable in every logits tensor and in sample_weight.
     """
+    return _multi_head_cross_entropy(logits, targets, sample_weight, head_weight, ignore_index, check_targets=True)
+
+
+def _multi_head_cross_entropy(logits, targets, sample_weight, head_weight, ignore_index, *, check_targets: bool):
+    """The public function's body. ``check_targets=False`` skips only the targets' range check,
+    for callers that checked them already (MFTLoss checks all its indices with one host read)."""
     if isinstance(logits, Tensor) and isinstance(targets, Tensor):
         logits, targets = [logits], [targets]
     if isinstance(logits, Tensor) or isinstance(targets, Tensor):
@@ -119,7 +124,7 @@ def multi_head_cross_entropy(
     if len(targets) != len(logits):
         raise ValueError(f"logits has {len(logits)} heads but targets has {len(targets)}")
     n = None
-    for h, (x, y) in enumerate(zip(logits, targets)):
+    for h, x in enumerate(logits):
         _checks.floating(f"logits[{h}]", x)
         _checks.rank(f"logits[{h}]", x, 2, shape_hint="[N, C]")
         if x.shape[1] < 1:
@@ -127,7 +132,13 @@ def multi_head_cross_entropy(
         n = x.shape[0] if n is None else n
         if x.shape[0] != n:
             raise ValueError(f"logits[{h}] has {x.shape[0]} rows but logits[0] has {n}")
-        _checks.index(f"targets[{h}]", y, n, x.shape[1], ignore_index=ignore_index)
+    specs = [(f"targets[{h}]", y, n, x.shape[1], ignore_index) for h, (x, y) in enumerate(zip(logits, targets))]
+    if check_targets:
+        _checks.indices(*specs)
+    else:
+        for name, y, rows, _, _ in specs:
+            _checks.index_tensor(name, y, rows)
+    for h, (x, y) in enumerate(zip(logits, targets)):
         _checks.same_device(("logits[0]", logits[0]), (f"logits[{h}]", x), (f"targets[{h}]", y))
     if sample_weight is not None:
         _checks.floating("sample_weight", sample_weight)

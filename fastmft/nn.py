@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
-from .functional import masked_mean_pool, multi_head_cross_entropy, shuffle_domains
+from .functional import _multi_head_cross_entropy, masked_mean_pool, multi_head_cross_entropy, shuffle_domains
 
 
 def skip_layers(num_hidden_layers: int, count: int = 3) -> tuple[int, ...]:
@@ -82,21 +82,22 @@ class MFTLoss(nn.Module):
         _checks.floating("hidden_states[-1]", last)
         _checks.rank("hidden_states[-1]", last, 3, shape_hint="[B, T, D]")
         n = last.shape[0]
-        _checks.index("labels", labels, n, self.num_labels, ignore_index=-100)
-        _checks.index("domains", domains, n, self.num_domains)
+        # One host read checks every index of the step; the heads below skip their own checks.
+        specs = [("labels", labels, n, self.num_labels, -100), ("domains", domains, n, self.num_domains, None)]
+        if corrupted is not None:
+            specs.append(("corrupted", corrupted, n, self.num_domains, None))
+        _checks.indices(*specs)
         if corrupted is None:
-            corrupted = shuffle_domains(domains, generator)
+            corrupted = shuffle_domains(domains, generator)  # a permutation of checked domains
         weights = typicality
         logits = self.label_head(last[:, 0])
-        label_loss = multi_head_cross_entropy([logits], [labels], sample_weight=weights)
+        label_loss = _multi_head_cross_entropy([logits], [labels], weights, None, -100, check_targets=False)
         pooled = masked_mean_pool([hidden_states[l] for l in self.layers], attention_mask, skip_cls=True)
         domain_vec = self.domain_embedding(domains)
         domain_logits = [head(p + domain_vec) for head, p in zip(self.domain_heads, pooled)]
-        domain_loss = multi_head_cross_entropy(
-            domain_logits,
-            [corrupted] * len(domain_logits),
-            sample_weight=weights,
-            head_weight=[1.0 / len(domain_logits)] * len(domain_logits),
+        domain_loss = _multi_head_cross_entropy(
+            domain_logits, [corrupted] * len(domain_logits), weights, [1.0 / len(domain_logits)] * len(domain_logits),
+            -100, check_targets=False,
         )
         return MFTLossOutput(label_loss + self.lam * domain_loss, label_loss, domain_loss, logits, domain_logits)
 

@@ -48,8 +48,7 @@ def _check_rows(embeddings, labels, domains, num_labels: int, num_domains: int) 
     _checks.floating("embeddings", embeddings)
     _checks.rank("embeddings", embeddings, 2, shape_hint="[N, D]")
     n = embeddings.shape[0]
-    _checks.index("labels", labels, n, num_labels)
-    _checks.index("domains", domains, n, num_domains)
+    _checks.indices(("labels", labels, n, num_labels, None), ("domains", domains, n, num_domains, None))
     _checks.same_device(("embeddings", embeddings), ("labels", labels), ("domains", domains))
 
 
@@ -71,12 +70,13 @@ class PrototypeAccumulator:
         _check_rows(embeddings, labels, domains, self.num_labels, self.num_domains)
         if embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings have dim {embeddings.shape[1]}, the accumulator {self.dim}")
-        cells = domains.to(self.counts.device, torch.int64) * self.num_labels + labels.to(self.counts.device, torch.int64)
-        sums, counts = backend.resolve("prototype_sums", embeddings.device)(
-            embeddings.to(self.sums.device), cells, self.counts.numel()
-        )
-        self.sums += sums.double()
-        self.counts += counts
+        # Sum where the embeddings are (the fused kernel on a GPU), then move the [C, D] partial
+        # sums, not the [N, D] rows, to the accumulator's device.
+        device = embeddings.device
+        cells = domains.to(device, torch.int64) * self.num_labels + labels.to(device, torch.int64)
+        sums, counts = backend.resolve("prototype_sums", device)(embeddings, cells, self.counts.numel())
+        self.sums += sums.to(self.sums.device, torch.float64)
+        self.counts += counts.to(self.counts.device)
         return self
 
     def merge(self, other: "PrototypeAccumulator") -> "PrototypeAccumulator":

@@ -59,9 +59,17 @@ def prototype_sums(embeddings: Tensor, cells: Tensor, num_cells: int) -> tuple[T
 
 
 def unit_rows(x: Tensor) -> Tensor:
-    """x / max(|x|, 1e-8) along the last dim, in float32: the cosine contract of DESIGN.md."""
+    """x / max(|x|, 1e-8) along the last dim, in float32: the cosine contract of docs/design.md.
+
+    The norm is taken of x / max|x| and scaled back, so rows whose squares overflow float32
+    (|x| >= ~1.8e19) still get their unit vector instead of x / inf = 0."""
     x = x.float()
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(COS_EPS)
+    if x.shape[-1] == 0:
+        return x
+    scale = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, 1.0)
+    scaled = x / scale
+    return scaled / torch.maximum(torch.linalg.vector_norm(scaled, dim=-1, keepdim=True), COS_EPS / scale)
 
 
 @backend.register("typicality", "torch")

@@ -4,10 +4,10 @@ Each op receives exactly the arguments of its reference in fastmft.reference, al
 by the public function (indices in range, shapes consistent). Autograd lives here, one
 torch.autograd.Function per differentiable op; the kernels (fastmft.kernels) only launch.
 
-Dtype policy: the kernels take float32, float16 and bfloat16. float64 inputs (and, for
-typicality, the multi-prototype variant J > 1) run the PyTorch reference instead: float64 is a
-precision choice the kernels would silently give up, and J > 1 is documented to stay on the
-reference path. Device policy: CUDA tensors, or CPU tensors through the Triton interpreter;
+Fallback rules (the reference runs instead of a kernel): float64 inputs (a precision choice the
+kernels would silently give up); typicality with J > 1 prototypes per cell (documented to stay on
+the reference path) or more than kernels.typicality.MAX_DOMAINS domains; cross-entropy with no
+rows or more than kernels.cross_entropy.MAX_HEADS heads. Device policy: CUDA tensors, or CPU tensors through the Triton interpreter;
 anything else raises RuntimeError before a kernel runs.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def typicality(embeddings: Tensor, labels: Tensor, domains: Tensor, centers: Ten
                alpha: float, temperature: float) -> Tensor:
     """t [N] float32 for J = 1 in one pass over the embeddings; J > 1 and float64 run the reference.
     Not differentiable (typicality is computed once, with the pre-trained encoder)."""
-    if centers.shape[2] != 1 or _fallback(embeddings):
+    if centers.shape[2] != 1 or centers.shape[0] > _typ.MAX_DOMAINS or _fallback(embeddings):
         return reference.typicality(embeddings, labels, domains, centers, present, alpha, temperature)
     _util.check_device("typicality", embeddings, labels, domains, centers, present)
     with torch.no_grad():
@@ -108,7 +108,7 @@ def multi_head_cross_entropy(logits: Sequence[Tensor], targets: Sequence[Tensor]
     """float32 scalar: three launches in all (forward 2, backward 1) whatever the number of heads.
     Gradients go to fresh tensors; the user's logits are never written."""
     logits, targets = list(logits), list(targets)
-    if _fallback(*logits, sample_weight) or logits[0].shape[0] == 0:
+    if _fallback(*logits, sample_weight) or logits[0].shape[0] == 0 or len(logits) > _ce.MAX_HEADS:
         return reference.multi_head_cross_entropy(logits, targets, sample_weight, head_weight, ignore_index)
     _util.check_device("multi_head_cross_entropy", *logits, *targets)
     return _MultiHeadCrossEntropy.apply(

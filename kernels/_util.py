@@ -1,4 +1,10 @@
-"""Shared helpers of the launch functions: device checks, block sizes, output allocation.
+"""Shared helpers of the launch functions: device checks and guard, tile choice, output allocation.
+
+Tile tables. Each kernel module keeps its tile configurations as data: for every block size a
+tuple of the powers of two it may take, and ``fit`` picks the smallest that covers the problem
+(the largest otherwise). The GPU and the Triton interpreter use the same tables, so the tests
+(tests/ops/test_tiles.py) execute every configuration a GPU can pick, and the compile-only test
+checks each one's registers and spills for sm_90.
 
 ``POISON`` is a test hook: when true, every output a kernel writes with plain stores is filled
 with NaN (floats) or a sentinel (integers) before the launch, so a test fails if a kernel leaves
@@ -7,6 +13,7 @@ contract and are not poisoned.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -22,7 +29,16 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def fit(n: int, choices: tuple[int, ...]) -> int:
+    """The smallest of ``choices`` (ascending powers of two) that covers n, else the largest."""
+    for c in choices:
+        if c >= n:
+            return c
+    return choices[-1]
+
+
 def interpreter() -> bool:
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1 set before import)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -38,6 +54,14 @@ def check_device(op: str, *tensors: torch.Tensor) -> torch.device:
             f"(TRITON_INTERPRET=1 set before triton is imported); got {device.type} tensors"
         )
     return device
+
+
+def on_device(device: torch.device):
+    """Context for a launch: Triton launches on the *current* CUDA device, so tensors on cuda:1
+    while cuda:0 is current would hand one GPU another GPU's pointers."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def check_dtype(op: str, name: str, t: torch.Tensor) -> None:
@@ -58,11 +82,16 @@ def mask_view(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
+# Programs per SM that a row-chunked launch aims for. Grid sizes are not tile configurations: the
+# interpreter uses a small SM count so that tests still cover several chunks on small inputs.
+INTERPRETER_SMS = 4
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (a small constant elsewhere: the interpreter)."""
+    """Streaming multiprocessors of a CUDA device (INTERPRETER_SMS elsewhere)."""
     if device.type == "cuda":
         return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
+    return INTERPRETER_SMS
 
 
 @functools.lru_cache(maxsize=None)

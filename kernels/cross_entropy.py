@@ -12,6 +12,18 @@ Launches: forward = one kernel writing per-program partial sums (sum of t * CE a
 head) + one single-program kernel reducing them deterministically into the loss and the per-head
 scales w_h / max(kept_h, 1); backward = one kernel recomputing the log-sum-exp and writing the
 gradient of every head's logits (fresh tensors, never the user's logits) and of sample_weight.
+
+Gradient. With s_h = w_h / max(kept_h, 1) (kept_h counts targets, so it is a constant) and
+CE_h,i = lse_h,i - x_h,i,y where lse_h,i = log sum_c exp(x_h,i,c):
+    L = sum_h s_h sum_{i kept} t_i CE_h,i
+    dL/dx_h,i,c = s_h t_i (softmax(x_h,i)_c - [c == y_h,i])   for kept rows, 0 for ignored rows
+    dL/dt_i     = sum_h s_h [i kept in h] CE_h,i
+and both are multiplied by the incoming gradient g of the loss. The backward recomputes lse
+(one extra read of the logits) instead of storing it: the logits are small (C_h <= ~100) and
+saving lse would cost a [H, N] buffer plus its write.
+
+Offsets: row and class indices are int64 before they multiply a stride (a strided view's
+index * stride can pass 2**31 elements).
 """
 from __future__ import annotations
 
@@ -27,14 +39,17 @@ _OP = "multi_head_cross_entropy"
 
 
 @triton.jit
-def _row_lse(x_ptr, sn, sc, rows, in_n, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _row_lse(x_ptr, stride_n, stride_c, rows, in_n, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[BLOCK_N] float32 log-sum-exp of rows ``rows`` of the [N, C] logits, streaming C in
+    BLOCK_C chunks (online: running max m and sum s of exp(x - m))."""
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     arange_c = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + arange_c
+        cols = (c0 + arange_c).to(tl.int64)
         in_c = cols < C
-        x = tl.load(x_ptr + rows[:, None] * sn + cols[None, :] * sc, mask=in_n[:, None] & in_c[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_c, mask=in_n[:, None] & in_c[None, :],
+                    other=0.0)
         x = tl.where(in_c[None, :], x.to(tl.float32), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
@@ -44,9 +59,9 @@ def _row_lse(x_ptr, sn, sc, rows, in_n, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.co
 
 @triton.jit
 def _mhce_fwd_kernel(
-    xs, sns, scs, Cs,  # per head: logits pointer, row and class strides, class count
-    ys, sys_,  # per head: targets pointer and stride
-    w_ptr, swn,  # sample weights [N] (unused unless HAS_W)
+    logit_ptrs, strides_n, strides_c, num_classes,  # per head h: logits [N, C_h], its strides, C_h
+    target_ptrs, strides_target,  # per head h: targets [N] (integer, in [0, C_h) or ignore_index)
+    weight_ptr, stride_weight,  # sample weights t [N] (read only when HAS_W)
     part_ptr, cnt_ptr,  # [P, H] float32 partial sums of t * CE, [P, H] int32 kept counts
     N, ignore_index,
     H: tl.constexpr, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -55,13 +70,13 @@ def _mhce_fwd_kernel(
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = rows < N
     if HAS_W:
-        t = tl.load(w_ptr + rows * swn, mask=in_n, other=0.0).to(tl.float32)
+        t = tl.load(weight_ptr + rows * stride_weight, mask=in_n, other=0.0).to(tl.float32)
     for h in tl.static_range(H):
-        x_ptr = xs[h]
-        y = tl.load(ys[h] + rows * sys_[h], mask=in_n, other=ignore_index).to(tl.int64)
+        x_ptr = logit_ptrs[h]
+        y = tl.load(target_ptrs[h] + rows * strides_target[h], mask=in_n, other=ignore_index).to(tl.int64)
         kept = in_n & (y != ignore_index)
-        lse = _row_lse(x_ptr, sns[h], scs[h], rows, in_n, Cs[h], BLOCK_N, BLOCK_C)
-        xt = tl.load(x_ptr + rows * sns[h] + y * scs[h], mask=kept, other=0.0).to(tl.float32)
+        lse = _row_lse(x_ptr, strides_n[h], strides_c[h], rows, in_n, num_classes[h], BLOCK_N, BLOCK_C)
+        xt = tl.load(x_ptr + rows * strides_n[h] + y * strides_c[h], mask=kept, other=0.0).to(tl.float32)
         ce = lse - xt
         if HAS_W:
             ce = ce * t
@@ -71,7 +86,7 @@ def _mhce_fwd_kernel(
 
 @triton.jit
 def _mhce_finalize_kernel(
-    part_ptr, cnt_ptr, hw,  # partials [P, H]; head weights: tuple of H floats
+    part_ptr, cnt_ptr, head_weights,  # partials [P, H] (contiguous); head weights: tuple of H floats
     loss_ptr, scale_ptr,  # loss [] float32; scale [H] float32 = w_h / max(kept_h, 1)
     P,
     H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -88,7 +103,7 @@ def _mhce_finalize_kernel(
         k += tl.sum(tl.load(cnt_ptr + offs, mask=m2, other=0).to(tl.int64), axis=0)
     w = tl.zeros([BLOCK_H], dtype=tl.float32)
     for h in tl.static_range(H):
-        w = tl.where(hh == h, hw[h], w)
+        w = tl.where(hh == h, head_weights[h], w)
     scale = w / tl.maximum(k.to(tl.float32), 1.0)
     tl.store(scale_ptr + hh, scale, mask=in_h)
     tl.store(loss_ptr, tl.sum(tl.where(in_h, scale * s, 0.0), axis=0))
@@ -96,58 +111,75 @@ def _mhce_finalize_kernel(
 
 @triton.jit
 def _mhce_bwd_kernel(
-    xs, sns, scs, Cs, ys, sys_,
-    gxs,  # per head: gradient output [N, C_h], contiguous
-    w_ptr, swn, gw_ptr,  # sample weights and their gradient [N] (contiguous)
-    scale_ptr, gout_ptr,  # per-head scales [H] and the incoming gradient of the loss (scalar)
+    logit_ptrs, strides_n, strides_c, num_classes, target_ptrs, strides_target,  # as in the forward
+    grad_logit_ptrs,  # per head h: gradient output [N, C_h], contiguous, the logits' dtype
+    weight_ptr, stride_weight, grad_weight_ptr,  # sample weights t [N] and their gradient [N] (contiguous)
+    scale_ptr, grad_loss_ptr,  # per-head scales s_h [H] float32 and the incoming gradient g (scalar)
     N, ignore_index,
     H: tl.constexpr, HAS_W: tl.constexpr, NEED_GW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = rows < N
-    g = tl.load(gout_ptr).to(tl.float32)
+    g = tl.load(grad_loss_ptr).to(tl.float32)
     if HAS_W:
-        t = tl.load(w_ptr + rows * swn, mask=in_n, other=0.0).to(tl.float32)
-    gw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        t = tl.load(weight_ptr + rows * stride_weight, mask=in_n, other=0.0).to(tl.float32)
+    grad_t = tl.zeros([BLOCK_N], dtype=tl.float32)
     arange_c = tl.arange(0, BLOCK_C)
     for h in tl.static_range(H):
-        x_ptr = xs[h]
-        gx_ptr = gxs[h]
-        C = Cs[h]
-        scale = tl.load(scale_ptr + h) * g
-        y = tl.load(ys[h] + rows * sys_[h], mask=in_n, other=ignore_index).to(tl.int64)
+        x_ptr = logit_ptrs[h]
+        gx_ptr = grad_logit_ptrs[h]
+        C = num_classes[h]
+        scale = tl.load(scale_ptr + h) * g  # g * s_h
+        y = tl.load(target_ptrs[h] + rows * strides_target[h], mask=in_n, other=ignore_index).to(tl.int64)
         kept = in_n & (y != ignore_index)
-        lse = _row_lse(x_ptr, sns[h], scs[h], rows, in_n, C, BLOCK_N, BLOCK_C)
-        coef = tl.zeros([BLOCK_N], dtype=tl.float32) + scale
+        lse = _row_lse(x_ptr, strides_n[h], strides_c[h], rows, in_n, C, BLOCK_N, BLOCK_C)
+        coef = tl.zeros([BLOCK_N], dtype=tl.float32) + scale  # g * s_h * t_i
         if HAS_W:
             coef = coef * t
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + arange_c
+            cols = (c0 + arange_c).to(tl.int64)
             in_c = cols < C
             m2 = in_n[:, None] & in_c[None, :]
-            x = tl.load(x_ptr + rows[:, None] * sns[h] + cols[None, :] * scs[h], mask=m2, other=0.0).to(tl.float32)
-            p = tl.exp(x - lse[:, None])
-            d = p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-            gx = tl.where(kept[:, None], coef[:, None] * d, 0.0)
+            x = tl.load(x_ptr + rows[:, None] * strides_n[h] + cols[None, :] * strides_c[h], mask=m2,
+                        other=0.0).to(tl.float32)
+            d = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+            gx = tl.where(kept[:, None], coef[:, None] * d, 0.0)  # ignored rows: exactly 0
             tl.store(gx_ptr + rows[:, None] * C + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=m2)
         if NEED_GW:
-            xt = tl.load(x_ptr + rows * sns[h] + y * scs[h], mask=kept, other=0.0).to(tl.float32)
-            gw += tl.where(kept, scale * (lse - xt), 0.0)
+            xt = tl.load(x_ptr + rows * strides_n[h] + y * strides_c[h], mask=kept, other=0.0).to(tl.float32)
+            grad_t += tl.where(kept, scale * (lse - xt), 0.0)
     if NEED_GW:
-        tl.store(gw_ptr + rows, gw.to(gw_ptr.dtype.element_ty), mask=in_n)
+        tl.store(grad_weight_ptr + rows, grad_t.to(grad_weight_ptr.dtype.element_ty), mask=in_n)
 
 
-def _blocks(max_c: int) -> tuple[int, int]:
-    block_c = max(2, min(64, _util.next_pow2(max_c)))
-    budget = 8192 if _util.interpreter() else 2048  # elements of one [BLOCK_N, BLOCK_C] tile
-    block_n = max(16, min(256 if not _util.interpreter() else 1024, budget // block_c))
-    return block_n, block_c
+# Tile table. BLOCK_C covers the widest head in chunks of up to 64 classes (wider heads stream
+# through the online log-sum-exp); BLOCK_N rows make a [BLOCK_N, BLOCK_C] tile of at most 2048
+# values, so narrow MFT heads (2 to 10 classes) still give each program enough rows. Measured on
+# sm_90 (triton 3.6): the backward at BLOCK_C = 64 with 32 rows spilled (255 registers, 12 to 200
+# bytes for 2 to 8 heads); 16 rows keep it in registers.
+CE_ROWS = {2: 256, 4: 256, 8: 256, 16: 128, 32: 64, 64: 16}  # BLOCK_C -> BLOCK_N
+CE_BLOCK_C = tuple(CE_ROWS)
+FINALIZE_BLOCK_H = (2, 4, 8, 16, 32)
+FINALIZE_BLOCK_P = 256
+MAX_HEADS = FINALIZE_BLOCK_H[-1]
+NUM_WARPS = 4
+
+
+def tile(max_classes: int) -> dict:
+    block_c = _util.fit(max_classes, CE_BLOCK_C)
+    return dict(BLOCK_N=CE_ROWS[block_c], BLOCK_C=block_c, num_warps=NUM_WARPS)
+
+
+def all_tiles() -> list[dict]:
+    return [dict(BLOCK_N=n, BLOCK_C=c, num_warps=NUM_WARPS) for c, n in CE_ROWS.items()]
 
 
 def _check(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], sample_weight, head_weight) -> int:
     if not logits or len(logits) != len(targets) or len(head_weight) != len(logits):
         raise ValueError(f"{_OP}: need H >= 1 logits, targets and head weights")
+    if len(logits) > MAX_HEADS:
+        raise ValueError(f"{_OP}: the kernel takes at most {MAX_HEADS} heads, got {len(logits)}")
     N = logits[0].shape[0]
     for h, (x, y) in enumerate(zip(logits, targets)):
         _util.check_dtype(_OP, f"logits[{h}]", x)
@@ -161,38 +193,35 @@ def _check(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], samp
         if sample_weight.shape != (N,):
             raise ValueError(f"{_OP}: sample_weight must be [{N}]")
         tensors.append(sample_weight)
-    _util.check_device(_OP, *tensors)
-    return N
+    return _util.check_device(_OP, *tensors)
 
 
 def forward(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], sample_weight: torch.Tensor | None,
             head_weight: Sequence[float], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [] float32, scale [H] float32 = w_h / max(kept_h, 1)) in two launches."""
-    N = _check(logits, targets, sample_weight, head_weight)
-    H = len(logits)
-    device = logits[0].device
-    block_n, block_c = _blocks(max(x.shape[1] for x in logits))
-    P = max(1, triton.cdiv(N, block_n))
+    device = _check(logits, targets, sample_weight, head_weight)
+    N, H = logits[0].shape[0], len(logits)
+    cfg = tile(max(x.shape[1] for x in logits))
+    P = max(1, triton.cdiv(N, cfg["BLOCK_N"]))
     part = _util.empty((P, H), torch.float32, device)
     cnt = _util.empty((P, H), torch.int32, device)
     loss = _util.empty((), torch.float32, device)
     scale = _util.empty((H,), torch.float32, device)
     w = sample_weight if sample_weight is not None else part
-    _mhce_fwd_kernel[(P,)](
-        tuple(logits), tuple(x.stride(0) for x in logits), tuple(x.stride(1) for x in logits),
-        tuple(x.shape[1] for x in logits),
-        tuple(targets), tuple(y.stride(0) for y in targets),
-        w, w.stride(0),
-        part, cnt,
-        N, int(ignore_index),
-        H=H, HAS_W=sample_weight is not None, BLOCK_N=block_n, BLOCK_C=block_c,
-        num_warps=4,
-    )
-    _mhce_finalize_kernel[(1,)](
-        part, cnt, tuple(float(v) for v in head_weight), loss, scale, P,
-        H=H, BLOCK_H=max(2, _util.next_pow2(H)), BLOCK_P=max(16, min(1024, _util.next_pow2(P))),
-        num_warps=4,
-    )
+    with _util.on_device(device):
+        _mhce_fwd_kernel[(P,)](
+            tuple(logits), tuple(x.stride(0) for x in logits), tuple(x.stride(1) for x in logits),
+            tuple(x.shape[1] for x in logits),
+            tuple(targets), tuple(y.stride(0) for y in targets),
+            w, w.stride(0),
+            part, cnt,
+            N, int(ignore_index),
+            H=H, HAS_W=sample_weight is not None, **cfg,
+        )
+        _mhce_finalize_kernel[(1,)](
+            part, cnt, tuple(float(v) for v in head_weight), loss, scale, P,
+            H=H, BLOCK_H=_util.fit(H, FINALIZE_BLOCK_H), BLOCK_P=FINALIZE_BLOCK_P, num_warps=NUM_WARPS,
+        )
     return loss, scale
 
 
@@ -200,27 +229,26 @@ def backward(grad_loss: torch.Tensor, logits: Sequence[torch.Tensor], targets: S
              sample_weight: torch.Tensor | None, scale: torch.Tensor, ignore_index: int, need_grad_weight: bool):
     """Gradients of every head's logits (fresh contiguous tensors in the logits' dtypes) and of
     sample_weight (or None), in one launch."""
-    N = _check(logits, targets, sample_weight, [1.0] * len(logits))
-    H = len(logits)
-    device = logits[0].device
+    device = _check(logits, targets, sample_weight, [1.0] * len(logits))
+    N, H = logits[0].shape[0], len(logits)
     _util.check_device(_OP, logits[0], grad_loss, scale)
     grads = [_util.empty(tuple(x.shape), x.dtype, device) for x in logits]
     need_gw = bool(need_grad_weight and sample_weight is not None)
     grad_w = _util.empty((N,), sample_weight.dtype, device) if need_gw else None
     if N == 0:
         return grads, grad_w
-    block_n, block_c = _blocks(max(x.shape[1] for x in logits))
+    cfg = tile(max(x.shape[1] for x in logits))
     w = sample_weight if sample_weight is not None else scale
     gw = grad_w if grad_w is not None else scale
-    _mhce_bwd_kernel[(triton.cdiv(N, block_n),)](
-        tuple(logits), tuple(x.stride(0) for x in logits), tuple(x.stride(1) for x in logits),
-        tuple(x.shape[1] for x in logits),
-        tuple(targets), tuple(y.stride(0) for y in targets),
-        tuple(grads),
-        w, w.stride(0), gw,
-        scale, grad_loss.reshape(()).to(torch.float32) if grad_loss.dtype != torch.float32 else grad_loss,
-        N, int(ignore_index),
-        H=H, HAS_W=sample_weight is not None, NEED_GW=need_gw, BLOCK_N=block_n, BLOCK_C=block_c,
-        num_warps=4,
-    )
+    with _util.on_device(device):
+        _mhce_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            tuple(logits), tuple(x.stride(0) for x in logits), tuple(x.stride(1) for x in logits),
+            tuple(x.shape[1] for x in logits),
+            tuple(targets), tuple(y.stride(0) for y in targets),
+            tuple(grads),
+            w, w.stride(0), gw,
+            scale, grad_loss.reshape(()).to(torch.float32),
+            N, int(ignore_index),
+            H=H, HAS_W=sample_weight is not None, NEED_GW=need_gw, **cfg,
+        )
     return grads, grad_w

@@ -5,6 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 import fastmft
 from fastmft.kernels import _util
+from tests.oracles import mhce64
 from tests.helpers import DEVICE, assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -15,17 +16,6 @@ def poison(monkeypatch):
     monkeypatch.setattr(_util, "POISON", True)
 
 
-def _mhce64(logits, targets, sample_weight, head_weight, ignore_index):
-    total = torch.zeros((), dtype=torch.float64, device=logits[0].device)
-    for h, (x, y) in enumerate(zip(logits, targets)):
-        keep = y != ignore_index
-        x = x.double()
-        ce = torch.logsumexp(x, 1) - x.gather(1, torch.where(keep, y, 0).long()[:, None])[:, 0]
-        if sample_weight is not None:
-            ce = ce * sample_weight.double()
-        w = 1.0 if head_weight is None else head_weight[h]
-        total = total + w * torch.where(keep, ce, 0.0).sum() / keep.sum().clamp_min(1)
-    return total
 
 
 def _worst(dtypes):
@@ -76,7 +66,7 @@ def test_mhce_forward_backward_vs_float64(
     assert loss.dtype == torch.float32 and loss.shape == ()
     ref_logits = [x.detach().double().requires_grad_() for x in logits]
     ref_sw = None if sw is None else sw.detach().double().requires_grad_(weight_grad)
-    ref = _mhce64(ref_logits, targets, ref_sw, hw, ignore_index)
+    ref = mhce64(ref_logits, targets, ref_sw, hw, ignore_index)
     # The math is float32 whatever the logits dtype: the loss meets the float32 tolerance
     # (inputs are exact in every dtype), loosened only for the 16-bit weight.
     assert_close(loss, ref, torch.float32 if weight != torch.bfloat16 else torch.bfloat16)
@@ -100,7 +90,7 @@ def test_mhce_only_some_heads_need_grad(rng):
         loss = fastmft.nn.MultiHeadCrossEntropyLoss(head_weight=[0.5, 2.0])([a, b], [ya, yb])
     loss.backward()
     ar = a.detach().double().requires_grad_()
-    ref = _mhce64([ar, b], [ya, yb], None, [0.5, 2.0], -100)
+    ref = mhce64([ar, b], [ya, yb], None, [0.5, 2.0], -100)
     ref.backward()
     assert_close(loss, ref, torch.float32)
     assert_close(a.grad, ar.grad, torch.float32)
@@ -108,10 +98,10 @@ def test_mhce_only_some_heads_need_grad(rng):
 
 
 def test_mhce_float64_and_empty_use_the_reference(rng):
-    x = torch.randn(6, 3, dtype=torch.float64, generator=rng, requires_grad=True)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=rng).to(DEVICE).requires_grad_()
     y = torch.randint(0, 3, (6,), generator=rng).to(DEVICE)
     with fastmft.use_backend("triton"):
         loss = fastmft.multi_head_cross_entropy([x], [y])
         empty = fastmft.multi_head_cross_entropy([torch.randn(0, 3, device=DEVICE)], [torch.zeros(0, dtype=torch.int64, device=DEVICE)])
-    torch.testing.assert_close(loss, _mhce64([x], [y], None, None, -100).float())
+    torch.testing.assert_close(loss, mhce64([x], [y], None, None, -100).float())
     assert float(empty) == 0.0

@@ -6,6 +6,7 @@ from hypothesis import given, settings, strategies as st
 import fastmft
 from fastmft import triton_ops
 from fastmft.kernels import _util
+from tests.oracles import pool64
 from tests.helpers import DEVICE, assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -18,14 +19,6 @@ def poison(monkeypatch):
     monkeypatch.setattr(_util, "POISON", True)
 
 
-def _pool64(layers, mask, skip_cls):
-    """The formula in float64: sum over valid positions / max(count, 1)."""
-    valid = mask != 0
-    if skip_cls:
-        valid = valid.clone()
-        valid[:, 0] = False
-    count = valid.sum(1).clamp_min(1).double()[:, None]
-    return torch.stack([torch.where(valid[..., None], h.double(), 0.0).sum(1) / count for h in layers])
 
 
 def _layers(L, B, T, D, dtype, layout, g):
@@ -73,7 +66,7 @@ def test_pool_forward_backward_vs_float64(L, B, T, D, dtype, mask_dtype, skip_cl
     assert type(out.grad_fn).__name__.startswith("_MaskedMeanPool")
     assert out.shape == (L, B, D) and out.dtype == dtype
     ref_layers = [h.detach().double().requires_grad_() for h in layers]
-    ref = _pool64(ref_layers, mask, skip_cls)
+    ref = pool64(ref_layers, mask, skip_cls)
     assert_close(out, ref, dtype)
     grad = torch.randn(L, B, D, generator=g).to(DEVICE).to(dtype)
     out.backward(grad)
@@ -92,12 +85,12 @@ def test_pool_single_and_stacked_inputs(dtype, rng):
         one = fastmft.masked_mean_pool(x[1], mask)
         both = fastmft.masked_mean_pool(x, mask, skip_cls=True)
     assert one.shape == (B, D) and both.shape == (2, B, D)
-    assert_close(one, _pool64([x[1].detach()], mask, False)[0], dtype)
-    assert_close(both, _pool64(list(x.detach()), mask, True), dtype)
+    assert_close(one, pool64([x[1].detach()], mask, False)[0], dtype)
+    assert_close(both, pool64(list(x.detach()), mask, True), dtype)
     # A gradient that is not contiguous (zero strides from the sum, a select): strides are honoured.
     (one.float().sum() + both[0].float().sum()).backward()
     xr = x.detach().double().requires_grad_()
-    (_pool64([xr[1]], mask, False)[0].sum() + _pool64(list(xr), mask, True)[0].sum()).backward()
+    (pool64([xr[1]], mask, False)[0].sum() + pool64(list(xr), mask, True)[0].sum()).backward()
     assert_close(x.grad, xr.grad, dtype)
 
 

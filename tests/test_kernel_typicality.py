@@ -6,6 +6,7 @@ from hypothesis import given, settings, strategies as st
 import fastmft
 from fastmft import triton_ops
 from fastmft.kernels import _util
+from tests.oracles import prototypes64, typicality64
 from tests.helpers import DEVICE, assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -24,27 +25,8 @@ def _embeddings(N, D, dtype, layout, g):
     return torch.randn(D, N, generator=g).to(DEVICE).to(dtype).t()  # column-major
 
 
-def _prototypes64(x, y, k, M, K):
-    cells = k.long() * M + y.long()
-    sums = torch.zeros(K * M, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, cells, x.double())
-    counts = torch.bincount(cells, minlength=K * M)
-    return (sums / counts.clamp_min(1)[:, None]).view(K, M, -1), counts.view(K, M)
 
 
-def _typicality64(x, y, k, centers, counts, alpha):
-    """DESIGN.md's formula and degenerate-cell contract, in float64."""
-    e = x.double()
-    e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    c = centers.double()
-    c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    rows = torch.arange(x.shape[0], device=x.device)
-    cos = torch.einsum("nd,kmd->nkm", e, c)[rows, :, y.long()]  # [N, K]
-    own = cos[rows, k.long()]
-    others = (counts > 0)[:, y.long()].T.clone()
-    others[rows, k.long()] = False
-    n = others.sum(1)
-    other = torch.where(others, cos, 0.0).sum(1) / n.clamp_min(1)
-    return torch.where(n > 0, alpha * own + (1 - alpha) * other, own)
 
 
 @settings(max_examples=15, deadline=None)
@@ -67,7 +49,7 @@ def test_prototypes_and_typicality_vs_float64(N, D, K, M, dtype, index_dtype, la
     k = torch.randint(0, K, (N,), generator=g).to(DEVICE).to(index_dtype)
     with fastmft.use_backend("triton"):
         protos = fastmft.class_prototypes(x, y, k, M, K)
-    centers64, counts64 = _prototypes64(x, y, k, M, K)
+    centers64, counts64 = prototypes64(x, y, k, M, K)
     assert torch.equal(protos.counts, counts64)
     assert_close(protos.centers, centers64, dtype)
     if drop_cells:  # degenerate cells: empty (k', y) cells, including a row's own cell
@@ -76,7 +58,7 @@ def test_prototypes_and_typicality_vs_float64(N, D, K, M, dtype, index_dtype, la
     with fastmft.use_backend("triton"):
         t = fastmft.typicality(x, y, k, protos, alpha=alpha)
     assert t.dtype == torch.float32 and t.shape == (N,)
-    assert_close(t, _typicality64(x, y, k, protos.centers, protos.counts, alpha), dtype)
+    assert_close(t, typicality64(x, y, k, protos.centers, protos.counts, alpha), dtype)
 
 
 def test_many_cells_and_row_chunks(rng):
@@ -88,10 +70,10 @@ def test_many_cells_and_row_chunks(rng):
     with fastmft.use_backend("triton"):
         protos = fastmft.class_prototypes(x, y, k, M, K)
         t = fastmft.typicality(x, y, k, protos, alpha=0.5)
-    centers64, counts64 = _prototypes64(x, y, k, M, K)
+    centers64, counts64 = prototypes64(x, y, k, M, K)
     assert torch.equal(protos.counts, counts64)
     assert_close(protos.centers, centers64, torch.float32)
-    assert_close(t, _typicality64(x, y, k, protos.centers, protos.counts, 0.5), torch.float32)
+    assert_close(t, typicality64(x, y, k, protos.centers, protos.counts, 0.5), torch.float32)
 
 
 def test_single_domain_and_lonely_class(rng):
@@ -120,4 +102,4 @@ def test_multi_prototypes_and_float64_use_the_reference(monkeypatch, rng):
         torch.testing.assert_close(fastmft.typicality(x, y, k, multi), expected)
         protos = fastmft.class_prototypes(x.double(), y, k, 2, 2)
         t = fastmft.typicality(x.double(), y, k, protos)
-    assert_close(t, _typicality64(x, y, k, protos.centers, protos.counts, 0.5), torch.float32)
+    assert_close(t, typicality64(x, y, k, protos.centers, protos.counts, 0.5), torch.float32)
