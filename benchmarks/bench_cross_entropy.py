@@ -53,5 +53,5 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         for provider in kernel_providers(scale, device):
             mhce = kernel_op(provider, OP)
             yield from forward_backward_cases(
-                OP, provider, size, logits, lambda xs, mhce=mhce: mhce(xs, targets, weights, head_weight, -100),
+                OP, provider, size, logits, lambda xs, mhce=mhce, targets=targets, weights=weights: mhce(xs, targets, weights, head_weight, -100),
                 fwd_bytes=read, fwd_bwd_bytes=2 * read + grads_written, items=N)

@@ -51,5 +51,5 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         bwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
         for provider in kernel_providers(scale, device):
             pool = kernel_op(provider, OP)
-            yield from forward_backward_cases(OP, provider, size, layers, lambda hs, pool=pool: pool(hs, mask, True),
+            yield from forward_backward_cases(OP, provider, size, layers, lambda hs, pool=pool, mask=mask: pool(hs, mask, True),
                                               fwd_bytes=fwd_bytes, fwd_bwd_bytes=fwd_bytes + bwd_bytes, items=B, grad=grad)

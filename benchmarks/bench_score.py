@@ -215,11 +215,16 @@ def cases(scale: str, device) -> Iterable[Case]:
         common = dict(max_length=size["max_len"], batch_size=size["batch"], device=device)
         model, tok = _load(size["model"], device)
         n = size["rows"]
+        # Defaults bind this size's values: the cases are collected before they run.
+        bound = dict(path=path, n=n, model=model, tok=tok, common=common)
         yield Case("score", "fastmft-score", mode, size,
-                   lambda: fastmft_pipeline(path, n, size["model"], workdir=workdir, model=model, tok=tok, **common),
+                   lambda b=bound, name=size["model"], workdir=workdir: fastmft_pipeline(
+                       b["path"], b["n"], name, workdir=workdir, model=b["model"], tok=b["tok"], **b["common"]),
                    items=n)
-        yield Case("score", "naive", mode, size, lambda: naive_pipeline(path, n, model, tok, **common), items=n)
-        yield Case("score", "peer", mode, size, lambda: peer_pipeline(path, n, model, tok, **common), items=n)
+        yield Case("score", "naive", mode, size,
+                   lambda b=bound: naive_pipeline(b["path"], b["n"], b["model"], b["tok"], **b["common"]), items=n)
+        yield Case("score", "peer", mode, size,
+                   lambda b=bound: peer_pipeline(b["path"], b["n"], b["model"], b["tok"], **b["common"]), items=n)
 
 
 # ------------------------------------------------------------------------------------------------

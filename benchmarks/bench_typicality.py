@@ -77,14 +77,15 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
             typ = kernel_op(provider, "typicality", typicality_formula)
             sums = kernel_op(provider, "prototype_sums", prototype_sums_formula)
 
-            def run_typicality(typ=typ):
+            # Defaults bind this size's tensors: the cases are collected before they run.
+            def run_typicality(typ=typ, x=x, labels=labels, domains=domains, centers=centers, present=present):
                 return typ(x, labels, domains, centers, present, 0.5, 1.0)
 
             yield Case("typicality", provider, "fwd", dict(size), run_typicality,
                        bytes=N * D * es + 2 * N * 8 + N * 4, items=N)
 
-            def run_sums(sums=sums):
-                return sums(x, cells, K * M)
+            def run_sums(sums=sums, x=x, cells=cells, num_cells=K * M):
+                return sums(x, cells, num_cells)
 
             yield Case("prototype_sums", provider, "fwd", dict(size), run_sums,
                        bytes=N * D * es + N * 8 + K * M * D * 4, items=N)

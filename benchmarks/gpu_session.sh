@@ -14,6 +14,8 @@
 #   bench      python -m benchmarks.run --device cuda, one module at a time       (110 s)
 #   score      bench_score: 1M generated rows, MiniLM, length 128, fastmft-score       (100 s)
 # With 2+ GPUs the tests also run with cuda:1 while cuda:0 is current (launch guards).
+# STAGES (default "tests resources bench score") runs a subset, e.g. in a second, shorter call;
+# TESTS and BENCH_MODULES choose what those stages run; the *_LIMIT variables bound each stage.
 # It writes at most 8 files into OUTDIR (the device tool returns 8): env.txt, tests.log,
 # resources.jsonl, results.jsonl, bench.log, score.jsonl, score.log, summary.txt.
 #
@@ -81,25 +83,28 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/tmp/g
   echo "commit ${FASTMFT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} date $(date -u +%FT%TZ)"
 } | tee "$out/env.txt"
 
-tests=(tests/test_kernel_gpu_faithful.py tests/test_kernel_pooling.py tests/test_kernel_typicality.py
-       tests/test_kernel_cross_entropy.py tests/test_kernel_errors.py tests/test_mft_loss.py
-       tests/test_trainer_dropin.py tests/test_inner_step_cuda.py)
-stage_run tests 150 env FASTMFT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n 8 -rfE --durations=10 \
+stages=" ${STAGES:-tests resources bench score} "
+default_tests="tests/test_kernel_gpu_faithful.py tests/test_kernel_pooling.py tests/test_kernel_typicality.py \
+    tests/test_kernel_cross_entropy.py tests/test_kernel_errors.py tests/test_mft_loss.py \
+    tests/test_trainer_dropin.py tests/test_inner_step_cuda.py"
+read -r -a tests <<<"${TESTS:-$default_tests}"
+[[ $stages == *" tests "* ]] && stage_run tests "${TESTS_LIMIT:-150}" env FASTMFT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n 8 -rfE --durations=10 \
     "${tests[@]}" >"$out/tests.log" 2>&1
-if [[ $(python3 -c 'import torch; print(torch.cuda.device_count())') -ge 2 ]]; then
+if [[ $stages == *" tests "* && $(python3 -c 'import torch; print(torch.cuda.device_count())') -ge 2 ]]; then
     stage_run tests-cuda1 60 env FASTMFT_TEST_DEVICE=cuda:1 python3 -m pytest -q -p no:cacheprovider -rfE \
         tests/test_kernel_gpu_faithful.py >>"$out/tests.log" 2>&1
 fi
-tail -n 15 "$out/tests.log"
-stage_run resources 40 python3 -m benchmarks.kernel_resources --out "$out/resources.jsonl" >/dev/null 2>>"$out/tests.log"
+[[ -f $out/tests.log ]] && tail -n 15 "$out/tests.log"
+[[ $stages == *" resources "* ]] && stage_run resources "${RESOURCES_LIMIT:-40}" python3 -m benchmarks.kernel_resources --out "$out/resources.jsonl" >/dev/null 2>>"$out/tests.log"
 bench_start=$SECONDS
-for module in pooling typicality cross_entropy mft_step inner_step utility; do
-    left=$((110 - (SECONDS - bench_start)))
+[[ $stages == *" bench "* ]] || BENCH_MODULES=""
+for module in ${BENCH_MODULES-pooling typicality cross_entropy mft_step inner_step utility}; do
+    left=$((${BENCH_LIMIT:-110} - (SECONDS - bench_start)))
     ((left > 5)) || { echo "bench-$module skipped: stage time used up" | tee -a "$summary"; continue; }
     stage_run "bench-$module" "$left" python3 -m benchmarks.run --device cuda --only "$module" --results-dir "$out" \
         >>"$out/bench.log" 2>&1
 done
-stage_run score 100 python3 -m benchmarks.bench_score --rows 1000000 --model minilm --max-length 128 \
+[[ $stages == *" score "* ]] && stage_run score "${SCORE_LIMIT:-100}" python3 -m benchmarks.bench_score --rows 1000000 --model minilm --max-length 128 \
     --batch-size 256 --device cuda --providers fastmft-score --out "$out/score.jsonl" >"$out/score.log" 2>&1
-tail -n 5 "$out/score.log"
+[[ -f $out/score.log ]] && tail -n 5 "$out/score.log"
 cat "$summary"

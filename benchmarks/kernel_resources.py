@@ -82,7 +82,9 @@ def _ptxas_report(ptx: str) -> dict:
                 shared=number(r"(\d+) bytes smem"))
 
 
-def collect(compile_only: bool) -> list[dict]:
+def collect(compile_only: bool, out: str | None = None) -> list[dict]:
+    """One row per (kernel, dtype, tile), appended to ``out`` as soon as it is known (a run cut
+    short by a time limit keeps what it measured)."""
     from triton.runtime.jit import JITFunction
 
     rows: dict[tuple, dict] = {}
@@ -100,6 +102,9 @@ def collect(compile_only: bool) -> list[dict]:
             else:
                 usage = dict(registers=kernel.n_regs, spill_stores=kernel.n_spills, shared=kernel.metadata.shared)
             rows[key] = dict(kernel=self.fn.__name__, dtype=dtype, config=config, **usage)
+            if out:
+                with open(out, "a") as f:
+                    f.write(json.dumps(rows[key]) + "\n")
         return kernel
 
     JITFunction.run = record
@@ -142,15 +147,12 @@ def _stand_in_driver() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile-only", action="store_true", help="no GPU: compile for sm_90 and ask ptxas")
-    parser.add_argument("--out", help="also write the rows (JSON lines) here")
+    parser.add_argument("--out", help="also append the rows (JSON lines) here, each as soon as it is known")
     args = parser.parse_args(argv)
     if args.compile_only:
         os.environ.pop("TRITON_INTERPRET", None)
-    rows = collect(args.compile_only)
-    lines = [json.dumps(r) for r in rows]
-    print("\n".join(lines))
-    if args.out:
-        pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
+    rows = collect(args.compile_only, args.out)
+    print("\n".join(json.dumps(r) for r in rows))
     spilled = [r for r in rows if r["spill_stores"]]
     print(f"{len(rows)} kernel configurations, {len(spilled)} with spills", file=sys.stderr)
     return 0

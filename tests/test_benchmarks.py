@@ -216,3 +216,28 @@ def test_score_section_keeps_the_newest_row_per_provider_and_relates_them(tmp_pa
     assert "| 5.00x | 2.00x |" in ours  # 40/8 against naive, 40/20 against the newest peer row
     assert "- first" in text and "- peer rerun" in text
     assert plot.score_section(tmp_path / "missing.jsonl") == []
+
+
+@pytest.mark.parametrize(
+    "name, small_sizes",
+    [
+        ("pooling", [dict(L=2, B=2, T=5, D=8, dtype="float32"), dict(L=2, B=3, T=7, D=8, dtype="float32")]),
+        ("cross_entropy", [dict(N=5, heads=4, dtype="float32"), dict(N=9, heads=4, dtype="float32")]),
+        ("typicality", [dict(N=6, D=8, K=3, M=2, dtype="float32"), dict(N=11, D=8, K=3, M=2, dtype="float32")]),
+    ],
+)
+def test_cases_of_several_sizes_each_run_their_own_inputs(name, small_sizes, monkeypatch, one_thread):
+    """The runner collects every case before timing any: a case that late-binds a loop variable
+    would run the LAST size's inputs (seen on a GPU: a [256, 512] pooling case got a [32, 128] mask)."""
+    mod = importlib.import_module(f"benchmarks.bench_{name}")
+    monkeypatch.setattr(mod, "sizes", lambda scale, device: small_sizes)
+    cases = list(mod.cases("full", torch.device("cpu")))
+    assert cases
+    for case in cases:
+        if case.setup:
+            case.setup()
+        case.fn()  # raises on a shape mismatch when inputs of two sizes meet
+        rows = case.size.get("B", case.size.get("N"))
+        out = case.fn()
+        if isinstance(out, torch.Tensor) and out.dim() >= 1 and name != "cross_entropy":
+            assert rows in out.shape, (case.op, case.provider, case.size, tuple(out.shape))

@@ -80,7 +80,7 @@ def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeyp
     assert torch.isfinite(torch.tensor(result.training_loss))
     # 3 steps: one pooling launch and two cross-entropy calls (label + domain loss) per step.
     assert calls == {"masked_mean_pool": 3, "multi_head_cross_entropy": 6}
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n].to(p.device))}
     for head in ("mft.label_head.weight", "mft.domain_heads.0.weight", "mft.domain_embedding.weight",
                  "encoder.encoder.layer.0.attention.self.query.weight"):
         assert head in changed, f"{head} did not train"
