@@ -240,3 +240,16 @@ def test_score_section_keeps_the_newest_row_per_provider_and_relates_them(tmp_pa
     assert "| 5.00x | 2.00x |" in ours  # 40/8 against naive, 40/20 against the newest peer row
     assert "- first" in text and "- peer rerun" in text
     assert plot.score_section(tmp_path / "missing.jsonl") == []
+
+
+def test_figures_of_the_committed_experiments(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from benchmarks import figures
+
+    assert figures.main(["--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["picks.png", "table3.png"]
+    for name in ("table3.png", "picks.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and f"wrote {tmp_path / name}" in printed
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(figures.LOCAL_OUT / "table3.png")], cwd=figures.RESULTS)
+    assert ignored.returncode == 0, "the default output folder is gitignored"
