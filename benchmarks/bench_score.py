@@ -15,7 +15,7 @@ Providers (one timed call = score every row of the corpus, from the JSONL file t
 ``python -m benchmarks.bench_score --data FILE.jsonl --rows N --model minilm`` measures the three
 providers once each in fresh subprocesses (wall time, rows/s and peak RSS of the whole process, which
 the harness cannot see: it counts torch allocations only) and appends rows to
-``benchmarks/results/score.jsonl``. The data is read from the given file and never copied.
+``runs/bench/score.jsonl`` (untracked; ``--record``: the committed ``benchmarks/results/score.jsonl``). The data is read from the given file and never copied.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from benchmarks.harness import Case, environment
+from benchmarks.harness import LOCAL_RESULTS_DIR, RESULTS_DIR, Case, environment
 
 MODELS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
@@ -276,7 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--provider", help=argparse.SUPPRESS)  # internal: run one provider in this process
     p.add_argument("--scores-out", help=argparse.SUPPRESS)  # internal: where fastmft-score* keeps its scores
     p.add_argument("--label", help="free-form note stored with the rows")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "score.jsonl"))
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", help="JSON lines file the rows are appended to (default runs/bench/score.jsonl, untracked)")
+    where.add_argument("--record", action="store_true", help="append to the committed benchmarks/results/score.jsonl")
     args = p.parse_args(argv)
     if args.provider:
         print("RESULT " + json.dumps(_one(args)))
@@ -332,8 +334,9 @@ def main(argv=None) -> int:
         results.append(row)
         print(f"{provider:14s} {row['rows']:7d} rows {row['wall_s']:8.1f} s {row['rows_per_s']:8.1f} rows/s "
               f"peak RSS {row['peak_rss_bytes'] / 2**20:8.1f} MiB (load {row['loadavg']:.1f})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a", encoding="utf-8") as f:
+    out = Path(args.out) if args.out else (RESULTS_DIR if args.record else LOCAL_RESULTS_DIR) / "score.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as f:
         for row in results:
             f.write(json.dumps(row) + "\n")
     return 0

@@ -44,8 +44,22 @@ import torch
 
 T = TypeVar("T")
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed results (--record)
+# A plain run writes here instead (runs/ is gitignored), so trying the suite leaves the tree clean.
+LOCAL_RESULTS_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench"
 RESULTS_FILE = "results.jsonl"
+
+
+def results_dir_arg(parser) -> None:
+    """--results-dir / --record, shared by benchmarks.run, benchmarks.plot and bench_score."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--results-dir", help=f"results folder (default {LOCAL_RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/, untracked)")
+    group.add_argument("--record", action="store_true",
+                       help=f"use the committed results in {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/ instead")
+
+
+def chosen_results_dir(args) -> Path:
+    return RESULTS_DIR if args.record else Path(args.results_dir) if args.results_dir else LOCAL_RESULTS_DIR
 
 # Provider names used across the benchmarks (a module may add peers: "liger", "sentence-transformers", ...).
 FASTMFT = "fastmft"  # the library's own implementation (fused on CUDA through dispatch)
@@ -638,7 +652,7 @@ def fill_speedups(rows: list[dict]) -> None:
             r["speedup_vs"] = {o["provider"]: o["median_ms"] / r["median_ms"] for o in group if o is not r}
 
 
-def append_rows(rows: Iterable[dict], results_dir: Path | str = RESULTS_DIR) -> Path:
+def append_rows(rows: Iterable[dict], results_dir: Path | str = LOCAL_RESULTS_DIR) -> Path:
     """Append rows as JSON lines, in one locked write (several runs may share the file)."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -660,7 +674,7 @@ def append_rows(rows: Iterable[dict], results_dir: Path | str = RESULTS_DIR) -> 
     return path
 
 
-def read_rows(results_dir: Path | str = RESULTS_DIR) -> list[dict]:
+def read_rows(results_dir: Path | str = LOCAL_RESULTS_DIR) -> list[dict]:
     path = Path(results_dir) / RESULTS_FILE
     if not path.exists():
         return []

@@ -1,6 +1,7 @@
-"""Render the benchmark report: ``python -m benchmarks.plot [--results-dir DIR]``.
+"""Render the benchmark report: ``python -m benchmarks.plot [--results-dir DIR | --record]``.
 
-Reads ``<results-dir>/results.jsonl`` and writes, next to it:
+Reads ``<results-dir>/results.jsonl`` (default ``runs/bench/``, where ``benchmarks.run`` writes;
+``--record``: the committed ``benchmarks/results/``) and writes, next to it:
 - ``plots/<device>-<scale>-<op>-<mode>.png``: time (median, 20-80 % band) and % of ceiling vs
   size, one line per provider (plus examples/s for end-to-end rows);
 - ``SUMMARY.md``: the GPU goals of the issues with their status, then per device and scale the
@@ -196,16 +197,21 @@ def plot_group(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def render(results_dir: Path | str = harness.RESULTS_DIR, plots: bool = True) -> Path:
-    """Write plots/ and SUMMARY.md under results_dir; returns the summary's path."""
+class MissingMatplotlib(RuntimeError):
+    """Plots were asked for but matplotlib is not installed."""
+
+
+def render(results_dir: Path | str = harness.LOCAL_RESULTS_DIR, plots: bool = True) -> Path:
+    """Write plots/ and SUMMARY.md under results_dir; returns the summary's path. Raises
+    MissingMatplotlib, before writing anything, when plots are asked for without matplotlib."""
     results_dir = Path(results_dir)
-    rows = latest(harness.read_rows(results_dir))
-    plots_note = None
     if plots:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            plots, plots_note = False, "Plots skipped: matplotlib is not installed (`pip install matplotlib`)."
+            raise MissingMatplotlib("the plots need matplotlib: `.venv/bin/pip install matplotlib` "
+                                    "(or pass --no-plots for SUMMARY.md alone)") from None
+    rows = latest(harness.read_rows(results_dir))
     lines = [
         "# fastmft benchmark summary",
         "",
@@ -220,8 +226,6 @@ def render(results_dir: Path | str = harness.RESULTS_DIR, plots: bool = True) ->
         "## GPU goals",
         "",
     ]
-    if plots_note:
-        lines[-2:-2] = [plots_note, ""]
     goals = goal_status(rows)
     if all(status == NOT_ON_GPU for _, status, _ in goals):
         lines += [f"**All GPU goals: {NOT_ON_GPU}.** The rows below are CPU measurements; the GPU goals of the "
@@ -324,11 +328,20 @@ def score_section(path: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", default=str(harness.RESULTS_DIR))
+    harness.results_dir_arg(parser)
     parser.add_argument("--no-plots", action="store_true", help="write SUMMARY.md only")
     args = parser.parse_args(argv)
-    path = render(args.results_dir, plots=not args.no_plots)
-    print(f"wrote {path}" + ("" if args.no_plots else f" (plots under {Path(args.results_dir) / 'plots'}/)"))
+    results_dir = harness.chosen_results_dir(args)
+    if not (results_dir / harness.RESULTS_FILE).is_file():
+        print(f"benchmarks.plot: error: no {harness.RESULTS_FILE} in {results_dir}/: run "
+              "`.venv/bin/python -m benchmarks.run --quick` first, or pass --record for the committed results", file=sys.stderr)
+        return 2
+    try:
+        path = render(results_dir, plots=not args.no_plots)
+    except MissingMatplotlib as err:
+        print(f"benchmarks.plot: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}" + ("" if args.no_plots else f" (plots under {results_dir / 'plots'}/)"))
     return 0
 
 

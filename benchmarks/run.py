@@ -2,7 +2,8 @@
 
 Discovers every ``benchmarks/bench_<name>.py`` (or the ``--only`` subset), measures the device's
 ceilings, times every case, and appends one JSON line per case and per ceiling to
-``<results-dir>/results.jsonl``. A case, module or import that fails is recorded as a row with
+``<results-dir>/results.jsonl`` (default ``runs/bench/``, untracked; ``--record``: the committed
+``benchmarks/results/``). A case, module or import that fails is recorded as a row with
 ``status: "error"`` and the run goes on; the exit status is 1 if anything failed, so CI notices a
 benchmark that rotted. ``--quick`` is the CPU sanity scale (tiny sizes, about two minutes on two
 cores); the default ``full`` scale is meant for a GPU. Render the report with
@@ -154,7 +155,7 @@ def run(
     scale: str = "full",
     only: list[str] | None = None,
     device: torch.device | str | None = None,
-    results_dir: Path | str = harness.RESULTS_DIR,
+    results_dir: Path | str = harness.LOCAL_RESULTS_DIR,
     write: bool = True,
     verbose: bool = True,
     budget: harness.Budget | None = None,
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=harness.SCALES, help="quick or full (default full; --quick = --scale quick)")
     parser.add_argument("--only", default="", help="comma-separated module names, e.g. pooling,mft_step")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--results-dir", default=str(harness.RESULTS_DIR), help="where results.jsonl is appended")
+    harness.results_dir_arg(parser)
     parser.add_argument("--no-write", action="store_true", help="print only, append nothing")
     parser.add_argument("--interpret", action="store_true",
                         help="run Triton kernels on CPU through the interpreter (sanity only: such rows are "
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     scale = args.scale or ("quick" if args.quick else "full")
     only = [s.strip().removeprefix("bench_") for s in args.only.split(",") if s.strip()]
-    rows = run(scale, only or None, args.device, args.results_dir, write=not args.no_write)
+    rows = run(scale, only or None, args.device, harness.chosen_results_dir(args), write=not args.no_write)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         print(f"{len(failed)} benchmark(s) failed:", file=sys.stderr)

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from .synthetic import SYNTHETIC_PER_DOMAIN
+
 
 def add_column_arguments(parser) -> None:
     """The column-name options every ``fastmft`` command shares (argparse)."""
@@ -27,6 +29,11 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-column", help="row identifier to print and save (default: the row number)")
 
 
+def shorten(text: str, width: int = 80) -> str:
+    """One line of at most ``width`` characters, cut at a word with an ellipsis when longer."""
+    return textwrap.shorten(text, width=width, placeholder=" …")
+
+
 def _typicality(args: argparse.Namespace) -> int:
     import torch
 
@@ -35,11 +42,15 @@ def _typicality(args: argparse.Namespace) -> int:
     from .scoring import score_dataset
     from .synthetic import synthetic_dataset
 
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()  # before the encoder runs, not after
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     columns = Columns(args.text_column, args.label_column, args.domain_column, args.text_pair_column, args.id_column)
-    source = args.data if args.data else synthetic_dataset()
+    source = args.data if args.data else synthetic_dataset(args.synthetic_per_domain)
     if not args.data and columns.id is None:
         columns = Columns(id="id")
     model, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
@@ -63,8 +74,7 @@ def _typicality(args: argparse.Namespace) -> int:
         for title, chosen in (("most typical", rows[: args.top]), ("least typical", rows[::-1][: args.top])):
             print(f"  {title}:")
             for i in chosen:
-                text = textwrap.shorten(texts[i], width=100, placeholder=" ...")
-                print(f"    {scores[i]:+.3f}  [{data.label_vocab.values[labels[i]]}] {ids[i]}: {text}")
+                print(f"    {scores[i]:+.3f}  [{data.label_vocab.values[labels[i]]}] {shorten(texts[i])}  ({ids[i]})")
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +83,11 @@ def _typicality(args: argparse.Namespace) -> int:
                 f.write(json.dumps({"id": ids[i], "domain": data.domain_vocab.values[domains[i]],
                                     "label": data.label_vocab.values[labels[i]], "typicality": scores[i]}) + "\n")
         print(f"\nwrote {len(ds)} scores to {out}")
+    if args.plot:
+        from .plots import typicality_histogram
+
+        names = [data.domain_vocab.values[k] for k in domains]
+        print(f"wrote the typicality per domain to {typicality_histogram(scores, names, args.plot)}")
     return 0
 
 
@@ -102,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--top", type=int, default=3, help="instances to show per domain at each end (default 3)")
+    p.add_argument("--synthetic-per-domain", type=int, default=SYNTHETIC_PER_DOMAIN,
+                   help=f"rows per domain of the synthetic corpus without --data (default {SYNTHETIC_PER_DOMAIN}, as `fastmft train`)")
     p.add_argument("--output", help="write {id, domain, label, typicality} per row as JSON lines")
+    p.add_argument("--plot", metavar="PNG", help="draw the typicality distribution per domain into this PNG (needs matplotlib)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -128,11 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    from ._quiet import quiet_libraries
     from .backbone import BackboneNotFound
+    from .plots import MissingMatplotlib
 
+    quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, BackboneNotFound) as err:
+    except (ValueError, FileNotFoundError, BackboneNotFound, MissingMatplotlib) as err:
         print(f"fastmft {args.command}: error: {err}", file=sys.stderr)
         return 2
 

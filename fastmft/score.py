@@ -955,6 +955,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the multi-prototype k-means")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plot", metavar="PNG", help="draw the typicality distribution per domain into this PNG (needs matplotlib)")
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
@@ -971,9 +972,15 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 
 def _command(args: argparse.Namespace) -> int:
+    from . import plots
+
+    if args.plot:
+        plots.require_matplotlib()
     summary = score_files(config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary.text())
+        if args.plot:
+            print(f"plot: {plots.score_output_histogram(summary.output, args.plot)}")
     return 0
 
 

@@ -36,6 +36,8 @@ NEGATIVE = ["terrible", "awful", "disappointing", "poor", "useless", "boring", "
 POSITIVE_CLOSERS = ["I would recommend it to anyone.", "Worth every penny.", "I love it.", "Five stars from me."]
 NEGATIVE_CLOSERS = ["I would not recommend it.", "A waste of money.", "I returned it.", "Avoid this one."]
 LABELS = ("negative", "positive")
+# rows per domain of the corpus `fastmft train` and `fastmft typicality` use without --data
+SYNTHETIC_PER_DOMAIN = 200
 
 
 def _review(rng: random.Random, words: dict, positive: bool, cues: int) -> str:

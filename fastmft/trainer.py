@@ -840,6 +840,7 @@ def format_table(results: dict[str, TrainResult], metric: str = "accuracy") -> s
 def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` to the ``fastmft`` command's subparsers."""
     from .cli import add_column_arguments
+    from .synthetic import SYNTHETIC_PER_DOMAIN
 
     p = subparsers.add_parser(
         "train", help="Meta Fine-Tuning and the paper's baselines; prints per-domain accuracy",
@@ -854,7 +855,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split-column", default="split")
     add_column_arguments(p)
     p.add_argument("--pair-join", action="store_true", help="join text and text pair into one text with the tokenizer's separator (word pairs)")
-    p.add_argument("--synthetic-per-domain", type=int, default=200, help="rows per domain of the synthetic corpus (default 200)")
+    p.add_argument("--synthetic-per-domain", type=int, default=SYNTHETIC_PER_DOMAIN,
+                   help=f"rows per domain of the synthetic corpus (default {SYNTHETIC_PER_DOMAIN})")
     p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2)")
     p.add_argument("--trust-remote-code", action="store_true")
     d = TrainConfig()
@@ -895,10 +897,6 @@ def _cli_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.no_progress:
-        import datasets
-
-        datasets.disable_progress_bars()
     methods = [method_key(m) for m in args.method.split(",") if m.strip()]
     cfg = TrainConfig(
         method=methods[0], mft_epochs=args.mft_epochs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

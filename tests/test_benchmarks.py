@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,18 +66,40 @@ def test_quick_run_writes_complete_rows_and_summary(tmp_path, small_mft):
             other = next(c for c in cases if c["provider"] == p)
             assert ratio == pytest.approx(other["median_ms"] / r["median_ms"])
 
+    pytest.importorskip("matplotlib")
     summary = plot.render(tmp_path)
     text = summary.read_text()
     assert plot.NOT_ON_GPU in text
     assert "### mft_step · train-fp32" in text and "hf-eager" in text
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib is not installed" in text
-        return
     pngs = list((tmp_path / "plots").glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
     assert pngs[0].name in text
+
+
+def test_plot_without_matplotlib_fails_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    harness.append_rows([{"kind": "ceiling", "status": "ok"}], tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert plot.main(["--results-dir", str(tmp_path)]) == 2
+    assert "matplotlib" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [harness.RESULTS_FILE], "no SUMMARY.md, no plots/"
+
+
+def test_plot_without_results_says_how_to_get_them(tmp_path, capsys):
+    assert plot.main(["--results-dir", str(tmp_path), "--no-plots"]) == 2
+    assert "benchmarks.run --quick" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_default_results_dir_is_untracked_and_record_is_explicit(monkeypatch):
+    out = subprocess.run(["git", "check-ignore", "-q", str(harness.LOCAL_RESULTS_DIR / harness.RESULTS_FILE)],
+                         cwd=harness.RESULTS_DIR, capture_output=True)
+    assert out.returncode == 0, "runs/bench/ must be gitignored"
+    seen = []
+    monkeypatch.setattr(bench_run, "run", lambda scale, only, device, results_dir, write: seen.append(results_dir) or [])
+    assert bench_run.main(["--quick"]) == 0 and bench_run.main(["--quick", "--record"]) == 0
+    assert seen == [harness.LOCAL_RESULTS_DIR, harness.RESULTS_DIR]
+    with pytest.raises(SystemExit):
+        bench_run.main(["--record", "--results-dir", "x"])
 
 
 def test_failing_case_is_recorded_and_others_still_run():
@@ -241,3 +265,16 @@ def test_cases_of_several_sizes_each_run_their_own_inputs(name, small_sizes, mon
         out = case.fn()
         if isinstance(out, torch.Tensor) and out.dim() >= 1 and name != "cross_entropy":
             assert rows in out.shape, (case.op, case.provider, case.size, tuple(out.shape))
+
+
+def test_figures_of_the_committed_experiments(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from benchmarks import figures
+
+    assert figures.main(["--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["picks.png", "table3.png"]
+    for name in ("table3.png", "picks.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and f"wrote {tmp_path / name}" in printed
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(figures.LOCAL_OUT / "table3.png")], cwd=figures.RESULTS)
+    assert ignored.returncode == 0, "the default output folder is gitignored"
