@@ -18,7 +18,8 @@ Environment: ``FASTMFT_EXTENSION=0`` never builds or loads it (the reference run
 ``~/.cache/fastmft``); ``FASTMFT_BUILD_VERBOSE=1`` shows the compiler's output.
 
 The operator lives in ``torch.ops.fastmft_C`` (registered by the library; dispatch by device):
-``inner_step_(params, grads, outs, lr, check_finite, modes) -> flag``, see csrc/inner_step.cpp.
+``inner_step_(params, grads, outs, lr, check_finite, modes) -> flag``, a 0-d bool tensor from both the
+CPU and the CUDA part; csrc/inner_step.h holds the contract both parts share.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ _warned = False
 _modes: dict[tuple[str, int], list[int]] = {}
 _exact: dict[tuple[str, int, torch.dtype], bool] = {}
 
-# dtype codes of csrc/inner_step.cpp (index into `modes`)
+# dtype codes of csrc/inner_step.h (enum Code: the index into `modes`)
 _CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
