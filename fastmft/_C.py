@@ -327,6 +327,7 @@ def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: flo
             raise NonFiniteError("fastmft.inner_step: theta - lr * grad has a non-finite value (inf or NaN)")
         return result
     with torch.no_grad():
+        flag = False
         if out is None:
             stepped = [i for i, g in enumerate(grads) if g is not None]
             result = [p.detach() for p in params]
@@ -335,8 +336,9 @@ def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: flo
                 flag = inner_step_([params[i] for i in stepped], [grads[i] for i in stepped], outs, lr, check_finite)
                 for i, o in zip(stepped, outs):
                     result[i] = o
-            elif check_finite:
-                flag = torch.tensor(any(not bool(torch.isfinite(p).all()) for p in params))
+            # the op saw only the stepped tensors; a parameter with a None grad is a result as well
+            if check_finite and len(stepped) < len(params) and not bool(flag):
+                flag = not all(bool(torch.isfinite(p).all()) for p, g in zip(params, grads) if g is None)
         else:
             flag = inner_step_(params, grads, out, lr, check_finite)
             result = list(out)

@@ -191,8 +191,9 @@ def test_check_finite(compiled, dtype, impl, rng):
         gs[2][12345] = 0.0
         fastmft.inner_step(ps, gs, 0.1, out=flat, check_finite=True)
         ps[0][1] = float("nan")
-        with pytest.raises(NonFiniteError):  # a NaN in theta with a None grad is reported too
-            fastmft.inner_step(ps, [None, gs[1], gs[2]], 0.1, out=flat, check_finite=True)
+        for where in (flat, None):  # a NaN in theta with a None grad is reported too, with or without out
+            with pytest.raises(NonFiniteError):
+                fastmft.inner_step(ps, [None, gs[1], gs[2]], 0.1, out=where, check_finite=True)
 
 
 def test_op_flag_is_a_0d_bool_tensor(compiled):
