@@ -1,21 +1,10 @@
 // fastmft._C, CPU part: the functional inner step theta' = theta - lr * grad over a list of
-// tensors in ONE OpenMP parallel pass, plus the operator schema shared with the CUDA part
-// (csrc/inner_step_cuda.cu, built only where torch has CUDA).
+// tensors in ONE OpenMP parallel pass, and the operator's registration (the CUDA part,
+// csrc/inner_step_cuda.cu, is built only where torch has CUDA). The operator's contract, the
+// dtype codes and the rounding modes are in csrc/inner_step.h, shared with the CUDA part.
 //
-// Operator (namespace fastmft_C, called from fastmft/_C.py through torch.ops):
-//   inner_step_(Tensor[] params, Tensor?[] grads, Tensor(a!)[] outs, float lr,
-//               bool check_finite, int[] modes) -> Tensor
-// For every i: outs[i] = params[i] - lr * grads[i] (grads[i] None: outs[i] = params[i]).
-// Returns a 0-d bool tensor on the params' device: true when check_finite and some written
-// value is inf or NaN (the flag; nothing is raised here).
-//
-// Exactness: the result must be BITWISE equal to torch._foreach_add(params, grads, alpha=-lr)
-// (fastmft.reference.inner_step). How torch rounds depends on its build and the CPU capability
-// it picked (AVX2/AVX512 kernels use one fused multiply-add; the DEFAULT kernels multiply, round,
-// then add; for float16/bfloat16 it rounds alpha to the tensor dtype first). fastmft/_C.py probes
-// torch once per dtype and passes what it found in `modes` (one entry per dtype code below):
-//   bit 0: fused multiply-add (else multiply, round, add), bit 1: round alpha to the dtype first.
-// This file is compiled with -ffp-contract=off so that the compiler never fuses on its own.
+// This file is compiled with -ffp-contract=off so that the compiler never fuses a multiply and an
+// add on its own: `modes` (see inner_step.h) decides where a fused multiply-add is used.
 //
 // Parallel layout: all tensors' elements form one global index space [0, total); each OpenMP
 // thread takes one contiguous range of it (balanced elements, crossing tensor boundaries), reads
@@ -23,13 +12,10 @@
 // Tensors that are not contiguous (or of an unsupported dtype) go through at::add_out afterwards.
 // Calls whose output exceeds 4 x the last-level cache store fp32/bf16 results with streaming
 // (non-temporal) stores, which skip the read-for-ownership of the output (same arithmetic).
-#include <ATen/core/Tensor.h>
+#include "inner_step.h"
+
 #include <ATen/Parallel.h>
-#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <omp.h>
@@ -55,23 +41,8 @@
 namespace fastmft {
 namespace {
 
-enum Code : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3, kNumCodes = 4 };
-
-int code_of(c10::ScalarType t) {
-  switch (t) {
-    case c10::kFloat: return kF32;
-    case c10::kDouble: return kF64;
-    case c10::kHalf: return kF16;
-    case c10::kBFloat16: return kBF16;
-    default: return -1;
-  }
-}
-
-struct Seg {
-  const void* p;
-  const void* g;  // nullptr: plain copy
-  void* o;
-  int64_t n;
+// A Segment with its place in the global index space and its dtype's rounding.
+struct Seg : Segment {
   int64_t begin;  // offset in the global index space
   int code;
   int mode;
@@ -457,50 +428,21 @@ int64_t stream_threshold() {
   return t;
 }
 
-double rounded_alpha(double alpha, int code, int mode) {
-  if (!(mode & 2)) return alpha;
-  switch (code) {
-    case kF32: return static_cast<double>(static_cast<float>(alpha));
-    case kF16: return static_cast<double>(static_cast<float>(c10::Half(static_cast<float>(alpha))));
-    case kBF16: return static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(alpha))));
-    default: return alpha;
-  }
-}
-
 }  // namespace
 
 at::Tensor inner_step_cpu(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
                           at::TensorList outs, double lr, bool check_finite, at::IntArrayRef modes) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && outs.size() == n, "fastmft_C::inner_step_: params has ", n,
-              " tensors, grads ", grads.size(), ", outs ", outs.size());
-  TORCH_CHECK(modes.size() == kNumCodes, "fastmft_C::inner_step_: modes must have ", int(kNumCodes), " entries");
+  const Plan args = plan(params, grads, outs, modes, at::Device(at::kCPU));
   const double alpha = -lr;
   std::vector<Seg> segs;
-  segs.reserve(n);
-  std::vector<size_t> slow;  // handled by ATen after the pass
   int64_t total = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& o = outs[i];
-    std::optional<at::Tensor> g = grads.get(i);
-    const bool has_g = g.has_value() && g->defined();
-    TORCH_CHECK(p.device().is_cpu() && o.device().is_cpu() && (!has_g || g->device().is_cpu()),
-                "fastmft_C::inner_step_ (CPU): tensor ", i, " is not on the CPU");
-    TORCH_CHECK(o.sizes() == p.sizes() && o.scalar_type() == p.scalar_type() &&
-                    (!has_g || (g->sizes() == p.sizes() && g->scalar_type() == p.scalar_type())),
-                "fastmft_C::inner_step_: tensor ", i, " has mismatched shapes or dtypes");
-    const int64_t numel = p.numel();
-    if (numel == 0) continue;
-    const int code = code_of(p.scalar_type());
-    if (code < 0 || !p.is_contiguous() || !o.is_contiguous() || (has_g && !g->is_contiguous())) {
-      slow.push_back(i);
-      continue;
-    }
+  for (int code = 0; code < kNumCodes; ++code) {
     const int mode = static_cast<int>(modes[code]);
-    segs.push_back(Seg{p.const_data_ptr(), has_g ? g->const_data_ptr() : nullptr, o.mutable_data_ptr(), numel,
-                       total, code, mode, rounded_alpha(alpha, code, mode)});
-    total += numel;
+    const double a = rounded_alpha(alpha, code, mode);
+    for (const Segment& t : args.groups[code]) {
+      segs.push_back(Seg{t, total, code, mode, a});
+      total += t.n;
+    }
   }
 
   int64_t out_bytes = 0;
@@ -525,19 +467,9 @@ at::Tensor inner_step_cpu(at::TensorList params, const c10::List<std::optional<a
     bad = bad_any != 0;
   }
 
-  for (size_t i : slow) {
-    const at::Tensor& p = params[i];
-    at::Tensor o = outs[i];
-    std::optional<at::Tensor> g = grads.get(i);
-    if (g.has_value() && g->defined()) {
-      at::add_out(o, p, *g, alpha);
-    } else if (!o.is_same(p)) {
-      o.copy_(p);
-    }
-    if (check_finite && !at::isfinite(o).all().item<bool>()) bad = true;
-  }
   at::Tensor flag = at::empty({}, at::TensorOptions().dtype(at::kBool));
   *flag.mutable_data_ptr<bool>() = bad;
+  step_slow(params, grads, outs, args.slow, alpha, check_finite, flag);
   return flag;
 }
 
@@ -557,9 +489,7 @@ std::string build_info() {
 }  // namespace
 
 TORCH_LIBRARY(fastmft_C, m) {
-  m.def(
-      "inner_step_(Tensor[] params, Tensor?[] grads, Tensor(a!)[] outs, float lr, bool check_finite, "
-      "int[] modes) -> Tensor");
+  m.def(fastmft::kInnerStepSchema);
   m.def("build_info() -> str", &build_info);
 }
 

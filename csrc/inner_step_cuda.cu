@@ -7,21 +7,18 @@
 // chunk's three pointers are 16-byte aligned (always true for FlatParams buffers and fresh
 // allocations), element by element otherwise and for the chunk's tail. Math in fp32 (fp64 for
 // double) with explicit __fmaf_rn or multiply-then-add, as fastmft/_C.py's probe of torch's own
-// _foreach_add says (`modes`, see csrc/inner_step.cpp), so that results match torch's foreach op.
-// The optional non-finite check ORs a device flag (no host sync here; Python reads it when asked).
+// _foreach_add says (`modes`, see csrc/inner_step.h), so that results match torch's foreach op.
+// The optional non-finite check sets a device flag (no host sync here; Python reads it when asked).
 //
 // Metadata (tensor pointers and the chunk table) travels in one pinned host buffer copied to the
 // device asynchronously on the current stream: one H2D copy and one kernel per dtype per call.
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <ATen/ops/add.h>
+#include "inner_step.h"
+
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cuda_bf16.h>
@@ -38,12 +35,6 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int64_t kChunk = 65536;  // elements per block (a multiple of every vector width)
 
-struct TensorMeta {
-  const void* p;
-  const void* g;  // nullptr: copy p
-  void* o;
-  int64_t n;
-};
 struct ChunkMeta {
   int32_t tensor;
   int32_t chunk;
@@ -90,13 +81,13 @@ struct alignas(16) Vec {
 
 template <typename T, bool FMA, bool CHECK>
 __global__ void __launch_bounds__(kThreads)
-    inner_step_kernel(const TensorMeta* __restrict__ tensors, const ChunkMeta* __restrict__ chunks,
-                      typename Elem<T>::M alpha, int* flag) {
+    inner_step_kernel(const Segment* __restrict__ tensors, const ChunkMeta* __restrict__ chunks,
+                      typename Elem<T>::M alpha, bool* flag) {
   using E = Elem<T>;
   using M = typename E::M;
   constexpr int kVec = 16 / sizeof(T);
   const ChunkMeta c = chunks[blockIdx.x];
-  const TensorMeta t = tensors[c.tensor];
+  const Segment t = tensors[c.tensor];
   const int64_t start = static_cast<int64_t>(c.chunk) * kChunk;
   const int64_t n = min(kChunk, t.n - start);
   const T* p = static_cast<const T*>(t.p) + start;
@@ -136,26 +127,28 @@ __global__ void __launch_bounds__(kThreads)
     o[i] = x;
     if (CHECK) bad |= nonfinite(static_cast<M>(E::in(x)));
   }
-  if (CHECK && bad) atomicOr(flag, 1);
+  // Every writer stores the same `true` and nothing reads the flag before the kernel ends, so a
+  // plain store is enough (no atomic on a byte; torch's own found_inf flag of AMP does the same).
+  if (CHECK && bad) *flag = true;
 }
 
 template <typename T>
-void launch(const std::vector<TensorMeta>& metas, const at::Device& device, double alpha, bool fma, bool check,
-            int* flag) {
+void launch(const std::vector<Segment>& metas, const at::Device& device, double alpha, bool fma, bool check,
+            bool* flag) {
   std::vector<ChunkMeta> chunks;
   for (size_t i = 0; i < metas.size(); ++i) {
     const int64_t nchunks = (metas[i].n + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < nchunks; ++c) chunks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
   }
   if (chunks.empty()) return;
-  const size_t tbytes = metas.size() * sizeof(TensorMeta);
+  const size_t tbytes = metas.size() * sizeof(Segment);
   const size_t cbytes = chunks.size() * sizeof(ChunkMeta);
   at::Tensor host = at::empty({static_cast<int64_t>(tbytes + cbytes)},
                               at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.mutable_data_ptr<uint8_t>(), metas.data(), tbytes);
   std::memcpy(host.mutable_data_ptr<uint8_t>() + tbytes, chunks.data(), cbytes);
   at::Tensor dev = host.to(device, /*non_blocking=*/true);
-  const auto* dt = reinterpret_cast<const TensorMeta*>(dev.const_data_ptr<uint8_t>());
+  const auto* dt = reinterpret_cast<const Segment*>(dev.const_data_ptr<uint8_t>());
   const auto* dc = reinterpret_cast<const ChunkMeta*>(dev.const_data_ptr<uint8_t>() + tbytes);
   using M = typename Elem<T>::M;
   const M a = static_cast<M>(alpha);
@@ -172,81 +165,31 @@ void launch(const std::vector<TensorMeta>& metas, const at::Device& device, doub
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-int code_of(c10::ScalarType t) {
-  switch (t) {
-    case c10::kFloat: return 0;
-    case c10::kDouble: return 1;
-    case c10::kHalf: return 2;
-    case c10::kBFloat16: return 3;
-    default: return -1;
-  }
-}
-
-double rounded_alpha(double alpha, int code, int mode) {
-  if (!(mode & 2)) return alpha;
-  if (code == 0) return static_cast<double>(static_cast<float>(alpha));
-  if (code == 2) return static_cast<float>(c10::Half(static_cast<float>(alpha)));
-  if (code == 3) return static_cast<float>(c10::BFloat16(static_cast<float>(alpha)));
-  return alpha;
-}
-
 }  // namespace
 
 at::Tensor inner_step_cuda(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
                            at::TensorList outs, double lr, bool check_finite, at::IntArrayRef modes) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && outs.size() == n, "fastmft_C::inner_step_: params has ", n,
-              " tensors, grads ", grads.size(), ", outs ", outs.size());
-  TORCH_CHECK(modes.size() == 4, "fastmft_C::inner_step_: modes must have 4 entries");
-  TORCH_CHECK(n > 0, "fastmft_C::inner_step_: empty tensor list");
+  TORCH_CHECK(!params.empty(), "fastmft_C::inner_step_: empty tensor list");
   const at::Device device = params[0].device();
+  const Plan args = plan(params, grads, outs, modes, device);
   c10::cuda::CUDAGuard guard(device);
-  at::Tensor flag = at::zeros({}, at::TensorOptions().dtype(at::kInt).device(device));
+  at::Tensor flag = at::zeros({}, at::TensorOptions().dtype(at::kBool).device(device));
   const double alpha = -lr;
-  std::vector<TensorMeta> groups[4];
-  std::vector<size_t> slow;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& o = outs[i];
-    std::optional<at::Tensor> g = grads.get(i);
-    const bool has_g = g.has_value() && g->defined();
-    TORCH_CHECK(p.device() == device && o.device() == device && (!has_g || g->device() == device),
-                "fastmft_C::inner_step_ (CUDA): tensor ", i, " is not on ", device);
-    TORCH_CHECK(o.sizes() == p.sizes() && o.scalar_type() == p.scalar_type() &&
-                    (!has_g || (g->sizes() == p.sizes() && g->scalar_type() == p.scalar_type())),
-                "fastmft_C::inner_step_: tensor ", i, " has mismatched shapes or dtypes");
-    if (p.numel() == 0) continue;
-    const int code = code_of(p.scalar_type());
-    if (code < 0 || !p.is_contiguous() || !o.is_contiguous() || (has_g && !g->is_contiguous())) {
-      slow.push_back(i);
-      continue;
-    }
-    groups[code].push_back({p.const_data_ptr(), has_g ? g->const_data_ptr() : nullptr, o.mutable_data_ptr(), p.numel()});
-  }
-  int* f = flag.mutable_data_ptr<int>();
-  for (int code = 0; code < 4; ++code) {
-    if (groups[code].empty()) continue;
+  bool* f = flag.mutable_data_ptr<bool>();
+  for (int code = 0; code < kNumCodes; ++code) {
+    const std::vector<Segment>& group = args.groups[code];
+    if (group.empty()) continue;
     const int mode = static_cast<int>(modes[code]);
     const double a = rounded_alpha(alpha, code, mode);
     const bool fma = mode & 1;
     switch (code) {
-      case 0: launch<float>(groups[code], device, a, fma, check_finite, f); break;
-      case 1: launch<double>(groups[code], device, a, fma, check_finite, f); break;
-      case 2: launch<__half>(groups[code], device, a, fma, check_finite, f); break;
-      case 3: launch<__nv_bfloat16>(groups[code], device, a, fma, check_finite, f); break;
+      case kF32: launch<float>(group, device, a, fma, check_finite, f); break;
+      case kF64: launch<double>(group, device, a, fma, check_finite, f); break;
+      case kF16: launch<__half>(group, device, a, fma, check_finite, f); break;
+      case kBF16: launch<__nv_bfloat16>(group, device, a, fma, check_finite, f); break;
     }
   }
-  for (size_t i : slow) {
-    const at::Tensor& p = params[i];
-    at::Tensor o = outs[i];
-    std::optional<at::Tensor> g = grads.get(i);
-    if (g.has_value() && g->defined()) {
-      at::add_out(o, p, *g, alpha);
-    } else if (!o.is_same(p)) {
-      o.copy_(p);
-    }
-    if (check_finite) flag.bitwise_or_(at::isfinite(o).all().logical_not().to(at::kInt));
-  }
+  step_slow(params, grads, outs, args.slow, alpha, check_finite, flag);
   return flag;
 }
 

@@ -18,7 +18,8 @@ Environment: ``FASTMFT_EXTENSION=0`` never builds or loads it (the reference run
 ``~/.cache/fastmft``); ``FASTMFT_BUILD_VERBOSE=1`` shows the compiler's output.
 
 The operator lives in ``torch.ops.fastmft_C`` (registered by the library; dispatch by device):
-``inner_step_(params, grads, outs, lr, check_finite, modes) -> flag``, see csrc/inner_step.cpp.
+``inner_step_(params, grads, outs, lr, check_finite, modes) -> flag``, a 0-d bool tensor from both the
+CPU and the CUDA part; csrc/inner_step.h holds the contract both parts share.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ _warned = False
 _modes: dict[tuple[str, int], list[int]] = {}
 _exact: dict[tuple[str, int, torch.dtype], bool] = {}
 
-# dtype codes of csrc/inner_step.cpp (index into `modes`)
+# dtype codes of csrc/inner_step.h (enum Code: the index into `modes`)
 _CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
@@ -326,6 +327,7 @@ def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: flo
             raise NonFiniteError("fastmft.inner_step: theta - lr * grad has a non-finite value (inf or NaN)")
         return result
     with torch.no_grad():
+        flag = False
         if out is None:
             stepped = [i for i, g in enumerate(grads) if g is not None]
             result = [p.detach() for p in params]
@@ -334,8 +336,9 @@ def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: flo
                 flag = inner_step_([params[i] for i in stepped], [grads[i] for i in stepped], outs, lr, check_finite)
                 for i, o in zip(stepped, outs):
                     result[i] = o
-            elif check_finite:
-                flag = torch.tensor(any(not bool(torch.isfinite(p).all()) for p in params))
+            # the op saw only the stepped tensors; a parameter with a None grad is a result as well
+            if check_finite and len(stepped) < len(params) and not bool(flag):
+                flag = not all(bool(torch.isfinite(p).all()) for p, g in zip(params, grads) if g is None)
         else:
             flag = inner_step_(params, grads, out, lr, check_finite)
             result = list(out)

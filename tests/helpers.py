@@ -32,6 +32,20 @@ def assert_kernel_close(actual, expected, dtype):
     assert_close(actual, expected, dtype, KERNEL_TOLERANCES)
 
 
+def assert_flag_contract(device):
+    """fastmft._C's op returns the non-finite flag as a 0-d bool tensor on the params' device, both
+    parts alike (csrc/inner_step.h): from the kernels (a contiguous tensor) and from the ATen path
+    (a non-contiguous one), set only when check_finite and a result is inf or NaN."""
+    inf = float("inf")
+    for p in (torch.tensor([1.0, inf]), torch.tensor([[1.0, inf], [1.0, 1.0]]).t()):
+        p = p.to(device)  # .to keeps the transposed strides: the second one stays non-contiguous
+        for check in (True, False):
+            flag = torch.ops.fastmft_C.inner_step_([p], [torch.ones_like(p)], [torch.empty_like(p)], 0.1, check,
+                                                   [1, 1, 3, 3])
+            assert flag.dtype == torch.bool and flag.dim() == 0 and flag.device == p.device
+            assert bool(flag) == check
+
+
 def tiny_bert(folder, words=(), *, layers=2, hidden=16, seed=0):
     """Save a tiny randomly initialised BERT and a WordPiece tokenizer over ``words`` to
     ``folder`` (offline, milliseconds) and return the folder."""

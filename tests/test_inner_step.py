@@ -16,7 +16,7 @@ import fastmft
 from fastmft import _C, backend, reference
 from fastmft.inner_step import NonFiniteError
 
-from .helpers import TOLERANCES
+from .helpers import TOLERANCES, assert_flag_contract
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ODD_SIZES = [0, 1, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 1000, 4097, 65537]
@@ -191,8 +191,13 @@ def test_check_finite(compiled, dtype, impl, rng):
         gs[2][12345] = 0.0
         fastmft.inner_step(ps, gs, 0.1, out=flat, check_finite=True)
         ps[0][1] = float("nan")
-        with pytest.raises(NonFiniteError):  # a NaN in theta with a None grad is reported too
-            fastmft.inner_step(ps, [None, gs[1], gs[2]], 0.1, out=flat, check_finite=True)
+        for where in (flat, None):  # a NaN in theta with a None grad is reported too, with or without out
+            with pytest.raises(NonFiniteError):
+                fastmft.inner_step(ps, [None, gs[1], gs[2]], 0.1, out=where, check_finite=True)
+
+
+def test_op_flag_is_a_0d_bool_tensor(compiled):
+    assert_flag_contract(torch.device("cpu"))
 
 
 def _rss_bytes() -> int:

@@ -10,7 +10,7 @@ import fastmft
 from fastmft import _C, backend, reference
 from fastmft.inner_step import NonFiniteError
 
-from .helpers import TOLERANCES
+from .helpers import TOLERANCES, assert_flag_contract
 
 if torch.version.cuda is None:
     pytest.skip(f"torch {torch.__version__} is a CPU-only build: the CUDA kernel of fastmft._C is not built",
@@ -101,6 +101,10 @@ def test_check_finite(compiled, dtype):
         fastmft.inner_step(ps, gs, 0.1, out=flat, check_finite=True)
     gs[2][12345] = 0.0
     fastmft.inner_step(ps, gs, 0.1, out=flat, check_finite=True)
+
+
+def test_op_flag_is_a_0d_bool_tensor(compiled):
+    assert_flag_contract(DEV)
 
 
 def test_memory_flat(compiled):
