@@ -23,6 +23,7 @@ CPU and the CUDA part; csrc/inner_step.h holds the contract both parts share.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -49,7 +50,7 @@ _exact: dict[tuple[str, int, torch.dtype], bool] = {}
 _CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
-STALE_LOCK_S = 900  # a build lock older than this is from a dead process
+STALE_LOCK_S = 300  # a build lock older than this is from a dead process (a build takes ~25-90 s)
 CUDA_FLAGS = ["-O3", "-std=c++17"]  # no --use_fast_math: it flushes denormals, torch does not
 
 
@@ -104,6 +105,21 @@ def _ensure_ninja_on_path() -> None:
             return
 
 
+def _wait_for_lock(lock: Path) -> None:
+    """Wait while another process builds; remove a lock left by a build killed midway (torch's
+    FileBaton would wait on it forever)."""
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return  # removed meanwhile
+        if age > STALE_LOCK_S:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            return
+        time.sleep(0.5)
+
+
 def _build(with_cuda: bool):
     from torch.utils import cpp_extension
 
@@ -119,18 +135,16 @@ def _build(with_cuda: bool):
     for f in sources + headers:
         h.update(f.name.encode())
         h.update(f.read_bytes())
+    # The source folder is part of the key: torch's build.ninja records absolute source paths, so
+    # two checkouts sharing one build folder would rebuild over each other (and wait on each
+    # other's locks).
     key = repr((torch.__version__, torch.version.cuda if with_cuda else None, sys.version_info[:2],
-                platform.machine(), cflags, LDFLAGS, CUDA_FLAGS if with_cuda else None))
+                platform.machine(), cflags, LDFLAGS, CUDA_FLAGS if with_cuda else None, str(src.resolve())))
     h.update(key.encode())
     name = f"fastmft_C_{'cuda' if with_cuda else 'cpu'}_{h.hexdigest()[:16]}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    lock = build_dir / "lock"  # torch's FileBaton: a build killed midway leaves it behind forever
-    try:
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-    except OSError:
-        pass
+    _wait_for_lock(build_dir / "lock")
     verbose = os.environ.get("FASTMFT_BUILD_VERBOSE", "0") == "1"
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
