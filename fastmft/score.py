@@ -8,9 +8,9 @@ encoder run once:
   thread parses, validates and tokenises (fast tokenizer) the next chunk while the encoder runs on
   the current one; each chunk is sorted by length and cut into batches (length bucketing within a
   window), the encoder runs under ``torch.inference_mode`` (bf16 on CUDA), the last layer is
-  masked-mean pooled, and the chunk's embeddings go to an on-disk cache as an fp16 ``.npy`` file
+  masked-mean pooled, and the chunk's embeddings go to an on-disk cache as a float32 ``.npy`` file
   (memory-mapped later) together with its per-(domain, label) prototype sums in float64, computed
-  from the fp16 values that pass two reads.
+  from the values that pass two reads. A non-finite embedding or score is an error naming the rows.
 * **pass two** reads only the cache: prototypes = the sum of the chunk sums (all-reduced across
   ranks), typicality per chunk, then rank 0 merges the chunks in input order into one Parquet file
   with columns ``id, domain, label, typicality`` (every accepted input row exactly once, in input
@@ -25,10 +25,12 @@ Usage: ``fastmft score data/*.jsonl --output scores.parquet [--label-values neg,
 Memory: at most a few chunks (rows, tokens, embeddings) are held at any time, so peak memory does
 not depend on the number of rows (the multi-prototype option is the exception: see below).
 
-Resume: every cache file is written to a temporary name and renamed into place; a chunk counts as
-done once its metadata file exists (renamed last). The cache folder (default
-``<output>.score-cache/``) holds ``manifest.json`` keyed by the command's arguments and the inputs'
-paths, sizes and modification times. Rerunning the same command after a crash (``kill -9``
+Resume: every cache file is written to a unique temporary name and renamed into place; a chunk
+counts as done once its metadata file exists (renamed last). The cache folder (default
+``<output>.score-cache/``, marked as fastmft's and locked while a run uses it) holds
+``manifest.json`` keyed by the command's arguments and the inputs' paths and content hashes. A
+non-empty folder without fastmft's marker is refused, and only fastmft's own file names are ever
+removed; after success (without ``--keep-cache``) the cache folder is removed. Rerunning the same command after a crash (``kill -9``
 anywhere) skips the done chunks and produces the same output as an uninterrupted run; chunk
 boundaries do not depend on the number of processes, so a resumed run may even use another world
 size. A different command on the same cache folder is an error (``--restart`` discards the cache).
@@ -40,8 +42,9 @@ command line match the data by their string form (``--label-values 0,1`` matches
 
 Row numbering: ``line`` in rejects is the 1-based line number for JSONL and CSV (the header is
 line 1), the 1-based row number for Parquet and saved datasets. Blank JSONL lines are skipped and
-are not rows. Without ``--id-column`` the id is the 0-based index of the row in the whole input
-(all files in order, rejected rows included); with it, ids are written as strings.
+are not rows. Ids are written as text: the ``--id-column`` value, else the input's own ``id``
+column when every input has one, else the 0-based index of the row in the whole input (all files
+in order, rejected rows included).
 
 Multi-node / multi-process (``torchrun``): chunk c belongs to rank c mod world_size; each rank
 encodes its chunks, the prototype sums are all-reduced (:meth:`PrototypeAccumulator.all_reduce`),
@@ -1092,7 +1095,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL/CSV/Parquet files, globs of shards (quote them), or saved-dataset folders")
     p.add_argument("--output", "-o", required=True, help="output Parquet file: id, domain, label, typicality per accepted row")
     add_column_arguments(p)
-    p.add_argument("--id-column", help="row identifier (written as text; default: the 0-based row index in the input)")
+    p.add_argument("--id-column", help="row identifier, written as text (default: the input's 'id' column when it has one, else the 0-based row index)")
     p.add_argument("--label-values", type=_csv_list, help="comma-separated labels (default: inferred in a first cheap pass)")
     p.add_argument("--domain-values", type=_csv_list, help="comma-separated domains (default: inferred in a first cheap pass)")
     p.add_argument("--format", choices=("json", "csv", "parquet"), help="input format (default: from the file suffix)")
