@@ -20,6 +20,17 @@ def add_column_arguments(parser) -> None:
     parser.add_argument("--domain-column", default="domain")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --threads: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the embedded synthetic corpus)")
     p.add_argument("--split", help="keep only rows whose 'split' column equals this")
@@ -30,6 +41,7 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
 def _typicality(args: argparse.Namespace) -> int:
     import torch
 
+    from ._dist import pick_device
     from .backbone import load_backbone
     from .data import Columns, prepare
     from .scoring import score_dataset
@@ -43,7 +55,7 @@ def _typicality(args: argparse.Namespace) -> int:
     if not args.data and columns.id is None:
         columns = Columns(id="id")
     model, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     model.to(device)
     data = prepare(source, tokenizer, columns, max_length=args.max_length, split=args.split)
     ds = data.dataset
@@ -104,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="instances to show per domain at each end (default 3)")
     p.add_argument("--output", help="write {id, domain, label, typicality} per row as JSON lines")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_typicality)
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, BackboneNotFound) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, BackboneNotFound) as err:
         print(f"fastmft {args.command}: error: {err}", file=sys.stderr)
         return 2
 
