@@ -680,6 +680,15 @@ class _Run:
         bar = tqdm(total=total, initial=state["epoch"] * per_epoch + state["batch"], desc=label, unit="step",
                    disable=not (cfg.progress and dist.main), dynamic_ncols=True)
         phase_step = state["epoch"] * per_epoch + state["batch"]
+        first_bad = torch.full((), -1, dtype=torch.long, device=dist.device)  # first step with a non-finite loss
+
+        def check_finite() -> None:
+            if dist.sum((first_bad >= 0).float()).item():  # every rank calls this at the same points
+                step = int(first_bad.item())
+                raise FloatingPointError(
+                    f"{label}: the loss is not finite at step {step if step > 0 else '(on another rank)'} of this phase; "
+                    "the last checkpoint is left as it was. Lower --lr / --mft-lr or check the data and options")
+
         for epoch in range(state["epoch"], epochs):
             batches = _global_batches(lengths, cfg, seed, epoch, dist.world)
             model.train()
@@ -688,6 +697,7 @@ class _Run:
                     cfg.stop_after_seconds is not None and time.perf_counter() - self.t0 >= cfg.stop_after_seconds
                 ):
                     state.update(epoch=epoch, batch=b)
+                    check_finite()
                     store.save(self.config_dict, model, optimizer, scheduler)
                     dist.barrier()
                     self.stopped = True
@@ -706,12 +716,9 @@ class _Run:
                 n_local = batch["input_ids"].shape[0]
                 with self._autocast():
                     out = wrapped(batch)
-                # Stop before the optimizer spreads a NaN/inf into the weights (all ranks agree).
-                finite = dist.sum(torch.isfinite(out["loss"].detach()).float().reshape(1)).item() == dist.world
-                if not finite:
-                    raise FloatingPointError(
-                        f"{label}: the loss is not finite at step {phase_step + 1} of this phase (global step "
-                        f"{state['global_step'] + 1}); the last checkpoint is left as it was. Lower --lr / --mft-lr or check the data")
+                # Remembered on the device (no host read per step) and checked where the loop reads
+                # the host anyway: before every log line and checkpoint, so none holds a NaN step.
+                first_bad = torch.where(~torch.isfinite(out["loss"].detach()) & (first_bad < 0), phase_step + 1, first_bad)
                 # Every loss here is a mean over this rank's rows: rescale so that DDP's average of
                 # the ranks' gradients is the gradient of the mean over the global batch.
                 scale = n_local * dist.world / n_global
@@ -724,6 +731,7 @@ class _Run:
                 state["global_step"] += 1
                 state.update(epoch=epoch, batch=b + 1)
                 if cfg.log_every and (phase_step % cfg.log_every == 0 or phase_step == total):
+                    check_finite()
                     logs = {k: dist.sum(v.detach().float() * n_local / n_global).item() for k, v in out.items()}
                     record = {"event": "step", "phase": name, "epoch": epoch, "step": phase_step,
                               "global_step": state["global_step"], "lr": scheduler.get_last_lr()[0], **logs}
@@ -733,8 +741,10 @@ class _Run:
                     bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 bar.update(1)
                 if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
+                    check_finite()
                     store.save(self.config_dict, model, optimizer, scheduler)
             state.update(epoch=epoch + 1, batch=0)
+            check_finite()
             if epoch + 1 < epochs:
                 store.save(self.config_dict, model, optimizer, scheduler)
         bar.close()
