@@ -86,7 +86,7 @@ if TYPE_CHECKING:
 
 _TOKENIZE_ROWS = 256  # rows per tokenizer call
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: float32 embeddings, text ids, content-hashed inputs
 
 
 class ScoreError(ValueError):

@@ -350,6 +350,8 @@ class TaskSelector:
                 pass
             return ckpt, torch.load(ckpt / "state.pt", weights_only=True), json.loads((ckpt / "selector.json").read_text())
 
+        if Path(folder, "selector.json").is_file():  # the layout before checkpoints were one unit
+            raise ValueError(f"{folder} holds a checkpoint of an older fastmft; resume it with that version or use another --output-dir")
         found = CheckpointDir(Path(folder)).load(read)
         if found is None:
             return False

@@ -187,6 +187,10 @@ def test_a_kill_around_the_checkpoint_resumes_exactly_without_duplicate_log_line
     assert [(l["chosen"], l["utilities"]) for l in lines] == expected
     assert all(torch.equal(a, b) for a, b in zip(_weights(straight), _weights(resumed)))
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-000003", "checkpoint.json"]  # nothing left over
+    (ckpt / "selector.json").write_text("{}")  # an older fastmft's layout: refused, the log kept
+    with pytest.raises(ValueError, match="older fastmft"):
+        build(corpus, 5, **SEL)[0].run(4, log=log, checkpoint=ckpt, progress=False)
+    assert len(log.read_text().splitlines()) == 3
 
 
 def test_bad_rates_are_named(corpus, tmp_path, capsys):
