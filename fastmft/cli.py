@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import textwrap
@@ -20,6 +21,28 @@ def add_column_arguments(parser) -> None:
     parser.add_argument("--text-pair-column", help="second text of sentence pairs (premise/hypothesis) or word pairs")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--domain-column", default="domain")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --threads: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of rates such as --inner-lr: a finite number > 0 (NaN and inf refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +60,7 @@ def shorten(text: str, width: int = 80) -> str:
 def _typicality(args: argparse.Namespace) -> int:
     import torch
 
+    from ._dist import pick_device
     from .backbone import load_backbone
     from .data import Columns, prepare
     from .scoring import score_dataset
@@ -54,7 +78,7 @@ def _typicality(args: argparse.Namespace) -> int:
     if not args.data and columns.id is None:
         columns = Columns(id="id")
     model, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     model.to(device)
     data = prepare(source, tokenizer, columns, max_length=args.max_length, split=args.split)
     ds = data.dataset
@@ -122,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write {id, domain, label, typicality} per row as JSON lines")
     p.add_argument("--plot", metavar="PNG", help="draw the typicality distribution per domain into this PNG (needs matplotlib)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_typicality)
@@ -153,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, BackboneNotFound, MissingMatplotlib) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, BackboneNotFound, MissingMatplotlib) as err:
         print(f"fastmft {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -81,6 +81,16 @@ class MFTLoss(nn.Module):
         last = hidden_states[-1]
         _checks.floating("hidden_states[-1]", last)
         _checks.rank("hidden_states[-1]", last, 3, shape_hint="[B, T, D]")
+        if last.shape[-1] != self.label_head.in_features:
+            raise ValueError(f"hidden_states[-1] has hidden size {last.shape[-1]}, but this MFTLoss was built with "
+                             f"hidden_size={self.label_head.in_features}")
+        # Named by the user's layer numbers: the pooling below would only know list positions.
+        for l in sorted(set(self.layers)):
+            name = f"hidden_states[{l}] (skip layer {l})"
+            _checks.floating(name, hidden_states[l])
+            if tuple(hidden_states[l].shape) != tuple(last.shape):
+                raise ValueError(f"{name} has shape {tuple(hidden_states[l].shape)}; every layer must be "
+                                 f"[B, T, D] = {tuple(last.shape)} like hidden_states[-1]")
         n = last.shape[0]
         # One host read checks every index of the step; the heads below skip their own checks.
         specs = [("labels", labels, n, self.num_labels, -100), ("domains", domains, n, self.num_domains, None)]

@@ -2,6 +2,7 @@
 the multi-prototype variant (spherical k-means)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,11 @@ class MultiPrototypes(_Cells):
     centers: Tensor
     counts: Tensor
     temperature: float = 0.1
+
+    def __post_init__(self):
+        # 0, a negative or a non-finite temperature makes every membership weight NaN or inverted
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
 
 
 def _check_rows(embeddings, labels, domains, num_labels: int, num_domains: int) -> None:

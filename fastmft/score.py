@@ -8,9 +8,9 @@ encoder run once:
   thread parses, validates and tokenises (fast tokenizer) the next chunk while the encoder runs on
   the current one; each chunk is sorted by length and cut into batches (length bucketing within a
   window), the encoder runs under ``torch.inference_mode`` (bf16 on CUDA), the last layer is
-  masked-mean pooled, and the chunk's embeddings go to an on-disk cache as an fp16 ``.npy`` file
+  masked-mean pooled, and the chunk's embeddings go to an on-disk cache as a float32 ``.npy`` file
   (memory-mapped later) together with its per-(domain, label) prototype sums in float64, computed
-  from the fp16 values that pass two reads.
+  from the values that pass two reads. A non-finite embedding or score is an error naming the rows.
 * **pass two** reads only the cache: prototypes = the sum of the chunk sums (all-reduced across
   ranks), typicality per chunk, then rank 0 merges the chunks in input order into one Parquet file
   with columns ``id, domain, label, typicality`` (every accepted input row exactly once, in input
@@ -25,10 +25,12 @@ Usage: ``fastmft score data/*.jsonl --output scores.parquet [--label-values neg,
 Memory: at most a few chunks (rows, tokens, embeddings) are held at any time, so peak memory does
 not depend on the number of rows (the multi-prototype option is the exception: see below).
 
-Resume: every cache file is written to a temporary name and renamed into place; a chunk counts as
-done once its metadata file exists (renamed last). The cache folder (default
-``<output>.score-cache/``) holds ``manifest.json`` keyed by the command's arguments and the inputs'
-paths, sizes and modification times. Rerunning the same command after a crash (``kill -9``
+Resume: every cache file is written to a unique temporary name and renamed into place; a chunk
+counts as done once its metadata file exists (renamed last). The cache folder (default
+``<output>.score-cache/``, marked as fastmft's and locked while a run uses it) holds
+``manifest.json`` keyed by the command's arguments and the inputs' paths and content hashes. A
+non-empty folder without fastmft's marker is refused, and only fastmft's own file names are ever
+removed; after success (without ``--keep-cache``) the cache folder is removed. Rerunning the same command after a crash (``kill -9``
 anywhere) skips the done chunks and produces the same output as an uninterrupted run; chunk
 boundaries do not depend on the number of processes, so a resumed run may even use another world
 size. A different command on the same cache folder is an error (``--restart`` discards the cache).
@@ -40,8 +42,9 @@ command line match the data by their string form (``--label-values 0,1`` matches
 
 Row numbering: ``line`` in rejects is the 1-based line number for JSONL and CSV (the header is
 line 1), the 1-based row number for Parquet and saved datasets. Blank JSONL lines are skipped and
-are not rows. Without ``--id-column`` the id is the 0-based index of the row in the whole input
-(all files in order, rejected rows included); with it, ids are written as strings.
+are not rows. Ids are written as text: the ``--id-column`` value, else the input's own ``id``
+column when every input has one, else the 0-based index of the row in the whole input (all files
+in order, rejected rows included).
 
 Multi-node / multi-process (``torchrun``): chunk c belongs to rank c mod world_size; each rank
 encodes its chunks, the prototype sums are all-reduced (:meth:`PrototypeAccumulator.all_reduce`),
@@ -56,6 +59,7 @@ bytes).
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import glob
 import hashlib
@@ -64,12 +68,13 @@ import json
 import math
 import os
 import queue
-import shutil
+import re
 import signal
+import secrets
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -81,7 +86,7 @@ if TYPE_CHECKING:
 
 _TOKENIZE_ROWS = 256  # rows per tokenizer call
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: float32 embeddings, text ids, content-hashed inputs
 
 
 class ScoreError(ValueError):
@@ -176,11 +181,13 @@ class ScoreSummary:
     rejects: str = ""
     report: str | None = None
     resumed_chunks: int = 0
+    already_complete: bool = False  # a rerun of a finished command (--keep-cache): times are the first run's
 
     def text(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) or "none"
+        timing = f"{self.seconds:.1f} s, {self.rows_per_s:.1f} rows/s"
         return (f"{self.rows} rows: {self.scored} scored, {self.rejected} rejected ({reasons}); "
-                f"{self.seconds:.1f} s, {self.rows_per_s:.1f} rows/s"
+                + (f"already complete (the first run took {timing})" if self.already_complete else timing)
                 + (f", {self.resumed_chunks} chunks resumed from the cache" if self.resumed_chunks else "")
                 + f"\nscores: {self.output}" + (f"\nrejects: {self.rejects}" if self.rejected else "")
                 + (f"\nreport: {self.report}" if self.report else ""))
@@ -223,17 +230,48 @@ def resolve_inputs(inputs: Sequence[str], format: str | None = None) -> list[Sou
 
 
 def _fingerprint(sources: Sequence[Source]) -> list:
+    """Each input's path, format and content hash: an edit that keeps size and mtime (``cp -p``)
+    still changes the key, so a resumed run never mixes cached rows of old content."""
     out = []
     for s in sources:
         p = Path(s.path)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            st = [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        else:
-            stat = p.stat()
-            st = [stat.st_size, stat.st_mtime_ns]
-        out.append([str(p.resolve()), s.kind, st])
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        h = hashlib.sha256()
+        buf = bytearray(1 << 16)  # one small buffer: the held memory must not grow with the input
+        view = memoryview(buf)
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else "").encode() + b"\0")
+            with open(f, "rb") as fh:
+                while n := fh.readinto(buf):
+                    h.update(view[:n])
+        out.append([str(p.resolve()), s.kind, h.hexdigest()])
     return out
+
+
+def _check_outputs(cfg: ScoreConfig, sources: Sequence[Source]) -> None:
+    """Before any work: every output path must be writable and none may be an input."""
+    inputs = [Path(s.path) for s in sources]
+    named = [("--output", Path(cfg.output)), ("--rejects", cfg.rejects_path())]
+    if cfg.report:
+        named.append(("--report", Path(cfg.report)))
+    for option, path in named:
+        if path.is_dir():
+            raise ScoreError(f"{option} {path} is a folder; give a file name")
+        for src in inputs:
+            same = path.exists() and src.exists() and os.path.samefile(path, src)
+            if same or path.resolve() == src.resolve() or src.resolve() in path.resolve().parents:
+                raise ScoreError(f"{option} {path} is an input ({src}); fastmft never overwrites its inputs")
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ScoreError(f"{option} {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ScoreError(f"{option} {path}: the folder {parent} is not writable")
+    cache = cfg.cache_path()
+    for src in inputs:
+        if cache.resolve() == src.resolve() or src.resolve() in cache.resolve().parents:
+            raise ScoreError(f"--cache-dir {cache} is an input or inside one ({src})")
 
 
 class _Reject(Exception):
@@ -248,12 +286,23 @@ def _raw_records(src: Source, fields: list[str]) -> Iterator[tuple[int, Any]]:
     :func:`_decode` so that rows of other ranks are never parsed); others are dicts (or a reject
     reason string for an undecodable CSV line)."""
     if src.kind == "json":
+        if _is_json_array(src.path):
+            with open(src.path, "rb") as f:
+                try:
+                    rows = json.loads(f.read().decode("utf-8-sig"))
+                except (UnicodeDecodeError, ValueError) as err:
+                    raise ScoreError(f"{src.path} is not valid JSON: {err}") from None
+            # a .json array: "line" is the 1-based element number
+            yield from ((n, row if isinstance(row, dict) else "not a JSON object") for n, row in enumerate(rows, 1))
+            return
         with open(src.path, "rb") as f:
             for n, line in enumerate(f, 1):
+                if n == 1 and line.startswith(codecs.BOM_UTF8):
+                    line = line[len(codecs.BOM_UTF8):]
                 if line.strip():
                     yield n, line
     elif src.kind == "csv":
-        with open(src.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        with open(src.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -294,6 +343,13 @@ def _raw_records(src: Source, fields: list[str]) -> Iterator[tuple[int, Any]]:
         raise ScoreError(f"unknown format {src.kind!r}")
 
 
+def _is_json_array(path: str) -> bool:
+    """A .json file holding one JSON array (rather than JSON lines)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n")
+    return head.startswith(b"[")
+
+
 def _decode(payload) -> dict:
     if isinstance(payload, dict):
         return payload
@@ -321,6 +377,9 @@ def _count_rows(src: Source) -> int:
 
 
 def _key(value) -> str:
+    """One lookup key per value, the same for inference and lookup: 1, 1.0 and "1" are one label."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -340,17 +399,57 @@ def _vocab(values: list, name: str) -> Vocab:
 # Cache files
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from ._atomic import atomic_json as _atomic_json, atomic_write as _atomic_write  # noqa: E402
+
+# Every name fastmft writes in a cache folder (and the temporary names atomic_write derives from
+# them): the only files it ever deletes there.
+_MARKER = ".fastmft-score-cache"
+_LOCK = ".lock"
+_OWN_NAME = re.compile(r"^\.?(chunk-\d{7}\.(emb\.npy|meta\.npz|scores\.npy)|prototypes\.pt|manifest\.json|merge-temps\.json)"
+                       r"(\.[^/]*\.tmp)?$")
 
 
-def _atomic_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str)), mode="w")
+def _discard_cache(cache: Path) -> None:
+    """Remove this cache's files (never the folder's other content, nor the marker and lock)."""
+    for f in cache.iterdir():
+        if _OWN_NAME.match(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
+
+
+def _open_cache(cache: Path):
+    """Create or adopt the cache folder and lock it; returns the open lock file (kept open for the
+    run). A non-empty folder without fastmft's marker is refused: it is someone else's."""
+    import fcntl
+
+    if cache.exists() and not cache.is_dir():
+        raise ScoreError(f"--cache-dir {cache} is a file, not a folder")
+    if cache.is_dir() and not (cache / _MARKER).is_file() and any(cache.iterdir()):
+        raise ScoreError(f"--cache-dir {cache} is a non-empty folder that is not a fastmft score cache; "
+                         "fastmft will not write into it or delete from it: pass an empty or new folder")
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / _MARKER).touch()
+    lock = open(cache / _LOCK, "a")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ScoreError(f"another fastmft score run is using the cache {cache}; wait for it to finish "
+                         "or pass another --output/--cache-dir") from None
+    return lock
+
+
+def _close_cache(cache: Path, lock, keep: bool) -> None:
+    """After success without --keep-cache: remove the cache's files, then the folder if it is empty."""
+    if not keep:
+        _discard_cache(cache)
+        for name in (_MARKER, _LOCK):
+            (cache / name).unlink(missing_ok=True)
+    lock.close()
+    if not keep:
+        try:
+            cache.rmdir()
+        except OSError:  # not empty: something else lives there now
+            pass
 
 
 def _emb_path(cache: Path, c: int) -> Path:
@@ -396,6 +495,9 @@ def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
         from .backbone import load_backbone
 
         model, tokenizer = load_backbone(cfg.backbone, trust_remote_code=cfg.trust_remote_code)
+    from .backbone import check_max_length
+
+    check_max_length(model, cfg.max_length)
     if not getattr(tokenizer, "is_fast", False):
         print("fastmft score: warning: the tokenizer is not a fast (Rust) tokenizer; tokenisation will be slow", file=sys.stderr)
     model.eval()
@@ -419,12 +521,9 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
     import torch
 
     t0 = time.perf_counter()
+    _check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.batch_size < 1 or cfg.chunk_rows < 1 or cfg.prototypes < 1 or cfg.max_length < 2:
-        raise ScoreError("batch_size, chunk_rows, prototypes must be >= 1 and max_length >= 2")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ScoreError(f"alpha must lie in [0, 1], got {cfg.alpha}")
     from ._dist import Dist
 
     dist = Dist(cfg.device)
@@ -434,11 +533,37 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
         dist.close()
 
 
+def _check_config(cfg: ScoreConfig) -> None:
+    """Every option, before any work; each error names its option."""
+    for option, value, low in (("--batch-size", cfg.batch_size, 1), ("--chunk-rows", cfg.chunk_rows, 1),
+                               ("--prototypes", cfg.prototypes, 1), ("--max-length", cfg.max_length, 2),
+                               ("--top-k", cfg.top_k, 1), ("--threads", cfg.threads or 1, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ScoreError(f"{option} must be an integer >= {low}, got {value!r}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ScoreError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        raise ScoreError(f"--temperature must be a finite number > 0, got {cfg.temperature}")
+
+
 def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSummary:
-    device = dist.device
     sources = resolve_inputs(cfg.inputs, cfg.format)
+    _check_outputs(cfg, sources)
     cache = cfg.cache_path()
-    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.domain_column, cfg.id_column) if c]
+    lock = _open_cache(cache) if dist.rank == 0 else None
+    try:
+        summary = _run_locked(cfg, dist, model, tokenizer, t0, sources, cache)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    if lock is not None:
+        _close_cache(cache, lock, cfg.keep_cache)
+    return summary
+
+
+def _run_locked(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sources: list[Source], cache: Path) -> ScoreSummary:
+    device = dist.device
     key_obj = {"version": CACHE_VERSION, "inputs": _fingerprint(sources),
                "args": {k: getattr(cfg, k) for k in ScoreConfig._KEYED}}
     key = hashlib.sha256(json.dumps(key_obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -460,11 +585,9 @@ def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSumm
             elif cfg.restart:
                 manifest = None
         if manifest is None:
-            if cache.exists():
-                shutil.rmtree(cache)
-            cache.mkdir(parents=True, exist_ok=True)
+            _discard_cache(cache)
             manifest = {"key": key, "command": key_obj, "status": "started"}
-            manifest.update(_scan(sources, cfg, columns))
+            manifest.update(_scan(sources, cfg))
             _atomic_json(manifest_path, manifest)
         state = manifest
     else:
@@ -472,8 +595,10 @@ def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSumm
     state = dist.broadcast_obj(state)
     if state.get("status") == "complete" and Path(cfg.output).exists():
         summary = ScoreSummary(**state["summary"])
-        summary.seconds, summary.resumed_chunks = time.perf_counter() - t0, state["n_chunks"]
+        summary.already_complete = True
         return summary
+    cfg = replace(cfg, id_column=state["id_column"])
+    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.domain_column, cfg.id_column) if c]
     labels = _vocab(state["labels"], "label")
     domains = _vocab(state["domains"], "domain")
     total_rows, n_chunks = state["rows"], state["n_chunks"]
@@ -541,6 +666,7 @@ def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSumm
                            alpha=cfg.alpha).float().cpu().numpy()
         else:
             t = np.zeros(0, np.float32)
+        _check_finite(t, meta["ids"], "typicality")
         _atomic_write(path, lambda f: np.save(f, t))
         _crash_point("score")
     dist.barrier()
@@ -553,13 +679,17 @@ def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSumm
         summary.rows_per_s = summary.rows / summary.seconds if summary.seconds > 0 else 0.0
         summary.resumed_chunks = resumed
         state["status"], state["summary"] = "complete", asdict(summary)
-        _atomic_json(cache / "manifest.json", state)  # first: a kill during the clean-up below is harmless
-        if not cfg.keep_cache:
-            for f in cache.iterdir():
-                if f.name.startswith("chunk-") or f.name.startswith("prototypes.pt"):
-                    f.unlink(missing_ok=True)
+        _atomic_json(cache / "manifest.json", state)  # first: a kill during the clean-up that follows is harmless
     summary = dist.broadcast_obj(summary)
     return summary
+
+
+def _check_finite(values: np.ndarray, ids, what: str) -> None:
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(1) if len(values) else np.zeros(0, bool)
+    if bad.any():
+        shown = [str(ids[i]) for i in np.nonzero(bad)[0][:10]]
+        raise ScoreError(f"{what} is not finite for {int(bad.sum())} row(s), ids {', '.join(shown)}"
+                         + (" ..." if bad.sum() > 10 else "") + "; nothing was written")
 
 
 def _sums_acc(meta: dict, M: int, K: int):
@@ -572,13 +702,27 @@ def _sums_acc(meta: dict, M: int, K: int):
     return a
 
 
-def _scan(sources: list[Source], cfg: ScoreConfig, columns: list[str]) -> dict:
-    """The cheap first pass: row count (and chunk count), and the vocabularies when not given."""
+_SAMPLE_ROWS = 1000  # rows of a JSON input read to check that the named columns exist
+
+
+def _scan(sources: list[Source], cfg: ScoreConfig) -> dict:
+    """The cheap first pass: the columns checked, the id column chosen (``id`` when every input has
+    one and --id-column is not given), row count (and chunk count), and the vocabularies when not
+    given (one value per canonical key, :func:`_key`)."""
+    names = [_column_names(src) for src in sources]
+    id_column = cfg.id_column
+    if id_column is None and all("id" in n for n in names):
+        id_column = "id"
+    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.domain_column, id_column) if c]
+    for src, present in zip(sources, names):
+        missing = [c for c in columns if c not in present]
+        if missing:
+            what = "no column" if src.kind != "json" else f"no field in its first {_SAMPLE_ROWS} rows named"
+            raise ScoreError(f"{src.path} has {what} {', '.join(map(repr, missing))}; its columns are {sorted(present)}")
     need_labels, need_domains = cfg.label_values is None, cfg.domain_values is None
     rows = 0
-    seen_l, seen_d = set(), set()
-    for src in sources:
-        _check_schema(src, columns, cfg)
+    seen_l: dict = {}
+    seen_d: dict = {}
     if not (need_labels or need_domains):
         rows = sum(_count_rows(s) for s in sources)
     else:
@@ -590,45 +734,48 @@ def _scan(sources: list[Source], cfg: ScoreConfig, columns: list[str]) -> dict:
                     row = _decode(payload)
                 except _Reject:
                     continue
-                lv, dv = row.get(cfg.label_column), row.get(cfg.domain_column)
-                if need_labels and lv is not None and lv != "":
-                    seen_l.add(lv)
-                if need_domains and dv is not None and dv != "":
-                    seen_d.add(dv)
+                for need, seen, column in ((need_labels, seen_l, cfg.label_column), (need_domains, seen_d, cfg.domain_column)):
+                    v = row.get(column)
+                    if need and v is not None and v != "" and not isinstance(v, (list, dict)):  # those rows are rejected later
+                        seen.setdefault(_key(v), v)
 
     def vocab(given, seen, name):
         if given is not None:
             return list(given)
         try:
-            return sorted(seen)
+            return sorted(seen.values())
         except TypeError:
-            raise ScoreError(f"{name} values mix types and cannot be ordered: {sorted(map(repr, seen))}; "
+            raise ScoreError(f"{name} values mix types and cannot be ordered: {sorted(map(repr, seen.values()))}; "
                              f"pass --{name}-values") from None
 
-    out = {"rows": rows, "n_chunks": math.ceil(rows / cfg.chunk_rows),
+    out = {"rows": rows, "n_chunks": math.ceil(rows / cfg.chunk_rows), "id_column": id_column,
            "labels": vocab(cfg.label_values, seen_l, "label"), "domains": vocab(cfg.domain_values, seen_d, "domain")}
     _vocab(out["labels"], "label"), _vocab(out["domains"], "domain")  # validate
     return out
 
 
-def _check_schema(src: Source, columns: list[str], cfg: ScoreConfig) -> None:
-    """Columnar inputs must have the named columns (a missing column is a command error, not a bad row)."""
-    names = None
+def _column_names(src: Source) -> set:
+    """The input's columns; for JSON, the fields found in its first rows."""
     if src.kind == "parquet":
         import pyarrow.parquet as pq
 
-        names = pq.ParquetFile(src.path).schema_arrow.names
-    elif src.kind == "dataset":
+        return set(pq.ParquetFile(src.path).schema_arrow.names)
+    if src.kind == "dataset":
         import datasets
 
-        names = datasets.load_from_disk(src.path).column_names
-    elif src.kind == "csv":
-        with open(src.path, encoding="utf-8", errors="replace", newline="") as f:
-            names = next(csv.reader(f), [])
-    if names is not None:
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise ScoreError(f"{src.path} has no column {', '.join(map(repr, missing))}; its columns are {names}")
+        return set(datasets.load_from_disk(src.path).column_names)
+    if src.kind == "csv":
+        with open(src.path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            return set(next(csv.reader(f), []))
+    names: set = set()
+    for n, (_, payload) in enumerate(_raw_records(src, [])):
+        if n >= _SAMPLE_ROWS:
+            break
+        try:
+            names.update(_decode(payload))
+        except _Reject:
+            continue
+    return names
 
 
 def _validate(row: dict, cfg: ScoreConfig, labels: Vocab, domains: Vocab, index: int):
@@ -645,6 +792,8 @@ def _validate(row: dict, cfg: ScoreConfig, labels: Vocab, domains: Vocab, index:
         v = row.get(column)
         if v is None or v == "":
             raise _Reject(f"missing {vocab.name} ({column!r})")
+        if isinstance(v, (list, dict)):
+            raise _Reject(f"{vocab.name} ({column!r}) is a JSON {'list' if isinstance(v, list) else 'object'}, not a value")
         i = vocab.get(v)
         if i is None:
             raise _Reject(f"unknown {vocab.name} {v!r}")
@@ -655,7 +804,7 @@ def _validate(row: dict, cfg: ScoreConfig, labels: Vocab, domains: Vocab, index:
             raise _Reject(f"missing id ({cfg.id_column!r})")
         rid = _key(rid)
     else:
-        rid = index
+        rid = str(index)
     return text, pair, out[0], out[1], rid
 
 
@@ -778,23 +927,23 @@ def _encode_chunks(cfg, sources, columns, labels, domains, todo, n_chunks, dist,
                 if isinstance(ch, BaseException):
                     raise ch
                 n = len(ch.rows)
-                emb = np.zeros((n, dim), dtype=np.float16)
+                # float32: fp16 would turn pooled values above 65504 into inf and every score into NaN
+                emb = np.zeros((n, dim), dtype=np.float32)
                 for pos, batch in ch.batches:
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     hidden = model(**batch).last_hidden_state
                     pooled = masked_mean_pool(hidden, batch["attention_mask"])
-                    emb[pos.numpy()] = pooled.to(torch.float16).cpu().numpy()
+                    emb[pos.numpy()] = pooled.float().cpu().numpy()
                     if bar is not None:
                         bar.update(len(pos))
                     _crash_point("batch")
                 ch.batches = []
+                _check_finite(emb, ch.ids, "the encoder's embedding")
                 e64 = torch.from_numpy(emb).double()
                 cells = torch.tensor(ch.domains, dtype=torch.long) * M + torch.tensor(ch.labels, dtype=torch.long)
                 sums = torch.zeros(K * M, dim, dtype=torch.float64).index_add_(0, cells, e64)
                 counts = torch.bincount(cells, minlength=K * M)
-                ids = np.array(ch.ids, dtype=np.int64 if not cfg.id_column else None)
-                if cfg.id_column and not len(ids):
-                    ids = np.array([], dtype="<U1")
+                ids = np.array(ch.ids, dtype=str)
                 _atomic_write(_emb_path(cache, ch.index), lambda f: np.save(f, emb))
                 _crash_point("chunk-write")
                 _atomic_write(_meta_path(cache, ch.index), lambda f: np.savez(
@@ -852,17 +1001,21 @@ def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains:
     rej_path.parent.mkdir(parents=True, exist_ok=True)
     label_arr = pa.array(labels.values)
     domain_arr = pa.array(domains.values)
-    id_type = pa.string() if cfg.id_column else pa.int64()
+    id_type = pa.string()
     schema = pa.schema([("id", id_type), ("domain", domain_arr.type), ("label", label_arr.type), ("typicality", pa.float32())])
     summary = ScoreSummary(labels=labels.values, domains=domains.values, output=str(out), rejects=str(rej_path))
     k = cfg.top_k if cfg.report else 0
     per_domain = np.zeros((len(domains.values), 2))  # rows, sum of typicality
     top = [[] for _ in domains.values]  # min-heaps of (score, row, id, label)
     bottom = [[] for _ in domains.values]  # min-heaps of (-score, -row, id, label)
-    for stale in (*out.parent.glob(glob.escape(out.name) + ".tmp*"), *rej_path.parent.glob(glob.escape(rej_path.name) + ".tmp*")):
-        stale.unlink(missing_ok=True)  # left by a killed run
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    rtmp = rej_path.with_name(rej_path.name + f".tmp{os.getpid()}")
+    # Unique temporary names beside the outputs, recorded in the cache before they are created:
+    # a rerun after a kill removes exactly those and nothing else.
+    record = cache / "merge-temps.json"
+    if record.is_file():
+        for stale in json.loads(record.read_text()):
+            Path(stale).unlink(missing_ok=True)
+    tmp, rtmp = (p.with_name(f".{p.name}.{secrets.token_hex(8)}.tmp") for p in (out, rej_path))
+    _atomic_json(record, [str(tmp), str(rtmp)])
     with pq.ParquetWriter(tmp, schema) as writer, open(rtmp, "w", encoding="utf-8") as rej:
         for c in range(n_chunks):
             meta = _load_meta(cache, c)
@@ -899,7 +1052,18 @@ def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains:
         os.fsync(rej.fileno())
     if summary.rows != total_rows:
         raise ScoreError(f"internal error: {summary.rows} rows merged, {total_rows} expected")
-    os.replace(rtmp, rej_path)
+    if summary.rejected:
+        os.replace(rtmp, rej_path)
+    else:  # no rejects file for a run without rejects (an old one of this output would mislead)
+        rtmp.unlink()
+        if rej_path.is_file() and not rej_path.stat().st_size:
+            rej_path.unlink()
+    if not summary.scored:
+        tmp.unlink()
+        record.unlink()
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.reasons.items())) or "no input rows"
+        raise ScoreError(f"no row was accepted ({summary.rows} rows: {reasons}); the rejected rows are in {rej_path}"
+                         if summary.rejected else "the input has no rows")
     if cfg.report:
         report = {"alpha": cfg.alpha, "prototypes": cfg.prototypes, "domains": {}}
         for d, name in enumerate(domains.values):
@@ -912,6 +1076,7 @@ def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains:
         _atomic_json(Path(cfg.report), report)
         summary.report = cfg.report
     os.replace(tmp, out)  # the output appears last: its presence means the run is complete
+    record.unlink()
     return summary
 
 
@@ -930,7 +1095,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSONL/CSV/Parquet files, globs of shards (quote them), or saved-dataset folders")
     p.add_argument("--output", "-o", required=True, help="output Parquet file: id, domain, label, typicality per accepted row")
     add_column_arguments(p)
-    p.add_argument("--id-column", help="row identifier (written as text; default: the 0-based row index in the input)")
+    p.add_argument("--id-column", help="row identifier, written as text (default: the input's 'id' column when it has one, else the 0-based row index)")
     p.add_argument("--label-values", type=_csv_list, help="comma-separated labels (default: inferred in a first cheap pass)")
     p.add_argument("--domain-values", type=_csv_list, help="comma-separated domains (default: inferred in a first cheap pass)")
     p.add_argument("--format", choices=("json", "csv", "parquet"), help="input format (default: from the file suffix)")

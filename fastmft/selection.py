@@ -14,6 +14,7 @@ source task that is its training set, for example).
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._atomic import CheckpointDir, trim_lines
 from .utility import TaskUtilityScorer
 
 
@@ -230,9 +232,14 @@ class TaskSelector:
         if missing:
             raise ValueError(f"tasks {missing} are not part of the model: build MultiTaskModel with every task")
         if m < 1 or n < 1:
-            raise ValueError(f"m and n must be >= 1, got m={m}, n={n}")
+            raise ValueError(f"m and n must be >= 1 (--m, --n), got m={m}, n={n}")
         if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}")
+            raise ValueError(f"epsilon must lie in [0, 1] (--epsilon), got {epsilon}")
+        for name, value in (("inner_lr", inner_lr), ("lr", lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be a finite number >= 0, got {max_grad_norm!r}")
         self.model, self.sources, self.targets = model, list(sources), list(targets) if targets else None
         self.m, self.n, self.epsilon, self.max_grad_norm = m, n, epsilon, max_grad_norm
         self.scorer = TaskUtilityScorer(model, lambda mod, batch: mod(batch), inner_lr)
@@ -240,6 +247,8 @@ class TaskSelector:
         self.generator = torch.Generator().manual_seed(seed)
         self.explore = random.Random(seed)
         self.episodes_done = 0
+        self.log_lines = 0  # lines of the episode log this checkpointed progress accounts for
+        self.on_scored = None  # called with each source's name once its utility is known (progress)
 
     @property
     def mode(self) -> str:
@@ -250,7 +259,12 @@ class TaskSelector:
         was_training = self.model.training
         self.model.eval()
         try:
-            return {name: self.scorer.utility(batches, target_batches) for name, batches in source_batches.items()}
+            out = {}
+            for name, batches in source_batches.items():
+                out[name] = self.scorer.utility(batches, target_batches)
+                if self.on_scored is not None:
+                    self.on_scored(name)
+            return out
         finally:
             self.model.train(was_training)
 
@@ -283,50 +297,72 @@ class TaskSelector:
 
     def run(self, episodes: int, *, log: str | Path | None = None, checkpoint: str | Path | None = None, progress: bool = True) -> list[Episode]:
         """Run until ``episodes`` episodes are done in total (resuming from ``checkpoint`` when it
-        exists), appending one JSON line per episode to ``log`` and saving after each episode."""
-        if checkpoint is not None and Path(checkpoint, "selector.json").exists():
-            self.load(checkpoint)
+        holds one), appending one JSON line per episode to ``log``, then checkpointing. On resume
+        the log is cut back to the lines the checkpoint accounts for, so no episode appears twice."""
+        if episodes < 0:
+            raise ValueError(f"episodes (--episodes) must be >= 0, got {episodes}")
+        if checkpoint is not None:
+            resumed = self.load(checkpoint)
+            if log is not None:  # a log beside the checkpoint is the run's own
+                trim_lines(Path(log), self.log_lines if resumed else 0)
         history = []
-        with tqdm(total=episodes, initial=self.episodes_done, desc=f"task selection ({self.mode})", unit="episode", disable=not progress) as bar:
-            while self.episodes_done < episodes:
-                ep = self.episode()
-                history.append(ep)
-                if log is not None:
-                    with open(log, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(asdict(ep)) + "\n")
-                if checkpoint is not None:
-                    self.save(checkpoint)
-                bar.set_postfix(chosen=ep.chosen)
-                bar.update(1)
+        per_episode = len(self.sources) + 1  # each source scored, then the training
+        with tqdm(total=episodes * per_episode, initial=self.episodes_done * per_episode, desc=f"task selection ({self.mode})",
+                  unit="step", disable=not progress) as bar:
+            self.on_scored = lambda name: (bar.set_postfix(scored=name), bar.update(1))
+            try:
+                while self.episodes_done < episodes:
+                    ep = self.episode()
+                    history.append(ep)
+                    if log is not None:
+                        with open(log, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(asdict(ep)) + "\n")
+                        self.log_lines += 1
+                    if checkpoint is not None:
+                        self.save(checkpoint)
+                    bar.set_postfix(episode=ep.episode, chosen=ep.chosen)
+                    bar.update(1)
+            finally:
+                self.on_scored = None
         return history
 
-    def save(self, folder: str | Path) -> None:
-        """Model weights (safetensors), optimizer and RNG states (tensors only), progress (JSON)."""
+    def save(self, folder: str | Path) -> Path:
+        """One atomic checkpoint in ``folder`` (:class:`fastmft._atomic.CheckpointDir`): model weights
+        (safetensors), optimizer and RNG states (tensors only), progress (JSON). Returns its folder."""
         from safetensors.torch import save_model
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, str(folder / "model.safetensors.tmp"))
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "torch": torch.get_rng_state()},
-            folder / "state.pt.tmp",
-        )
-        (folder / "selector.json.tmp").write_text(json.dumps({"episodes_done": self.episodes_done, "explore": _encode_random(self.explore)}))
-        for name in ("model.safetensors", "state.pt", "selector.json"):  # selector.json last: it marks a complete save
-            (folder / f"{name}.tmp").replace(folder / name)
+        def write(ckpt: Path) -> None:
+            save_model(self.model, str(ckpt / "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                        "torch": torch.get_rng_state()}, ckpt / "state.pt")
+            (ckpt / "selector.json").write_text(json.dumps(
+                {"episodes_done": self.episodes_done, "log_lines": self.log_lines, "explore": _encode_random(self.explore)}))
 
-    def load(self, folder: str | Path) -> None:
+        return CheckpointDir(Path(folder)).save(write)
+
+    def load(self, folder: str | Path) -> bool:
+        """Resume from the newest readable checkpoint in ``folder``; False when there is none."""
+        from safetensors import safe_open
         from safetensors.torch import load_model
 
-        folder = Path(folder)
-        load_model(self.model, str(folder / "model.safetensors"))
-        state = torch.load(folder / "state.pt", weights_only=True)
+        def read(ckpt: Path):  # the small parts, and the weights' header: a damaged checkpoint changes nothing
+            with safe_open(str(ckpt / "model.safetensors"), "pt"):
+                pass
+            return ckpt, torch.load(ckpt / "state.pt", weights_only=True), json.loads((ckpt / "selector.json").read_text())
+
+        if Path(folder, "selector.json").is_file():  # the layout before checkpoints were one unit
+            raise ValueError(f"{folder} holds a checkpoint of an older fastmft; resume it with that version or use another --output-dir")
+        found = CheckpointDir(Path(folder)).load(read)
+        if found is None:
+            return False
+        ckpt, state, meta = found
+        load_model(self.model, str(ckpt / "model.safetensors"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
-        meta = json.loads((folder / "selector.json").read_text())
-        self.episodes_done = meta["episodes_done"]
+        self.episodes_done, self.log_lines = meta["episodes_done"], meta["log_lines"]
         self.explore.setstate(_decode_random(meta["explore"]))
+        return True
 
 
 def _encode_random(r: random.Random) -> list:
@@ -381,9 +417,18 @@ def _run_cli(args) -> int:
     from .data import Columns, prepare
     from .synthetic import synthetic_dataset
 
+    from ._dist import pick_device
+    from .backbone import check_max_length
+
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file, not a folder")
+    if args.episodes < 0:
+        raise ValueError(f"--episodes must be >= 0, got {args.episodes}")
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
     encoder, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_max_length(encoder, args.max_length)
     columns = Columns(args.text_column, args.label_column, args.domain_column, args.text_pair_column)
     data = prepare(args.data or synthetic_dataset(), tokenizer, columns, max_length=args.max_length)
     if args.agnostic:
@@ -398,9 +443,12 @@ def _run_cli(args) -> int:
     )
     model = MultiTaskModel(encoder, [*sources, *(targets or [])]).to(device)
     selector = TaskSelector(model, sources, targets, inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n, epsilon=args.epsilon, seed=args.seed)
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"task selection ({selector.mode}): sources {[s.name for s in sources]}, targets {[t.name for t in targets or []]}, on {device}")
+    # weights plus AdamW's two moments: what an exact resume needs, one checkpoint kept
+    size = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"writes {out / 'episodes.jsonl'} and a checkpoint of about {size / 2**20:.0f} MB in {out / 'checkpoint'} "
+          "(replaced after every episode; delete the folder when done)", flush=True)
     history = selector.run(args.episodes, log=out / "episodes.jsonl", checkpoint=out / "checkpoint", progress=not args.no_progress)
     picks = collections.Counter(e.chosen for e in history)
     scoring, training = sum(e.scoring_s for e in history), sum(e.training_s for e in history)
@@ -411,7 +459,7 @@ def _run_cli(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add ``fastmft select`` to the fastmft command line."""
-    from .cli import add_column_arguments
+    from .cli import add_column_arguments, positive_float, positive_int
 
     p = subparsers.add_parser("select", help="meta-learned task selection: score source tasks by the target loss after one inner step, train the best")
     p.add_argument("--data", help="multi-domain data (JSONL/CSV/Parquet/saved dataset; default: the embedded synthetic corpus)")
@@ -421,12 +469,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--agnostic", action="store_true", help="downstream-agnostic: the targets are the sources")
     p.add_argument("--sources", default="mlm,domains", help="comma-separated: mlm, shuffle, domains (default mlm,domains)")
     p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--m", type=int, default=2, help="batches per task for scoring (M)")
-    p.add_argument("--n", type=int, default=4, help="training batches of the chosen task per episode (N)")
+    p.add_argument("--m", type=positive_int, default=2, help="batches per task for scoring (M)")
+    p.add_argument("--n", type=positive_int, default=4, help="training batches of the chosen task per episode (N)")
     p.add_argument("--epsilon", type=float, default=0.1)
-    p.add_argument("--inner-lr", type=float, default=1e-3, help="alpha of the inner step")
-    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate of the real training")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--inner-lr", type=positive_float, default=1e-3, help="alpha of the inner step")
+    p.add_argument("--lr", type=positive_float, default=2e-5, help="AdamW learning rate of the real training")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--backbone", help="local model folder or cached name (default: all-MiniLM-L6-v2)")
     p.add_argument("--trust-remote-code", action="store_true")

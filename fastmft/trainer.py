@@ -34,6 +34,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._atomic import CheckpointDir, atomic_path, atomic_write, trim_lines
 from ._dist import Dist
 from .data import Collator, Columns, LengthBucketSampler, Vocab, check_columns, encode_labels, load_table, tokenize
 from .functional import shuffle_domains
@@ -59,7 +61,7 @@ METHOD_NAMES = {
 MFT_METHODS = ("dc", "tw", "full")
 JOINT_METHODS = ("mix", "mtl", "adv")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def method_key(name: str) -> str:
@@ -69,6 +71,10 @@ def method_key(name: str) -> str:
         if key in (short, long.lower(), long.lower().replace("(", "-").rstrip(")"), long.lower().split("(")[1].rstrip(")")):
             return short
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} ({', '.join(METHOD_NAMES.values())})")
+
+
+def _option(field_name: str) -> str:
+    return {"num_prototypes": "prototypes"}.get(field_name, field_name).replace("_", "-")
 
 
 @dataclass
@@ -107,16 +113,29 @@ class TrainConfig:
     def __post_init__(self):
         self.method = method_key(self.method)
         if self.layers is not None:
-            self.layers = tuple(int(l) for l in self.layers)
-        for name in ("mft_epochs", "epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.few_shot <= 1.0:
-            raise ValueError(f"few_shot must be a fraction in (0, 1], got {self.few_shot}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+            if not self.layers or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 1 for l in self.layers):
+                raise ValueError(f"layers (--layers) must be 1-based integer layer numbers, got {self.layers!r}")
+            self.layers = tuple(self.layers)
+        ints = {"mft_epochs": 0, "epochs": 0, "batch_size": 1, "num_prototypes": 1, "max_length": 2, "log_every": 0,
+                "checkpoint_every": 0}
+        for name, low in ints.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} (--{_option(name)}) must be an integer >= {low}, got {value!r}")
+        # (low, high, low open): every float must be finite and in its range (NaN fails every comparison)
+        ranges = {"lr": (0.0, math.inf, True), "weight_decay": (0.0, math.inf, False), "warmup_ratio": (0.0, 1.0, False),
+                  "max_grad_norm": (0.0, math.inf, False), "alpha": (0.0, 1.0, False), "lam": (0.0, math.inf, False),
+                  "adv_weight": (0.0, math.inf, False), "few_shot": (0.0, 1.0, True)}
+        for name, (low, high, open_low) in ranges.items():
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if open_low else value >= low) and value <= high
+            if not ok:
+                span = f"{'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf else f"{'>' if open_low else '>='} {low:g}"
+                raise ValueError(f"{name} (--{_option(name)}) must be a finite number {'in ' if high < math.inf else ''}{span}, got {value!r}")
+        if self.mft_lr is not None and not (math.isfinite(self.mft_lr) and self.mft_lr > 0):
+            raise ValueError(f"mft_lr (--mft-lr) must be a finite number > 0, got {self.mft_lr!r}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout (--dropout) must lie in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -348,46 +367,79 @@ def _prepare_encoder(encoder, dropout: float | None):
 
 
 class _Store:
-    """The run folder: state.json, typicality, meta-learner, in-progress checkpoint, metrics."""
+    """The run folder: typicality, meta-learner, metrics, and the checkpoint: state.json (progress,
+    results, metrics line count) with the model and optimizer of an unfinished phase, published as
+    one unit (:class:`fastmft._atomic.CheckpointDir`)."""
 
     def __init__(self, folder: str | os.PathLike | None, dist: Dist):
         self.folder = Path(folder) if folder is not None else None
         self.dist = dist
         self.state: dict = {"version": _STATE_VERSION, "phase": 0, "epoch": 0, "batch": 0, "global_step": 0,
                             "results": {}, "metrics_lines": 0}
-        if self.folder is not None and dist.main:
-            self.folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointDir(self.folder) if self.folder is not None else None
+        self.loaded: Path | None = None  # the checkpoint folder resumed from
+        if self.folder is not None:
+            if self.folder.exists() and not self.folder.is_dir():
+                raise ValueError(f"--output-dir {self.folder} is a file, not a folder")
+            if dist.main:
+                self.folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path | None:
         return None if self.folder is None else self.folder / name
 
     def load(self, config: dict) -> bool:
-        p = self.path("state.json")
-        if p is None or not p.is_file():
+        if self.folder is None:
             return False
-        state = json.loads(p.read_text())
+        if self.path("state.json").is_file():  # the layout before checkpoints were one unit
+            raise ValueError(f"{self.path('state.json')}: checkpoint format 1 is not {_STATE_VERSION}; use another output folder")
+
+        def read(folder: Path) -> tuple[Path, dict]:
+            state = json.loads((folder / "state.json").read_text())
+            if (folder / "model.safetensors").exists():
+                from safetensors import safe_open
+
+                with safe_open(str(folder / "model.safetensors"), "pt"):  # a readable header, or the previous one
+                    pass
+            return folder, state
+
+        found = self.checkpoints.load(read)
+        metrics = self.path("metrics.jsonl")
+        if found is None:
+            if self.dist.main:  # a run killed before its first checkpoint: start the log afresh
+                trim_lines(metrics, 0)
+            return False
+        folder, state = found
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"{p}: checkpoint format {state.get('version')} is not {_STATE_VERSION}")
+            raise ValueError(f"{folder}: checkpoint format {state.get('version')} is not {_STATE_VERSION}")
         saved = {k: v for k, v in state.get("config", {}).items() if k not in _RESUME_FREE}
         now = {k: v for k, v in config.items() if k not in _RESUME_FREE}
         now = json.loads(json.dumps(now))  # tuples -> lists, as saved
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise ValueError(f"{p} was written with other settings ({', '.join(diff)}): use another output folder or the same settings")
-        self.state = state
-        metrics = self.path("metrics.jsonl")
-        if self.dist.main and metrics.is_file():  # drop lines logged after the checkpoint
-            lines = metrics.read_text().splitlines(keepends=True)[: state["metrics_lines"]]
-            metrics.write_text("".join(lines))
+            raise ValueError(f"{folder} was written with other settings ({', '.join(diff)}): use another output folder or the same settings")
+        self.state, self.loaded = state, folder
+        if self.dist.main:  # drop lines logged after the checkpoint
+            trim_lines(metrics, state["metrics_lines"])
         return True
 
-    def save(self, config: dict) -> None:
+    def save(self, config: dict, model: nn.Module | None = None, optimizer=None, scheduler=None) -> None:
+        """A checkpoint of the progress (and of the phase's model and optimizer when given)."""
         if self.folder is None or not self.dist.main:
             return
         self.state["config"] = config
-        tmp = self.path("state.json.tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.path("state.json"))
+
+        def write(folder: Path) -> None:
+            if model is not None:
+                from safetensors.torch import save_model
+
+                save_model(model, str(folder / "model.safetensors"))
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optimizer.pt")
+            elif (self.state["epoch"] or self.state["batch"]) and self.loaded is not None:
+                for name in ("model.safetensors", "optimizer.pt"):  # mid-phase: the phase's model stays part of it
+                    os.link(self.loaded / name, folder / name)
+            (folder / "state.json").write_text(json.dumps(self.state, indent=1))
+
+        self.loaded = self.checkpoints.save(write)
 
     def log(self, record: dict) -> None:
         if self.folder is None or not self.dist.main:
@@ -401,20 +453,11 @@ class _Store:
 _RESUME_FREE = {"stop_after_steps", "stop_after_seconds", "progress", "log_every", "checkpoint_every", "device", "save_models"}
 
 
-def _save_training(store: _Store, model: nn.Module, optimizer, scheduler) -> None:
-    from safetensors.torch import save_model
-
-    if store.folder is None or not store.dist.main:
-        return
-    save_model(model, str(store.path("checkpoint.safetensors")))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, store.path("optimizer.pt"))
-
-
 def _load_training(store: _Store, model: nn.Module, optimizer, scheduler) -> None:
     from safetensors.torch import load_model
 
-    load_model(model, str(store.path("checkpoint.safetensors")), device=str(next(model.parameters()).device))
-    states = torch.load(store.path("optimizer.pt"), map_location="cpu", weights_only=True)
+    load_model(model, str(store.loaded / "model.safetensors"), device=str(next(model.parameters()).device))
+    states = torch.load(store.loaded / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
 
@@ -500,10 +543,7 @@ class _Run:
             if not self.stopped:
                 store.state.update(phase=idx + 1, epoch=0, batch=0)
                 store.state["wall_time_s"] = wall_before + time.perf_counter() - t0
-                store.save(self.config_dict)
-                if store.folder is not None and self.dist.main:  # the phase's checkpoint is spent
-                    for name in ("checkpoint.safetensors", "optimizer.pt"):
-                        store.path(name).unlink(missing_ok=True)
+                store.save(self.config_dict)  # without the phase's model: its checkpoint is spent
                 self.dist.barrier()
         wall = wall_before + time.perf_counter() - t0
         store.state["wall_time_s"] = wall
@@ -547,7 +587,7 @@ class _Run:
                 ).scores
             del encoder
             if p is not None and self.dist.main:
-                save_file({"typicality": scores.contiguous()}, str(p))
+                atomic_path(p, lambda tmp: save_file({"typicality": scores.contiguous()}, tmp))
         if len(scores) != len(self.data.train):
             raise ValueError(f"{p} holds {len(scores)} scores for {len(self.data.train)} training rows")
         return scores.float()
@@ -583,7 +623,7 @@ class _Run:
         if self.store.folder is not None and self.dist.main:
             from safetensors.torch import save_model
 
-            save_model(self._meta, str(self.store.path("meta_encoder.safetensors")))
+            atomic_path(self.store.path("meta_encoder.safetensors"), lambda tmp: save_model(self._meta, tmp))
         self.dist.barrier()
 
     def _phase_classifier(self, idx: int, name: str, meta) -> None:
@@ -610,7 +650,7 @@ class _Run:
             from safetensors.torch import save_model
 
             (self.store.folder / "models").mkdir(exist_ok=True)
-            save_model(model, str(self.store.folder / "models" / f"{name.replace(':', '_')}.safetensors"))
+            atomic_path(self.store.folder / "models" / f"{name.replace(':', '_')}.safetensors", lambda tmp: save_model(model, tmp))
 
     # -- loops ---------------------------------------------------------------------------------
     def _train(self, idx: int, name: str, model: nn.Module, rows: list[dict], epochs: int, lr: float, corrupt: bool = False) -> None:
@@ -640,6 +680,15 @@ class _Run:
         bar = tqdm(total=total, initial=state["epoch"] * per_epoch + state["batch"], desc=label, unit="step",
                    disable=not (cfg.progress and dist.main), dynamic_ncols=True)
         phase_step = state["epoch"] * per_epoch + state["batch"]
+        first_bad = torch.full((), -1, dtype=torch.long, device=dist.device)  # first step with a non-finite loss
+
+        def check_finite() -> None:
+            if dist.sum((first_bad >= 0).float()).item():  # every rank calls this at the same points
+                step = int(first_bad.item())
+                raise FloatingPointError(
+                    f"{label}: the loss is not finite at step {step if step > 0 else '(on another rank)'} of this phase; "
+                    "the last checkpoint is left as it was. Lower --lr / --mft-lr or check the data and options")
+
         for epoch in range(state["epoch"], epochs):
             batches = _global_batches(lengths, cfg, seed, epoch, dist.world)
             model.train()
@@ -648,8 +697,8 @@ class _Run:
                     cfg.stop_after_seconds is not None and time.perf_counter() - self.t0 >= cfg.stop_after_seconds
                 ):
                     state.update(epoch=epoch, batch=b)
-                    _save_training(store, model, optimizer, scheduler)
-                    store.save(self.config_dict)
+                    check_finite()
+                    store.save(self.config_dict, model, optimizer, scheduler)
                     dist.barrier()
                     self.stopped = True
                     bar.close()
@@ -667,6 +716,9 @@ class _Run:
                 n_local = batch["input_ids"].shape[0]
                 with self._autocast():
                     out = wrapped(batch)
+                # Remembered on the device (no host read per step) and checked where the loop reads
+                # the host anyway: before every log line and checkpoint, so none holds a NaN step.
+                first_bad = torch.where(~torch.isfinite(out["loss"].detach()) & (first_bad < 0), phase_step + 1, first_bad)
                 # Every loss here is a mean over this rank's rows: rescale so that DDP's average of
                 # the ranks' gradients is the gradient of the mean over the global batch.
                 scale = n_local * dist.world / n_global
@@ -679,6 +731,7 @@ class _Run:
                 state["global_step"] += 1
                 state.update(epoch=epoch, batch=b + 1)
                 if cfg.log_every and (phase_step % cfg.log_every == 0 or phase_step == total):
+                    check_finite()
                     logs = {k: dist.sum(v.detach().float() * n_local / n_global).item() for k, v in out.items()}
                     record = {"event": "step", "phase": name, "epoch": epoch, "step": phase_step,
                               "global_step": state["global_step"], "lr": scheduler.get_last_lr()[0], **logs}
@@ -688,12 +741,12 @@ class _Run:
                     bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 bar.update(1)
                 if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
-                    _save_training(store, model, optimizer, scheduler)
-                    store.save(self.config_dict)
+                    check_finite()
+                    store.save(self.config_dict, model, optimizer, scheduler)
             state.update(epoch=epoch + 1, batch=0)
+            check_finite()
             if epoch + 1 < epochs:
-                _save_training(store, model, optimizer, scheduler)
-                store.save(self.config_dict)
+                store.save(self.config_dict, model, optimizer, scheduler)
         bar.close()
 
     @torch.no_grad()
@@ -766,12 +819,13 @@ def train(
     dist = Dist(cfg.device)
     torch.manual_seed(cfg.seed)
     encoder, tokenizer = _load_encoder(backbone)
+    _check_encoder(encoder, cfg, tokenising=data is None)
+    store = _Store(output_dir, dist)
     if data is None:
         data = _default_data(source, eval_source, columns, tokenizer, cfg)
-    store = _Store(output_dir, dist)
     result = _Run(cfg, encoder, tokenizer, data, store, dist).run()
     if store.folder is not None and dist.main and result.complete:
-        (store.folder / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        atomic_write(store.folder / "result.json", lambda f: f.write(json.dumps(result.to_dict(), indent=1)), mode="w")
     return result
 
 
@@ -839,7 +893,7 @@ def format_table(results: dict[str, TrainResult], metric: str = "accuracy") -> s
 
 def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` to the ``fastmft`` command's subparsers."""
-    from .cli import add_column_arguments
+    from .cli import add_column_arguments, positive_int
     from .synthetic import SYNTHETIC_PER_DOMAIN
 
     p = subparsers.add_parser(
@@ -879,7 +933,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device")
     p.add_argument("--no-bf16", action="store_true", help="no bfloat16 autocast on CUDA")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--output-dir", help="metrics.jsonl, checkpoints, result.json per method (an existing run resumes)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -898,10 +952,14 @@ def _cli_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [method_key(m) for m in args.method.split(",") if m.strip()]
+    if not methods:
+        raise ValueError(f"--method {args.method!r} names no method; choose from {', '.join(METHODS)}")
+    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(f"--output-dir {args.output_dir} is a file, not a folder")
     cfg = TrainConfig(
         method=methods[0], mft_epochs=args.mft_epochs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         mft_lr=args.mft_lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-        alpha=args.alpha, lam=args.lam, layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
+        alpha=args.alpha, lam=args.lam, layers=_layers_arg(args.layers) if args.layers else None,
         num_prototypes=args.prototypes, adv_weight=args.adv_weight, few_shot=args.few_shot, max_length=args.max_length,
         pair_join=args.pair_join, dropout=args.dropout, seed=args.seed, device=args.device, bf16=not args.no_bf16,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, stop_after_steps=args.stop_after_steps,
@@ -915,11 +973,31 @@ def _cli_train(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _layers_arg(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated integers (1-based layer numbers), got {text!r}") from None
+
+
+def _check_encoder(encoder, cfg: TrainConfig, tokenising: bool = True) -> None:
+    """The options that depend on the encoder, before any data is tokenised or encoded
+    (max_length only matters when fastmft tokenises the data itself)."""
+    from .backbone import check_max_length
+
+    if tokenising:
+        check_max_length(encoder, cfg.max_length)
+    depth = encoder.config.num_hidden_layers
+    if cfg.layers and max(cfg.layers) > depth:
+        raise ValueError(f"--layers {','.join(map(str, cfg.layers))}: the encoder has {depth} layers")
+
+
 def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[str]) -> int:
     t0 = time.perf_counter()
     from .backbone import load_backbone
 
     encoder, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
+    _check_encoder(encoder, cfg)
     if args.data:
         columns = Columns(args.text_column, args.label_column, args.domain_column, args.text_pair_column)
         data = load_data(args.data, tokenizer, columns, eval_source=args.eval_data, train_split=args.train_split,

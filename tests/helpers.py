@@ -72,7 +72,7 @@ def tiny_bert(folder, words=(), *, layers=2, hidden=16, seed=0):
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=64,
+        intermediate_size=2 * hidden, max_position_embeddings=128,  # the commands' default --max-length
     )
     BertModel(config).save_pretrained(folder)
     return folder

@@ -386,29 +386,6 @@ def test_tensors_on_several_devices_fall_back_to_the_reference(compiled):
     assert got[0].tolist() == [0.5, 0.5, 0.5] and got[1].device.type == "meta"
 
 
-def test_build_lock_of_a_dead_build_is_removed_and_a_live_one_waited_for(tmp_path, monkeypatch):
-    """torch's build baton waits forever on a lock a killed build left behind."""
-    import os
-    import threading
-    import time
-
-    from fastmft import _C
-
-    stale = tmp_path / "stale.lock"
-    stale.touch()
-    old = time.time() - _C.STALE_LOCK_S - 5
-    os.utime(stale, (old, old))
-    _C._wait_for_lock(stale)
-    assert not stale.exists()
-
-    live = tmp_path / "live.lock"
-    live.touch()
-    threading.Timer(0.3, live.unlink).start()  # the other build finishes
-    start = time.time()
-    _C._wait_for_lock(live)
-    assert time.time() - start >= 0.25 and not live.exists()
-
-
 def test_build_folder_depends_on_the_source_folder(tmp_path, monkeypatch):
     """Two checkouts must not share a build folder (build.ninja holds absolute source paths)."""
     import shutil
@@ -420,11 +397,11 @@ def test_build_folder_depends_on_the_source_folder(tmp_path, monkeypatch):
 
     names = []
 
-    def stop_at_the_lock(lock):
-        names.append(lock.parent.name)
+    def stop_before_loading(name, sources, cflags, with_cuda, build_dir):
+        names.append(build_dir.name)
         raise Stop
 
-    monkeypatch.setattr(_C, "_wait_for_lock", stop_at_the_lock)
+    monkeypatch.setattr(_C, "_load_locked", stop_before_loading)
     for copy in ("a", "b"):
         src = tmp_path / copy / "csrc"
         shutil.copytree(_C.sources_dir(), src)

@@ -105,3 +105,23 @@ def test_bad_input(rng):
         module(hs, mask, torch.tensor([0, 5, 1]), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="layers must be"):
         fastmft.MFTLoss(hidden_size=4, num_labels=2, num_domains=2, layers=(0, 2))
+
+
+def test_errors_name_the_users_layer_and_the_hidden_size(rng):
+    """Issue 13: a bad skip layer is named by its layer number, a wrong hidden size by name."""
+    hs, mask = batch(3, 4, 4, 3, rng)
+    y = torch.zeros(3, dtype=torch.long)
+    module = fastmft.MFTLoss(hidden_size=4, num_labels=2, num_domains=2, layers=(1, 2))
+    bad = list(hs)
+    bad[2] = bad[2][:, :2]
+    with pytest.raises(ValueError, match=r"hidden_states\[2\] \(skip layer 2\) has shape \(3, 2, 4\)"):
+        module(tuple(bad), mask, y, y)
+    wide = fastmft.MFTLoss(hidden_size=8, num_labels=2, num_domains=2, layers=(1, 2))
+    with pytest.raises(ValueError, match="hidden size 4, but this MFTLoss was built with hidden_size=8"):
+        wide(hs, mask, y, y)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.1, float("nan"), float("inf")])
+def test_multi_prototypes_refuse_a_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        fastmft.MultiPrototypes(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, dtype=torch.long), temperature)

@@ -146,7 +146,7 @@ def test_text_pairs_are_encoded_as_pairs(corpus, tmp_path, monkeypatch):
 def test_strict_and_foreign_cache(corpus, tmp_path):
     with pytest.raises(ScoreError, match="line 6: undecodable line"):
         score_files(config(corpus, tmp_path, strict=True))
-    cfg = config(corpus, tmp_path, name="x")
+    cfg = config(corpus, tmp_path, name="x", keep_cache=True)
     score_files(cfg)
     with pytest.raises(ScoreError, match="different command"):
         score_files(config(corpus, tmp_path, name="x", alpha=0.9))
@@ -310,3 +310,207 @@ def test_register_cli_parses_into_a_config():
     assert cfg.inputs == ["a.jsonl", "shards/*.parquet"] and cfg.label_values == ["neg", "pos"]
     assert (cfg.prototypes, cfg.strict, cfg.progress, cfg.domain_values) == (3, True, False, None)
     assert str(cfg.cache_path()) == "out.parquet.score-cache"
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 13: never touch what fastmft did not create; a right output or a clear error
+
+
+def _small(corpus, tmp_path, n=12, name="small.jsonl", transform=None, raw=None):
+    """A small JSONL input (optionally with rows changed by ``transform`` or given raw bytes)."""
+    _, _, rows, _ = corpus
+    path = tmp_path / name
+    if raw is not None:
+        path.write_bytes(raw)
+        return path
+    rows = [dict(r) for r in rows[:n]]
+    if transform:
+        rows = [transform(i, r) for i, r in enumerate(rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cache_dir_that_is_not_ours_is_refused_and_kept(corpus, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = _small(corpus, data)
+    (data / "notes.txt").write_text("mine")
+    for restart in (False, True):
+        with pytest.raises(ScoreError, match="not a fastmft score cache"):
+            score_files(config(corpus, tmp_path, inputs=[str(path)], cache_dir=str(data), restart=restart))
+    assert sorted(p.name for p in data.iterdir()) == ["notes.txt", "small.jsonl"]
+    # a cache folder of ours with a stranger's file in it: --restart removes only fastmft's files
+    cache = tmp_path / "cache"
+    cfg = config(corpus, tmp_path, inputs=[str(path)], cache_dir=str(cache), keep_cache=True)
+    score_files(cfg)
+    (cache / "chunk-notes.txt").write_text("also mine")
+    score_files(config(corpus, tmp_path, inputs=[str(path)], cache_dir=str(cache), alpha=0.2, restart=True))
+    assert (cache / "chunk-notes.txt").read_text() == "also mine"
+    assert not list(cache.glob("chunk-*.npy")) and not (cache / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("option", ["output", "rejects", "report"])
+def test_an_output_path_that_is_an_input_is_refused(corpus, tmp_path, option):
+    path = _small(corpus, tmp_path)
+    before = path.read_bytes()
+    kw = {"inputs": [str(path)], option: str(path)} if option != "output" else {"inputs": [str(path)]}
+    cfg = config(corpus, tmp_path, **kw)
+    if option == "output":
+        cfg.output = str(tmp_path / "." / path.name)
+    with pytest.raises(ScoreError, match="is an input"):
+        score_files(cfg)
+    assert path.read_bytes() == before
+
+
+def test_only_its_own_temporary_files_are_removed(corpus, tmp_path):
+    path = _small(corpus, tmp_path)
+    cfg = config(corpus, tmp_path, inputs=[str(path)])
+    mine = [tmp_path / "out.parquet.tmp", tmp_path / "out.parquet.tmp.backup", tmp_path / "out.parquet.rejects.jsonl.tmp1"]
+    for f in mine:
+        f.write_text("keep me")
+    seen = {"n": 0}
+
+    def hook(name):  # a kill in the merge, after the temporary outputs exist
+        if name == "merge":
+            raise Crash(name)
+
+    score_mod.CRASH_HOOK = hook
+    with pytest.raises(Crash):
+        score_files(cfg)
+    score_mod.CRASH_HOOK = None
+    leftovers = sorted(p.name for p in tmp_path.glob(".out.parquet*.tmp"))
+    assert len(leftovers) == 2, leftovers  # the killed run's own temporaries
+    s = score_files(cfg)
+    assert s.scored == 12 and all(f.read_text() == "keep me" for f in mine)
+    assert not list(tmp_path.glob(".out.parquet*.tmp"))
+    # after success: no cache folder, no empty rejects file
+    assert not cfg.cache_path().exists() and not cfg.rejects_path().exists()
+
+
+def test_resume_notices_a_same_size_edit_with_mtime_kept(corpus, tmp_path):
+    path = _small(corpus, tmp_path)
+    cfg = config(corpus, tmp_path, inputs=[str(path)])
+    cfg.chunk_rows = 4
+    score_mod.CRASH_HOOK = lambda name: (_ for _ in ()).throw(Crash()) if name == "score" else None
+    with pytest.raises(Crash):
+        score_files(cfg)
+    score_mod.CRASH_HOOK = None
+    st = path.stat()
+    text = path.read_text()
+    i = text.index('"label": "positive"')
+    path.write_text(text[:i] + text[i:].replace("positive", "negative", 1))  # the same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+    with pytest.raises(ScoreError, match="changed inputs"):
+        score_files(cfg)
+
+
+def test_a_second_run_on_the_same_cache_gets_a_clear_message(corpus, tmp_path):
+    path = _small(corpus, tmp_path)
+    cfg = config(corpus, tmp_path, inputs=[str(path)])
+    second = {}
+
+    def hook(name):
+        if name == "batch" and not second:
+            with pytest.raises(ScoreError, match="another fastmft score run is using the cache") as err:
+                score_files(cfg)
+            second["err"] = err
+
+    score_mod.CRASH_HOOK = hook
+    assert score_files(cfg).scored == 12 and second
+
+
+def test_large_embeddings_keep_float32_and_non_finite_is_an_error(corpus, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    _, bert, _, _ = corpus
+    path = _small(corpus, tmp_path)
+    model = AutoModel.from_pretrained(bert, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(bert, local_files_only=True)
+    with torch.no_grad():  # pooled values ~1e5: beyond fp16's 65504
+        model.encoder.layer[-1].output.LayerNorm.weight.fill_(1e5)
+    s = score_files(config(corpus, tmp_path, inputs=[str(path)]), model=model, tokenizer=tok)
+    t = np.array(read(tmp_path / "out.parquet")["typicality"])
+    assert s.scored == 12 and np.isfinite(t).all() and np.abs(t).max() > 0.1
+    with torch.no_grad():
+        model.encoder.layer[-1].output.LayerNorm.weight.fill_(float("nan"))
+    with pytest.raises(ScoreError, match="not finite for 12 row"):
+        score_files(config(corpus, tmp_path, name="nan", inputs=[str(path)]), model=model, tokenizer=tok)
+    assert not (tmp_path / "nan.parquet").exists()
+
+
+def test_labels_1_and_1_0_are_one_label_and_list_labels_are_rejected(corpus, tmp_path):
+    def numeric(i, r):
+        return dict(r, label=[1, 1.0, 0, 0.0][i % 4] if i != 5 else [1, 2])
+
+    path = _small(corpus, tmp_path, transform=numeric)
+    s = score_files(config(corpus, tmp_path, inputs=[str(path)]))
+    assert (s.scored, s.rejected, s.labels) == (11, 1, [0, 1])
+    assert list(s.reasons) == ["label ('label') is a JSON list, not a value"]
+
+
+def test_missing_columns_and_zero_accepted_rows_are_errors(corpus, tmp_path):
+    path = _small(corpus, tmp_path)
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([json.loads(x) for x in path.read_text().splitlines()], indent=2))
+    for src in (path, array):
+        with pytest.raises(ScoreError, match="no field in its first 1000 rows named 'txt'"):
+            score_files(config(corpus, tmp_path, inputs=[str(src)], text_column="txt"))
+    assert score_files(config(corpus, tmp_path, name="array", inputs=[str(array)])).scored == 12
+    blank = _small(corpus, tmp_path, name="blank.jsonl", transform=lambda i, r: dict(r, text=" "))
+    with pytest.raises(ScoreError, match=r"no row was accepted \(12 rows: missing text"):
+        score_files(config(corpus, tmp_path, name="blank", inputs=[str(blank)]))
+    assert not (tmp_path / "blank.parquet").exists()
+
+
+def test_bom_default_text_ids_and_a_rerun_summary(corpus, tmp_path):
+    path = _small(corpus, tmp_path)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    csv_path = tmp_path / "bom.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8-sig") as f:
+        w = csv.DictWriter(f, ["text", "label", "domain"])
+        w.writeheader()
+        w.writerows({k: r[k] for k in ("text", "label", "domain")} for r in rows)
+    a = config(corpus, tmp_path, name="bom", inputs=[str(bom)], keep_cache=True)
+    a.id_column = None  # the input's own id column is used by default
+    assert score_files(a).rejected == 0
+    assert read(a.output)["id"] == [r["id"] for r in rows]
+    b = config(corpus, tmp_path, name="csv", inputs=[str(csv_path)])
+    b.id_column = None  # no id column: the row index, as text
+    assert score_files(b).rejected == 0
+    assert pq.read_schema(b.output).field("id").type == "string" and read(b.output)["id"][:3] == ["0", "1", "2"]
+    again = score_files(a)
+    assert again.already_complete and "already complete (the first run took" in again.text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--output", "{tmp}"], "is a folder"),
+    (["--output", "{file}/x.parquet"], "is a file, not a folder"),
+    (["--output", "{locked}/x.parquet"], "is not writable"),
+    (["--max-length", "129"], "--max-length 129 is more than the model's 128 positions"),
+    (["--prototypes", "2", "--temperature", "nan"], "--temperature must be a finite number > 0"),
+    (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
+    (["--device", "cuda"], "--device 'cuda': this torch build or machine has no CUDA device"),
+    (["--threads", "-1"], "--threads must be an integer >= 1"),
+])
+def test_bad_options_are_one_line_errors(corpus, tmp_path, capsys, args, message):
+    from fastmft.cli import main
+
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+
+    if os.geteuid() == 0 and "{locked}" in args[1]:
+        pytest.skip("root can write anywhere")
+    path = _small(corpus, tmp_path)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    args = [a.format(tmp=tmp_path, file=tmp_path / "file", locked=tmp_path / "locked") for a in args]
+    cli = _cli_args(corpus, tmp_path / "out.parquet")
+    cli[0] = str(path)
+    assert main(["score", *cli, *args]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (library loading bars may come before it)
+    assert last.startswith("fastmft score: error: ") and message in last and "Traceback" not in err
+    assert not list(tmp_path.glob("*.parquet"))

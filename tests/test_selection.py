@@ -134,6 +134,73 @@ def test_cli_runs_and_resumes(corpus, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "sources ['mlm', 'shuffle', 'cls:books'], targets ['target:electronics']" in out
+    assert f"a checkpoint of about" in out and str(tmp_path / "run" / "checkpoint") in out
     assert main(args[:8] + ["3"] + args[9:]) == 0  # one more episode, resumed from the checkpoint
     assert "episodes run now: 1 (total 3)" in capsys.readouterr().out
     assert len((tmp_path / "run" / "episodes.jsonl").read_text().splitlines()) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 13: one atomic checkpoint per episode, the log cut back to it, options checked
+
+SEL = dict(sources=("A", "B"), inner_lr=1e-3, m=1, n=2, epsilon=0.5)
+
+
+def _weights(selector):
+    return [p.detach().clone() for p in selector.model.parameters()]
+
+
+@pytest.mark.parametrize("where", ["before the checkpoint", "inside the checkpoint"])
+def test_a_kill_around_the_checkpoint_resumes_exactly_without_duplicate_log_lines(corpus, tmp_path, monkeypatch, where):
+    import json
+
+    from fastmft import _atomic
+
+    straight, _ = build(corpus, 5, **SEL)
+    expected = [(e.chosen, e.utilities) for e in straight.run(3, progress=False)]
+    real_save = _atomic.CheckpointDir.save
+    calls = {"n": 0}
+
+    def dying_save(self, write):  # episode 2: its log line is written, its checkpoint is not
+        calls["n"] += 1
+        if calls["n"] < 2:
+            return real_save(self, write)
+        if where == "before the checkpoint":
+            raise KeyboardInterrupt("killed")
+
+        def half(folder):
+            write(folder)
+            raise KeyboardInterrupt("killed mid-write")
+        return real_save(self, half)
+
+    monkeypatch.setattr(_atomic.CheckpointDir, "save", dying_save)
+    log, ckpt = tmp_path / "episodes.jsonl", tmp_path / "ckpt"
+    first, _ = build(corpus, 5, **SEL)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(3, log=log, checkpoint=ckpt, progress=False)
+    monkeypatch.setattr(_atomic.CheckpointDir, "save", real_save)
+    assert len(log.read_text().splitlines()) == 2
+    resumed, _ = build(corpus, 5, **SEL)
+    resumed.run(3, log=log, checkpoint=ckpt, progress=False)
+    lines = [json.loads(l) for l in log.read_text().splitlines()]
+    assert [l["episode"] for l in lines] == [1, 2, 3]
+    assert [(l["chosen"], l["utilities"]) for l in lines] == expected
+    assert all(torch.equal(a, b) for a, b in zip(_weights(straight), _weights(resumed)))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint-000003", "checkpoint.json"]  # nothing left over
+    (ckpt / "selector.json").write_text("{}")  # an older fastmft's layout: refused, the log kept
+    with pytest.raises(ValueError, match="older fastmft"):
+        build(corpus, 5, **SEL)[0].run(4, log=log, checkpoint=ckpt, progress=False)
+    assert len(log.read_text().splitlines()) == 3
+
+
+def test_bad_rates_are_named(corpus, tmp_path, capsys):
+    from fastmft.cli import main
+
+    with pytest.raises(ValueError, match=r"inner_lr \(--inner-lr\) must be a finite number > 0"):
+        build(corpus, 0, inner_lr=float("nan"))
+    with pytest.raises(SystemExit):
+        main(["select", "--inner-lr", "nan", "--output-dir", str(tmp_path / "run")])
+    assert "argument --inner-lr: must be a finite number > 0, got 'nan'" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["select", "--output-dir", str(tmp_path / "file")]) == 2
+    assert "--output-dir" in capsys.readouterr().err and (tmp_path / "file").read_text() == ""

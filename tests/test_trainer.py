@@ -276,3 +276,117 @@ def test_metrics():
     assert trainer.accuracy([0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
     # classes 0: tp 2 fp 1 fn 0 -> 0.8; class 1: tp 1 fp 0 fn 1 -> 2/3
     assert trainer.macro_f1([0, 1, 1, 0], [0, 1, 0, 0]) == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 13: atomic checkpoints, exact resume, no success after NaN, one-line option errors
+
+RESUME_KW = dict(method="full", mft_epochs=1, epochs=1, log_every=1, save_models=True, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def straight(data, backbone, tmp_path_factory):
+    """An uninterrupted run: its step losses and final models."""
+    out = tmp_path_factory.mktemp("straight")
+    _run(data, backbone, out, **RESUME_KW)
+    return _steps(out), _models(out)
+
+
+def _models(folder):
+    from safetensors.torch import load_file
+
+    return {f.name: load_file(str(f)) for f in sorted((Path(folder) / "models").iterdir())}
+
+
+def _same_as_straight(folder, straight):
+    steps, models = straight
+    got = _steps(folder)
+    assert [(s["global_step"], s["loss"]) for s in got] == [(s["global_step"], s["loss"]) for s in steps]
+    assert models.keys() == _models(folder).keys()
+    for name, tensors in _models(folder).items():
+        assert all(torch.equal(tensors[k], models[name][k]) for k in tensors), name
+
+
+def test_a_failed_checkpoint_write_resumes_from_the_previous_one(data, backbone, tmp_path, straight, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *a, **kw):  # the 2nd checkpoint dies after its model file is written
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed mid-checkpoint")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(trainer.torch, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):  # checkpoints after steps 1 and 2 of the MFT phase
+        _run(data, backbone, out, **{**RESUME_KW, "checkpoint_every": 1})
+    monkeypatch.setattr(trainer.torch, "save", real_save)
+    assert _run(data, backbone, out, **RESUME_KW).complete
+    _same_as_straight(out, straight)
+
+
+def test_an_unreadable_checkpoint_falls_back_with_a_message(data, backbone, tmp_path, straight, capsys):
+    out = tmp_path / "run"
+    assert not _run(data, backbone, out, stop_after_steps=2, **RESUME_KW).complete
+    [model] = out.glob("checkpoint-*/model.safetensors")
+    model.write_bytes(model.read_bytes()[:100])  # a damaged disk
+    assert _run(data, backbone, out, **RESUME_KW).complete
+    assert "is unreadable" in capsys.readouterr().err
+    _same_as_straight(out, straight)
+
+
+def test_a_kill_before_the_first_checkpoint_logs_no_step_twice(data, backbone, tmp_path, straight, monkeypatch):
+    out = tmp_path / "run"
+    real_log = trainer._Store.log
+
+    def log_then_die(self, record):
+        real_log(self, record)
+        if record.get("global_step") == 1:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(trainer._Store, "log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, backbone, out, **RESUME_KW)
+    monkeypatch.setattr(trainer._Store, "log", real_log)
+    assert _run(data, backbone, out, **RESUME_KW).complete
+    _same_as_straight(out, straight)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step(data, backbone, monkeypatch):
+    real = trainer.Classifier.forward
+    monkeypatch.setattr(trainer.Classifier, "forward", lambda self, batch: {
+        k: v * float("nan") if k == "loss" else v for k, v in real(self, batch).items()})
+    with pytest.raises(FloatingPointError, match="loss is not finite at step 1 of this phase"):
+        _run(data, backbone, method="s")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lam", "nan"], "lam (--lam) must be a finite number >= 0"),
+    (["--alpha", "1.5"], "alpha (--alpha) must be a finite number in [0, 1]"),
+    (["--lr", "-1"], "lr (--lr) must be a finite number > 0"),
+    (["--prototypes", "0"], "num_prototypes (--prototypes) must be an integer >= 1"),
+    (["--layers", "1.5"], "--layers must be comma-separated integers"),
+    (["--layers", "9"], "--layers 9: the encoder has 3 layers"),
+    (["--method", ","], "--method ',' names no method"),
+    (["--output-dir", "{file}"], "is a file, not a folder"),
+    (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
+    (["--threads", "-1"], "argument --threads: must be an integer >= 1"),
+    (["--max-length", "129"], "--max-length 129 is more than the model's 128 positions"),
+])
+def test_bad_options_are_one_line_errors(corpus, backbone, tmp_path, capsys, args, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (tmp_path / "file").write_text("")
+    args = [a.format(file=tmp_path / "file") for a in args]
+    with pytest.raises(SystemExit) if "argument" in message else _nothing():
+        assert trainer.main(["train", "--data", str(path), "--backbone", str(backbone[0]), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == ""
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -1,0 +1,154 @@
+"""Crash-safe files and checkpoints: a kill -9 at any moment leaves either the old or the new
+version, never a mix, and only names fastmft created are ever removed."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through ``write(file)`` into a uniquely named temporary file beside ``path``, fsync it
+    and rename it into place; the temporary file is removed when writing fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_path(path: Path, write: Callable[[str], None]) -> None:
+    """:func:`atomic_write` for writers that take a file name (safetensors' save_model)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str)), mode="w")
+
+
+def trim_lines(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` complete lines of an append-only log (lines logged after the
+    checkpoint a run resumes from, or half a line cut by a kill, would otherwise repeat)."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines = [l for l in lines[:keep] if l.endswith(b"\n")]
+    if len(lines) != keep:
+        raise ValueError(f"{path} has {len(lines)} complete lines, the checkpoint counted {keep}")
+    atomic_write(path, lambda f: f.write(b"".join(lines)))
+
+
+class CheckpointDir:
+    """Checkpoints as folders ``<name>-<n>`` inside ``root``, published as one unit: the files are
+    written and fsynced in a temporary folder, the folder is renamed, then the pointer file
+    ``<name>.json`` is replaced (os.replace) to name it, and only then the older folders go."""
+
+    def __init__(self, root: Path, name: str = "checkpoint"):
+        self.root, self.name = Path(root), name
+        self.pointer = self.root / f"{name}.json"
+        self._folder_re = re.compile(rf"^{re.escape(name)}-(\d+)$")
+        self._tmp_re = re.compile(rf"^\.{re.escape(name)}-\d+\.[^/]*\.tmp$")
+
+    def _numbered(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := self._folder_re.match(p.name)) and p.is_dir()]
+        return sorted(found, reverse=True)
+
+    def current(self) -> Path | None:
+        if not self.pointer.is_file():
+            return None
+        return self.root / json.loads(self.pointer.read_text())["folder"]
+
+    def candidates(self) -> list[Path]:
+        """The published checkpoint first, then older complete ones (newest first)."""
+        cur = self.current()
+        rest = [p for _, p in self._numbered() if p != cur and (cur is None or self._n(p) < self._n(cur))]
+        return ([cur] if cur is not None and cur.is_dir() else []) + rest
+
+    def _n(self, p: Path) -> int:
+        return int(self._folder_re.match(p.name).group(1))
+
+    def load(self, read: Callable[[Path], Any]) -> Any:
+        """``read(folder)`` of the newest checkpoint that reads; a broken one is reported and the
+        previous one used. None when there is no checkpoint."""
+        for folder in self.candidates():
+            try:
+                return read(folder)
+            except Exception as err:  # noqa: BLE001 - a damaged checkpoint: try the previous one
+                print(f"fastmft: warning: checkpoint {folder} is unreadable ({type(err).__name__}: {err}); "
+                      "falling back to the previous complete checkpoint", file=sys.stderr)
+        return None
+
+    def save(self, write: Callable[[Path], None]) -> Path:
+        """``write(folder)`` fills a fresh folder; returns the published folder."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.clean_stale()
+        numbered = self._numbered()
+        n = numbered[0][0] + 1 if numbered else 1
+        final = self.root / f"{self.name}-{n:06d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{final.name}.", suffix=".tmp"))
+        try:
+            write(tmp)
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            fsync_dir(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(self.root)
+        atomic_json(self.pointer, {"folder": final.name})
+        fsync_dir(self.root)
+        for _, old in numbered:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def clean_stale(self) -> None:
+        """Remove what a killed save left: temporary folders and folders newer than the pointer."""
+        if not self.root.is_dir():
+            return
+        cur = self.current()
+        for p in self.root.iterdir():
+            if self._tmp_re.match(p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+        for n, p in self._numbered():
+            if cur is not None and n > self._n(cur):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def clear(self) -> None:
+        """Remove every checkpoint (the run no longer needs one)."""
+        self.pointer.unlink(missing_ok=True)
+        for _, p in self._numbered():
+            shutil.rmtree(p, ignore_errors=True)
+        self.clean_stale()
