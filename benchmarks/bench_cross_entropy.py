@@ -3,7 +3,7 @@
 Four heads as in MFT with three skip layers: the label head (3 classes) and three domain heads
 (4 domains), typicality sample weights, ignore_index on a few rows. Providers:
 ``fastmft-triton`` (all heads in one launch: 2 launches forward, 1 backward; CUDA, or the
-interpreter on CPU for a sanity run), ``torch-eager`` (fastmft.reference: several launches per
+interpreter on CPU for a sanity run), ``torch-eager`` (fastmft.ops.reference: several launches per
 head) and ``torch-compile`` (the reference under torch.compile; CUDA only), called as dispatch
 calls them, after argument checking.
 

@@ -2,7 +2,7 @@
 
 Providers: ``fastmft-triton`` (the fused kernel: one launch for all L layers, read from L separate
 tensors as a Hugging Face encoder returns them, no stacking; CUDA, or the interpreter on CPU for
-a sanity run), ``torch-eager`` (the reference of fastmft.reference) and ``torch-compile`` (that
+a sanity run), ``torch-eager`` (the reference of fastmft.ops.reference) and ``torch-compile`` (that
 reference under torch.compile; CUDA only). The implementations are called as dispatch calls
 them, after argument checking, so the rows compare the ops themselves.
 

@@ -2,7 +2,7 @@
 embeddings, each reading every embedding once. Forward only (both are statistics).
 
 Providers: ``fastmft-triton`` (the fused kernels; CUDA, or the interpreter on CPU for a sanity
-run), ``torch-eager`` (fastmft.reference) and ``torch-compile`` (CUDA only), called as dispatch
+run), ``torch-eager`` (fastmft.ops.reference) and ``torch-compile`` (CUDA only), called as dispatch
 calls them, after argument checking. The reference streams N in Python-level chunks, which
 torch.compile would unroll into one enormous graph at N = 4M; the compiled provider therefore
 compiles the same formulas written without chunks (:func:`typicality_formula`,
@@ -39,8 +39,8 @@ def sizes(scale: str, device: torch.device) -> list[dict]:
 
 
 def typicality_formula(embeddings, labels, domains, centers, present, alpha, temperature):
-    """fastmft.reference.typicality for J = 1 without chunks (for torch.compile)."""
-    from fastmft.reference import unit_rows
+    """fastmft.ops.reference.typicality for J = 1 without chunks (for torch.compile)."""
+    from fastmft.ops.reference import unit_rows
 
     K = centers.shape[0]
     e = unit_rows(embeddings)
@@ -54,7 +54,7 @@ def typicality_formula(embeddings, labels, domains, centers, present, alpha, tem
 
 
 def prototype_sums_formula(embeddings, cells, num_cells):
-    """fastmft.reference.prototype_sums without chunks (for torch.compile)."""
+    """fastmft.ops.reference.prototype_sums without chunks (for torch.compile)."""
     sums = embeddings.new_zeros((num_cells, embeddings.shape[1]), dtype=torch.float32)
     sums.index_add_(0, cells, embeddings.float())
     return sums, torch.bincount(cells, minlength=num_cells)

@@ -11,7 +11,7 @@ quick scale a 2-layer hidden-64 BERT. Eval mode (no dropout), fp32, random token
 
 Providers (same model, same batches, equal results: checked once before timing):
 - ``fastmft``: :class:`fastmft.utility.TaskUtilityScorer`: torch.autograd.grad at theta,
-  fastmft.inner_step into one persistent FlatParams (the compiled extension where available),
+  fastmft.ops.inner_step into one persistent FlatParams (the compiled extension where available),
   target losses by torch.func.functional_call under inference mode;
 - ``fastmft-foreach``: the same scorer with the inner step forced to torch's foreach ops
   (``use_backend("torch")``), isolating the compiled step's share;

@@ -80,13 +80,13 @@ def kernel_providers(scale: str, device) -> list[str]:
     return out
 
 def kernel_op(provider: str, name: str, compile_target: Callable | None = None) -> Callable:
-    """Op ``name`` as a kernel benchmark's provider runs it: the Triton op of fastmft.triton_ops,
-    the reference of fastmft.reference, or ``compile_target`` (default: that reference) under
+    """Op ``name`` as a kernel benchmark's provider runs it: the Triton op of fastmft.ops.triton,
+    the reference of fastmft.ops.reference, or ``compile_target`` (default: that reference) under
     torch.compile."""
-    from fastmft import reference
+    from fastmft.ops import reference
 
     if provider == TRITON:
-        from fastmft import triton_ops
+        from fastmft.ops import triton as triton_ops
 
         return getattr(triton_ops, name)
     if provider == COMPILED:

@@ -10,7 +10,7 @@ no toolkit, ...), fastmft warns ONCE and every op keeps running on the PyTorch r
 foreach ops: identical results, slower); a failed CUDA part still leaves the CPU part.
 
 Is the fused path active?  ``fastmft._C.is_available()`` / ``is_available("cuda")``, and
-``fastmft._C.status()`` (what was built, where, and why not). ``fastmft.backend.which("inner_step",
+``fastmft._C.status()`` (what was built, where, and why not). ``fastmft.ops.dispatch.which("inner_step",
 device)`` says which implementation dispatch picks.
 
 Environment: ``FASTMFT_EXTENSION=0`` never builds or loads it (the reference runs, no warning);
@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import backend
+from .ops import dispatch
 
 _LOCK = threading.RLock()
 _state: dict = {"tried": False, "cpu": False, "cuda": False, "error": None, "cuda_error": None, "path": None}
@@ -323,18 +323,18 @@ def inner_step_(params: Sequence[Tensor], grads: Sequence[Tensor | None], outs: 
         params, grads, outs, float(lr), bool(check_finite), modes_for(params[0].device))
 
 
-@backend.register_compiled("inner_step")
+@dispatch.register_compiled("inner_step")
 def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: float, out: Sequence[Tensor] | None,
                *, check_finite: bool = False) -> list[Tensor]:
     """The compiled implementation of fastmft.inner_step (same contract as the reference); with
-    ``check_finite`` the flag computed in the same pass raises fastmft.inner_step.NonFiniteError."""
+    ``check_finite`` the flag computed in the same pass raises fastmft.NonFiniteError."""
     device = params[0].device
     if any(p.device != device for p in params):  # tensors on several devices: not one fused pass
-        from . import reference
+        from .ops import reference
 
         result = reference.inner_step(params, grads, lr, out)
         if check_finite and not all(bool(torch.isfinite(t).all()) for t in result):
-            from .inner_step import NonFiniteError
+            from .ops.inner_step import NonFiniteError
 
             raise NonFiniteError("fastmft.inner_step: theta - lr * grad has a non-finite value (inf or NaN)")
         return result
@@ -355,7 +355,7 @@ def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: flo
             flag = inner_step_(params, grads, out, lr, check_finite)
             result = list(out)
     if check_finite and bool(flag):
-        from .inner_step import NonFiniteError
+        from .ops.inner_step import NonFiniteError
 
         raise NonFiniteError("fastmft.inner_step: theta - lr * grad has a non-finite value (inf or NaN)")
     return result

@@ -52,7 +52,7 @@ each rank scores its chunks and rank 0 merges. The cache folder must be visible 
 shared filesystem on several nodes).
 
 Multi-prototype (``--prototypes J`` > 1): spherical k-means per (domain, label) cell
-(:func:`fastmft.prototypes.multi_prototypes`, seeded with ``seed`` + cell index) on the cached
+(:func:`fastmft.ops.prototypes.multi_prototypes`, seeded with ``seed`` + cell index) on the cached
 embeddings, loaded one cell at a time; peak memory then grows with the largest cell (rows x dim x 4
 bytes).
 """
@@ -607,7 +607,7 @@ def _run_locked(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sourc
     # --- pass one: encode the chunks of this rank that are not in the cache yet
     import torch
 
-    from .prototypes import MultiPrototypes, PrototypeAccumulator, Prototypes
+    from .ops.prototypes import MultiPrototypes, PrototypeAccumulator, Prototypes
 
     todo = {c for c in mine if not _meta_path(cache, c).exists()}
     resumed = len(mine) - len(todo)
@@ -651,7 +651,7 @@ def _run_locked(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sourc
         protos_dev = MultiPrototypes(protos.centers.to(score_device), protos.counts.to(score_device), protos.temperature)
 
     # --- pass two (a): score this rank's chunks from the cache only
-    from .functional import typicality
+    from .ops.functional import typicality
 
     for c in mine:
         path = _scores_path(cache, c)
@@ -693,7 +693,7 @@ def _check_finite(values: np.ndarray, ids, what: str) -> None:
 
 
 def _sums_acc(meta: dict, M: int, K: int):
-    from .prototypes import PrototypeAccumulator
+    from .ops.prototypes import PrototypeAccumulator
     import torch
 
     a = PrototypeAccumulator(M, K, int(meta["sums"].shape[1]))
@@ -902,7 +902,7 @@ def _reader(cfg, sources, columns, labels, domains, todo, n_chunks, dist, tokeni
 def _encode_chunks(cfg, sources, columns, labels, domains, todo, n_chunks, dist, model, tokenizer, device, cache, total_rows):
     import torch
 
-    from .functional import masked_mean_pool
+    from .ops.functional import masked_mean_pool
 
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
@@ -967,7 +967,7 @@ def _multi_prototypes(cfg, cache, n_chunks, M, K, dim) -> dict:
     """Spherical k-means per cell on the cached embeddings, one cell at a time."""
     import torch
 
-    from .prototypes import multi_prototypes
+    from .ops.prototypes import multi_prototypes
 
     J = cfg.prototypes
     centers = torch.zeros(K, M, J, dim, dtype=torch.float32)

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 from ._atomic import CheckpointDir, atomic_path, atomic_write, trim_lines
 from ._dist import Dist
 from .data import Collator, Columns, LengthBucketSampler, Vocab, check_columns, encode_labels, load_table, tokenize
-from .functional import shuffle_domains
-from .nn import MFTLoss, skip_layers
+from .ops.functional import shuffle_domains
+from .ops.nn import MFTLoss, skip_layers
 
 METHODS = ("s", "mix", "mtl", "adv", "dc", "tw", "full")
 METHOD_NAMES = {

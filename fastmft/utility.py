@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .inner_step import FlatParams, NonFiniteError, inner_step
+from .ops.inner_step import FlatParams, NonFiniteError, inner_step
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -70,7 +70,7 @@ class TaskUtilityScorer:
     scalar loss of a batch (default :func:`hf_loss`). ``lr``: the inner step size alpha.
     ``params``: names of the parameters the inner step adapts (default: every parameter with
     ``requires_grad``); the others keep their values at theta'. ``nonfinite``: what a step whose
-    theta' has an inf or NaN does: ``"raise"`` (:class:`fastmft.inner_step.NonFiniteError`),
+    theta' has an inf or NaN does: ``"raise"`` (:class:`fastmft.NonFiniteError`),
     ``"-inf"`` (that step contributes -inf to the utility, the task is never picked), or
     ``"ignore"`` (no check; NaN spreads into the utility). ``sparse_embeddings``: the row-sparse
     step for ``nn.Embedding`` tables (module docstring); it sets their ``sparse`` flag during

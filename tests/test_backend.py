@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastmft
-from fastmft import backend
+from fastmft.ops import dispatch
 
 
 def test_env_and_context_manager(monkeypatch):
@@ -29,7 +29,7 @@ def test_env_and_context_manager(monkeypatch):
 
 def test_auto_runs_the_reference_on_cpu():
     with fastmft.use_backend("auto"):
-        assert backend.resolve("typicality", torch.device("cpu")) is backend._registry[("typicality", "torch")]
+        assert dispatch.resolve("typicality", torch.device("cpu")) is dispatch._registry[("typicality", "torch")]
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():

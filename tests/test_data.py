@@ -7,7 +7,7 @@ import datasets
 import pytest
 import torch
 
-from fastmft.data import Collator, Columns, LengthBucketSampler, Vocab, encode_labels, load_table, prepare, tokenize
+from fastmft.data import Collator, Columns, LengthBucketSampler, Vocab, encode_labels, load_table, prepare
 from fastmft.synthetic import synthetic_corpus
 from tests.helpers import tiny_bert
 

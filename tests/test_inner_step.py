@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import fastmft
-from fastmft import _C, backend, reference
-from fastmft.inner_step import NonFiniteError
+from fastmft import _C
+from fastmft.ops import dispatch, reference
+from fastmft.ops.inner_step import NonFiniteError
 
 from .helpers import TOLERANCES, assert_flag_contract
 
@@ -75,13 +76,13 @@ def test_extension_is_built_and_dispatched(compiled, monkeypatch):
     st = compiled.status()
     assert st["cpu"] and st["error"] is None and st["build_info"].startswith("cpu:openmp")
     monkeypatch.delenv("FASTMFT_BACKEND", raising=False)
-    assert backend.which("inner_step", "cpu") == "compiled"
+    assert dispatch.which("inner_step", "cpu") == "compiled"
     with fastmft.use_backend("torch"):
-        assert backend.which("inner_step", "cpu") == "torch"
+        assert dispatch.which("inner_step", "cpu") == "torch"
     monkeypatch.setenv("FASTMFT_BACKEND", "torch")
-    assert backend.which("inner_step", "cpu") == "torch"
+    assert dispatch.which("inner_step", "cpu") == "torch"
     monkeypatch.setenv("FASTMFT_BACKEND", "auto")
-    assert backend.which("inner_step", "cpu") == "compiled"
+    assert dispatch.which("inner_step", "cpu") == "compiled"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -247,7 +248,7 @@ def test_failed_build_warns_once_and_falls_back(compiled, monkeypatch, rng):
             got2 = fastmft.inner_step(ps, gs, 0.1)
         msgs = [str(w.message) for w in caught if "fastmft._C" in str(w.message)]
         assert len(msgs) == 1 and "foreach" in msgs[0]
-        assert backend.which("inner_step", "cpu") == "torch"
+        assert dispatch.which("inner_step", "cpu") == "torch"
         assert_bitwise(got1, reference.inner_step(ps, gs, 0.1, None))
         assert_bitwise(got2, got1)
         assert not _C.is_available() and _C.status()["error"]
@@ -294,9 +295,10 @@ def test_disabled_extension_uses_foreach_without_warning(compiled):
         """
         import warnings; warnings.simplefilter("error")
         import torch, fastmft
-        from fastmft import backend, _C
+        from fastmft import _C
+        from fastmft.ops import dispatch
         ps = [torch.randn(10)]; gs = [torch.randn(10)]
-        print(backend.which("inner_step", "cpu"), _C.is_available(), fastmft.inner_step(ps, gs, 0.1)[0].shape)
+        print(dispatch.which("inner_step", "cpu"), _C.is_available(), fastmft.inner_step(ps, gs, 0.1)[0].shape)
         """,
         FASTMFT_EXTENSION="0",
     )
@@ -314,7 +316,7 @@ def test_missing_compiler_warns_once_and_falls_back(compiled, tmp_path):
             a = fastmft.inner_step([torch.ones(3)], [torch.ones(3)], 0.5)[0]
             b = fastmft.inner_step([torch.ones(3)], [torch.ones(3)], 0.5)[0]
         n = sum("fastmft._C could not be built" in str(w.message) for w in caught)
-        print(n, fastmft.backend.which("inner_step", "cpu"), a.tolist() == b.tolist() == [0.5, 0.5, 0.5])
+        print(n, fastmft.ops.dispatch.which("inner_step", "cpu"), a.tolist() == b.tolist() == [0.5, 0.5, 0.5])
         """,
         CXX=str(tmp_path / "no-such-compiler"),
         FASTMFT_CACHE_DIR=str(tmp_path / "cache"),
@@ -336,8 +338,8 @@ def test_bitwise_in_other_modes(compiled, env):
     out = _run(
         """
         import torch, fastmft
-        from fastmft import reference
-        from fastmft.inner_step import NonFiniteError
+        from fastmft.ops import reference
+        from fastmft.ops.inner_step import NonFiniteError
         g = torch.Generator().manual_seed(0)
         sizes = (1, 17, 4097, 100003, 7, 262147)
         base_p, base_g = torch.randn(sum(sizes) + 1, generator=g), torch.randn(sum(sizes) + 1, generator=g)
@@ -372,7 +374,7 @@ def test_bitwise_in_other_modes(compiled, env):
             flagged_b = False
         except NonFiniteError:
             flagged_b = True
-        print(fastmft.backend.which("inner_step", "cpu"), same, flagged, same_b, flagged_b)
+        print(fastmft.ops.dispatch.which("inner_step", "cpu"), same, flagged, same_b, flagged_b)
         """,
         **env,
     )

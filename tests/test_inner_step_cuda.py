@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import fastmft
-from fastmft import _C, backend, reference
-from fastmft.inner_step import NonFiniteError
+from fastmft import _C
+from fastmft.ops import dispatch, reference
+from fastmft.ops.inner_step import NonFiniteError
 
 from .helpers import TOLERANCES, assert_flag_contract
 
@@ -44,9 +45,9 @@ def make(sizes, dtype, seed=0, none_every=0):
 
 
 def test_dispatch(compiled):
-    assert backend.which("inner_step", DEV) == "compiled"
+    assert dispatch.which("inner_step", DEV) == "compiled"
     with fastmft.use_backend("torch"):
-        assert backend.which("inner_step", DEV) == "torch"
+        assert dispatch.which("inner_step", DEV) == "torch"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

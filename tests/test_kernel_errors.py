@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import fastmft
-from fastmft import triton_ops
 from fastmft.kernels import cross_entropy, pooling
 from fastmft.kernels import typicality as ktyp
 from tests.helpers import DEVICE

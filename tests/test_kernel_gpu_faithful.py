@@ -9,7 +9,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 import fastmft
-from fastmft import _checks
+from fastmft.ops import _checks
 from fastmft.kernels import _util, cross_entropy, pooling, typicality as kt
 from tests.helpers import DEVICE, assert_kernel_close as assert_close
 from tests.oracles import mhce64, pool64, prototypes64, typicality64
@@ -241,10 +241,10 @@ def test_every_launch_is_guarded_by_the_tensors_device(monkeypatch, rng):
 def test_accumulator_sums_on_the_embeddings_device(monkeypatch, rng):
     """The accumulator may live elsewhere (default CPU): the implementation chosen for the
     embeddings' device must get tensors on that device, and only the [C, D] sums move."""
-    from fastmft import backend
+    from fastmft.ops import dispatch
 
     seen = []
-    real_resolve = backend.resolve
+    real_resolve = dispatch.resolve
 
     def resolve(op, device):
         impl = real_resolve(op, device)
@@ -255,7 +255,7 @@ def test_accumulator_sums_on_the_embeddings_device(monkeypatch, rng):
 
         return spy
 
-    monkeypatch.setattr(backend, "resolve", resolve)
+    monkeypatch.setattr(dispatch, "resolve", resolve)
     acc = fastmft.PrototypeAccumulator(num_labels=2, num_domains=2, dim=4, device="meta")
     e = _randn(6, 4, g=rng)
     y = torch.randint(0, 2, (6,), generator=rng).to(DEVICE)

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fastmft
-from fastmft import triton_ops
+from fastmft.ops import triton as triton_ops
 from fastmft.kernels import _util
 from tests.oracles import pool64
 from tests.helpers import DEVICE, assert_kernel_close as assert_close

@@ -15,7 +15,7 @@ import torch
 from fastmft import trainer
 from fastmft.backbone import load_backbone
 from fastmft.data import Columns
-from fastmft.nn import skip_layers
+from fastmft.ops.nn import skip_layers
 from fastmft.synthetic import synthetic_corpus
 from tests.helpers import tiny_bert
 

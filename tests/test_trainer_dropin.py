@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastmft
-from fastmft import triton_ops
+from fastmft.ops import triton as triton_ops
 from tests.helpers import DEVICE, assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -64,7 +64,7 @@ def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeyp
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setitem(fastmft.backend._registry, (name, "triton"), spy)
+        monkeypatch.setitem(fastmft.ops.dispatch._registry, (name, "triton"), spy)
 
     torch.manual_seed(0)
     model = TinyMFTModel()

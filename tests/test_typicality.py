@@ -106,7 +106,7 @@ def test_zero_vectors_use_the_epsilon_contract(rng):
 
 
 def test_large_n_is_chunked_exactly(rng, monkeypatch):
-    import fastmft.reference as ref
+    import fastmft.ops.reference as ref
 
     monkeypatch.setattr(ref, "_CHUNK_ELEMENTS", 64)  # forces many chunks
     e, y, d = rows(300, 8, 2, 3, rng)

@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import fastmft
-from fastmft.inner_step import NonFiniteError
+from fastmft.ops.inner_step import NonFiniteError
 from fastmft.utility import TaskUtilityScorer, clone_task_utility, hf_loss
 
 VOCAB, LABELS = 100, 3
@@ -67,7 +67,7 @@ def test_theta_prime_is_the_inner_step(model):
     scorer = TaskUtilityScorer(model, None, lr=0.1)
     adapted = scorer.step(src)
     want64, grads = dense_theta_prime(model, src, 0.1)
-    want = fastmft.reference.inner_step(list(model.parameters()), grads, 0.1, None)
+    want = fastmft.ops.reference.inner_step(list(model.parameters()), grads, 0.1, None)
     for (name, got), w, w64 in zip(adapted.items(), want, want64):
         if any(t in name for t in TABLES):
             # row-sparse step: the rows' gradient sums may add in another order than the dense one

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every op: the ground truth for the fused kernels and the CPU path.
 
-Inputs arrive validated and normalised by the public functions (fastmft.functional and friends);
+Inputs arrive validated and normalised by the public functions (fastmft.ops.functional and friends);
 nothing here checks arguments again. All sums accumulate in float32 (or wider). Large inputs are
 processed in chunks so that no temporary grows beyond ``_CHUNK_ELEMENTS`` float32 values.
 """
@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import backend
+from . import dispatch
 
 # Upper bound on the elements of one float32 temporary (64 MiB); bounds peak memory for large N.
 _CHUNK_ELEMENTS = 1 << 24
@@ -24,7 +24,7 @@ def _row_chunks(rows: int, row_elements: int) -> tuple[range, int]:
     return range(0, rows, step), step
 
 
-@backend.register("masked_mean_pool", "torch")
+@dispatch.register("masked_mean_pool", "torch")
 def masked_mean_pool(layers: Sequence[Tensor], attention_mask: Tensor, skip_cls: bool) -> Tensor:
     """layers: L tensors [B, T, D]; attention_mask [B, T], nonzero = valid. Returns [L, B, D].
 
@@ -47,7 +47,7 @@ def masked_mean_pool(layers: Sequence[Tensor], attention_mask: Tensor, skip_cls:
     return torch.stack(pooled)
 
 
-@backend.register("prototype_sums", "torch")
+@dispatch.register("prototype_sums", "torch")
 def prototype_sums(embeddings: Tensor, cells: Tensor, num_cells: int) -> tuple[Tensor, Tensor]:
     """Per-cell float32 sums [C, D] and int64 counts [C] of the rows of ``embeddings``."""
     N, D = embeddings.shape
@@ -72,7 +72,7 @@ def unit_rows(x: Tensor) -> Tensor:
     return scaled / torch.maximum(torch.linalg.vector_norm(scaled, dim=-1, keepdim=True), COS_EPS / scale)
 
 
-@backend.register("typicality", "torch")
+@dispatch.register("typicality", "torch")
 def typicality(
     embeddings: Tensor,
     labels: Tensor,
@@ -117,7 +117,7 @@ def typicality(
     return out
 
 
-@backend.register("multi_head_cross_entropy", "torch")
+@dispatch.register("multi_head_cross_entropy", "torch")
 def multi_head_cross_entropy(
     logits: Sequence[Tensor],
     targets: Sequence[Tensor],
@@ -137,7 +137,7 @@ def multi_head_cross_entropy(
     return total
 
 
-@backend.register("inner_step", "torch")
+@dispatch.register("inner_step", "torch")
 def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: float, out: Sequence[Tensor] | None):
     """theta - lr * grad with torch's foreach ops; a None grad leaves the parameter as it is."""
     with torch.no_grad():

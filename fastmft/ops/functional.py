@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _checks, backend
+from . import _checks, dispatch
 from .prototypes import MultiPrototypes, Prototypes
 
 
@@ -52,7 +52,7 @@ def masked_mean_pool(hidden_states, attention_mask: Tensor, *, skip_cls: bool = 
     if tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask is {tuple(attention_mask.shape)} but hidden_states have [B, T] = [{B}, {T}]")
     _checks.same_device(("hidden_states", layers[0]), ("attention_mask", attention_mask))
-    pooled = backend.resolve("masked_mean_pool", layers[0].device)(layers, attention_mask, bool(skip_cls))
+    pooled = dispatch.resolve("masked_mean_pool", layers[0].device)(layers, attention_mask, bool(skip_cls))
     return pooled if stacked else pooled[0]
 
 
@@ -89,7 +89,7 @@ def typicality(
     n = embeddings.shape[0]
     _checks.indices(("labels", labels, n, M, None), ("domains", domains, n, K, None))
     _checks.same_device(("embeddings", embeddings), ("labels", labels), ("domains", domains), ("prototypes", centers))
-    impl = backend.resolve("typicality", embeddings.device)
+    impl = dispatch.resolve("typicality", embeddings.device)
     return impl(embeddings, labels, domains, centers, present, float(alpha), float(temperature))
 
 
@@ -152,7 +152,7 @@ def _multi_head_cross_entropy(logits, targets, sample_weight, head_weight, ignor
         weights = head_weight.detach().flatten().tolist() if isinstance(head_weight, Tensor) else [float(w) for w in head_weight]
         if len(weights) != len(logits):
             raise ValueError(f"head_weight has {len(weights)} entries but there are {len(logits)} heads")
-    impl = backend.resolve("multi_head_cross_entropy", logits[0].device)
+    impl = dispatch.resolve("multi_head_cross_entropy", logits[0].device)
     return impl(logits, targets, sample_weight, weights, int(ignore_index))
 
 

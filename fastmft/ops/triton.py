@@ -1,6 +1,6 @@
 """Triton implementations of fastmft's ops, registered with the dispatch layer (backend "triton").
 
-Each op receives exactly the arguments of its reference in fastmft.reference, already validated
+Each op receives exactly the arguments of its reference in fastmft.ops.reference, already validated
 by the public function (indices in range, shapes consistent). Autograd lives here, one
 torch.autograd.Function per differentiable op; the kernels (fastmft.kernels) only launch.
 
@@ -17,11 +17,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import backend, reference
-from .kernels import _util
-from .kernels import cross_entropy as _ce
-from .kernels import pooling as _pool
-from .kernels import typicality as _typ
+from . import dispatch, reference
+from ..kernels import _util
+from ..kernels import cross_entropy as _ce
+from ..kernels import pooling as _pool
+from ..kernels import typicality as _typ
 
 
 def _fallback(*tensors: Tensor) -> bool:
@@ -48,7 +48,7 @@ class _MaskedMeanPool(torch.autograd.Function):
         return (None, None, *grads)
 
 
-@backend.register("masked_mean_pool", "triton")
+@dispatch.register("masked_mean_pool", "triton")
 def masked_mean_pool(layers: Sequence[Tensor], attention_mask: Tensor, skip_cls: bool) -> Tensor:
     """[L, B, D] in the layers' dtype: one launch forward, one backward, no stacking."""
     layers = list(layers)
@@ -58,7 +58,7 @@ def masked_mean_pool(layers: Sequence[Tensor], attention_mask: Tensor, skip_cls:
     return _MaskedMeanPool.apply(attention_mask, bool(skip_cls), *layers)
 
 
-@backend.register("prototype_sums", "triton")
+@dispatch.register("prototype_sums", "triton")
 def prototype_sums(embeddings: Tensor, cells: Tensor, num_cells: int) -> tuple[Tensor, Tensor]:
     """Per-cell float32 sums [C, D] and int64 counts [C]; not differentiable (statistics)."""
     if _fallback(embeddings):
@@ -67,7 +67,7 @@ def prototype_sums(embeddings: Tensor, cells: Tensor, num_cells: int) -> tuple[T
         return _typ.prototype_sums(embeddings.detach(), cells, num_cells)
 
 
-@backend.register("typicality", "triton")
+@dispatch.register("typicality", "triton")
 def typicality(embeddings: Tensor, labels: Tensor, domains: Tensor, centers: Tensor, present: Tensor,
                alpha: float, temperature: float) -> Tensor:
     """t [N] float32 for J = 1 in one pass over the embeddings; J > 1 and float64 run the reference.
@@ -102,7 +102,7 @@ class _MultiHeadCrossEntropy(torch.autograd.Function):
         return (grad_w, None, None, None, *grads, *([None] * H))
 
 
-@backend.register("multi_head_cross_entropy", "triton")
+@dispatch.register("multi_head_cross_entropy", "triton")
 def multi_head_cross_entropy(logits: Sequence[Tensor], targets: Sequence[Tensor], sample_weight: Tensor | None,
                              head_weight: Sequence[float], ignore_index: int) -> Tensor:
     """float32 scalar: three launches in all (forward 2, backward 1) whatever the number of heads.

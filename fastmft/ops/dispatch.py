@@ -24,10 +24,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..kernels._util import interpreter
+
 BACKENDS = ("auto", "torch", "triton")
 
-# Modules that register fused implementations when imported (filled by the kernel issues).
-_PROVIDERS: dict[str, tuple[str, ...]] = {"triton": ("fastmft.triton_ops",)}
+# Modules that register each backend's implementations when imported; loaded on first resolve,
+# so that `import fastmft` imports neither Triton nor anything it does not need.
+_PROVIDERS: dict[str, tuple[str, ...]] = {"torch": ("fastmft.ops.reference",), "triton": ("fastmft.ops.triton",)}
 
 # Ops with an implementation in the compiled extension fastmft._C (csrc/: C++/OpenMP on CPU, CUDA
 # on GPU), registered by that module with register_compiled. Under "auto" the compiled
@@ -116,14 +119,10 @@ def _load_providers(backend: str) -> None:
         importlib.import_module(module)
 
 
-def triton_interpreter_enabled() -> bool:
-    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1 set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve(op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` for tensors on ``device`` under the current backend."""
     name = current_backend()
+    _load_providers("torch")
     if name == "torch":
         return _registry[(op, "torch")]
     if name == "auto":
@@ -135,7 +134,7 @@ def resolve(op: str, device: torch.device) -> Callable:
         _load_providers("triton")
         return _registry.get((op, "triton"), _registry[(op, "torch")])
     # Explicit triton: fail loudly rather than silently running something else.
-    if device.type != "cuda" and not triton_interpreter_enabled():
+    if device.type != "cuda" and not interpreter():
         raise RuntimeError(
             f"fastmft backend 'triton' was asked for {op} on {device.type} tensors: Triton kernels "
             "run on CUDA tensors, or on CPU tensors only through the Triton interpreter "

@@ -7,7 +7,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _checks, backend
+from . import _checks, dispatch
 
 
 class NonFiniteError(FloatingPointError):
@@ -89,7 +89,7 @@ def inner_step(
     returned; without it new tensors are returned (a parameter with a None grad is returned
     detached, not copied).
 
-    Implementation (chosen by :mod:`fastmft.backend`): the compiled extension ``fastmft._C`` (one
+    Implementation (chosen by :mod:`fastmft.ops.dispatch`): the compiled extension ``fastmft._C`` (one
     fused pass over all tensors, C++/OpenMP on CPU, multi-tensor CUDA kernel on GPU) when it is
     available, else torch's foreach ops; results are bitwise equal for float32/float64 (float16 and
     bfloat16: fp32 math with one rounding, which torch's own tail elements can differ from by one
@@ -134,7 +134,7 @@ def inner_step(
             )
     if not params:
         return []
-    fn = backend.resolve("inner_step", params[0].device)
+    fn = dispatch.resolve("inner_step", params[0].device)
     if getattr(fn, "checks_finite", False):
         return fn(params, grads, float(lr), outs, check_finite=check_finite)
     result = fn(params, grads, float(lr), outs)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _checks, backend
+from . import _checks, dispatch
 from .reference import unit_rows
 
 
@@ -80,7 +80,7 @@ class PrototypeAccumulator:
         # sums, not the [N, D] rows, to the accumulator's device.
         device = embeddings.device
         cells = domains.to(device, torch.int64) * self.num_labels + labels.to(device, torch.int64)
-        sums, counts = backend.resolve("prototype_sums", device)(embeddings, cells, self.counts.numel())
+        sums, counts = dispatch.resolve("prototype_sums", device)(embeddings, cells, self.counts.numel())
         self.sums += sums.to(self.sums.device, torch.float64)
         self.counts += counts.to(self.counts.device)
         return self
