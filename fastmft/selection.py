@@ -13,6 +13,7 @@ source task that is its training set, for example).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -208,7 +209,13 @@ class TaskSelector:
 
     ``targets=None`` is downstream-agnostic (T = S). ``inner_lr`` is alpha of the inner step,
     ``lr`` the optimizer's learning rate (AdamW), ``m`` the batches per task for scoring,
-    ``n`` the training batches per episode, ``epsilon`` the exploration rate."""
+    ``n`` the training batches per episode, ``epsilon`` the exploration rate.
+
+    Randomness: every consumer draws from its own stream seeded from ``seed`` and its name
+    (:meth:`stream`): each source's scoring batches, each target's batches, each task's training
+    batches, and the exploration. So two runs with one seed that pick different tasks still see
+    the same k-th training batch of every task, and scoring never shifts the training batches:
+    paired arms differ only in which task they train."""
 
     def __init__(
         self,
@@ -237,9 +244,17 @@ class TaskSelector:
         self.m, self.n, self.epsilon, self.max_grad_norm = m, n, epsilon, max_grad_norm
         self.scorer = TaskUtilityScorer(model, lambda mod, batch: mod(batch), inner_lr)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.streams: dict[str, torch.Generator] = {}
         self.explore = random.Random(seed)
         self.episodes_done = 0
+
+    def stream(self, name: str) -> torch.Generator:
+        """The generator of one consumer (e.g. ``"train:mlm"``), created on first use from the seed."""
+        if name not in self.streams:
+            digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+            self.streams[name] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return self.streams[name]
 
     @property
     def mode(self) -> str:
@@ -256,9 +271,8 @@ class TaskSelector:
 
     def episode(self) -> Episode:
         start = time.perf_counter()
-        g = self.generator
-        target_batches = [t.sample(g) for t in (self.targets or self.sources) for _ in range(self.m)]
-        source_batches = {s.name: [s.sample(g) for _ in range(self.m)] for s in self.sources}
+        target_batches = [t.sample(self.stream(f"target:{t.name}")) for t in (self.targets or self.sources) for _ in range(self.m)]
+        source_batches = {s.name: [s.sample(self.stream(f"score:{s.name}")) for _ in range(self.m)] for s in self.sources}
         utilities = self.utilities(source_batches, target_batches)
         explored = self.explore.random() < self.epsilon
         chosen = self.explore.choice(self.sources).name if explored else max(utilities, key=utilities.get)
@@ -272,7 +286,7 @@ class TaskSelector:
         self.model.train()
         total = 0.0
         for _ in range(count):
-            loss = self.model(task.sample(self.generator))
+            loss = self.model(task.sample(self.stream(f"train:{task.name}")))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.max_grad_norm:
@@ -308,7 +322,8 @@ class TaskSelector:
         folder.mkdir(parents=True, exist_ok=True)
         save_model(self.model, str(folder / "model.safetensors.tmp"))
         torch.save(
-            {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "torch": torch.get_rng_state()},
+            {"optimizer": self.optimizer.state_dict(), "streams": {k: g.get_state() for k, g in self.streams.items()},
+             "torch": torch.get_rng_state()},
             folder / "state.pt.tmp",
         )
         (folder / "selector.json.tmp").write_text(json.dumps({"episodes_done": self.episodes_done, "explore": _encode_random(self.explore)}))
@@ -322,7 +337,8 @@ class TaskSelector:
         load_model(self.model, str(folder / "model.safetensors"))
         state = torch.load(folder / "state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        for name, st in state["streams"].items():
+            self.stream(name).set_state(st)
         torch.set_rng_state(state["torch"])
         meta = json.loads((folder / "selector.json").read_text())
         self.episodes_done = meta["episodes_done"]
@@ -339,9 +355,12 @@ def _decode_random(state: list) -> tuple:
 
 
 def build_tasks(ds, tokenizer, domain_vocab, num_labels: int, *, target_domain: int | None, sources: Sequence[str],
-                batch_size: int, split_column: str | None) -> tuple[list[Task], list[Task] | None]:
+                batch_size: int, split_column: str | None,
+                unlabeled_splits: Sequence[str] | None = ("train",)) -> tuple[list[Task], list[Task] | None]:
     """Source and target tasks from a prepared multi-domain dataset (fastmft.data.prepare):
-    "mlm" and "shuffle" over every text, and "domains": one sentiment-style classification task
+    "mlm" and "shuffle" over the texts of the ``unlabeled_splits`` (default: training rows only, so
+    that no dev or test text is trained on; None: every row, an explicit choice; without a split
+    column: every row), and "domains": one sentiment-style classification task
     per domain (all sharing the head "label"). The target task is the target domain's rows of
     the dev split when ``split_column`` exists, else all its rows; its domain is left out of the
     source classification tasks. ``target_domain=None`` is downstream-agnostic."""
@@ -349,13 +368,16 @@ def build_tasks(ds, tokenizer, domain_vocab, num_labels: int, *, target_domain: 
     ids, labels, domains = ds["input_ids"], ds["labels"], ds["domains"]
     splits = ds[split_column] if split_column and split_column in ds.column_names else None
     out: list[Task] = []
+    unlabeled = ids if splits is None or unlabeled_splits is None else [x for x, s in zip(ids, splits) if s in set(unlabeled_splits)]
+    if ({"mlm", "shuffle"} & set(sources)) and not unlabeled:
+        raise ValueError(f"no row of the split(s) {list(unlabeled_splits)} for the self-supervised sources")
     unknown = set(sources) - {"mlm", "shuffle", "domains"}
     if unknown:
         raise ValueError(f"unknown source kinds {sorted(unknown)}; choose from mlm, shuffle, domains")
     if "mlm" in sources:
-        out.append(MaskedLMTask("mlm", ids, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=special, batch_size=batch_size, pad_id=pad))
+        out.append(MaskedLMTask("mlm", unlabeled, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=special, batch_size=batch_size, pad_id=pad))
     if "shuffle" in sources:
-        out.append(TokenShuffleTask("shuffle", ids, special_ids=special, batch_size=batch_size, pad_id=pad))
+        out.append(TokenShuffleTask("shuffle", unlabeled, special_ids=special, batch_size=batch_size, pad_id=pad))
     if "domains" in sources:
         for k, name in enumerate(domain_vocab.values):
             if k == target_domain:
@@ -395,6 +417,7 @@ def _run_cli(args) -> int:
     sources, targets = build_tasks(
         data.dataset, tokenizer, data.domain_vocab, len(data.label_vocab), target_domain=target,
         sources=args.sources.split(","), batch_size=args.batch_size, split_column=args.split_column,
+        unlabeled_splits=None if args.unlabeled_splits == "all" else args.unlabeled_splits.split(","),
     )
     model = MultiTaskModel(encoder, [*sources, *(targets or [])]).to(device)
     selector = TaskSelector(model, sources, targets, inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n, epsilon=args.epsilon, seed=args.seed)
@@ -417,6 +440,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--data", help="multi-domain data (JSONL/CSV/Parquet/saved dataset; default: the embedded synthetic corpus)")
     add_column_arguments(p)
     p.add_argument("--split-column", default="split", help="train rows feed the source tasks, the target domain's dev rows the target (when the column exists)")
+    p.add_argument("--unlabeled-splits", default="train",
+                   help="comma-separated splits whose texts feed mlm and shuffle (default train; 'all': every row, dev and test included)")
     p.add_argument("--target-domain", help="downstream-aware target (default: the last domain)")
     p.add_argument("--agnostic", action="store_true", help="downstream-agnostic: the targets are the sources")
     p.add_argument("--sources", default="mlm,domains", help="comma-separated: mlm, shuffle, domains (default mlm,domains)")

@@ -137,3 +137,49 @@ def test_cli_runs_and_resumes(corpus, tmp_path, capsys):
     assert main(args[:8] + ["3"] + args[9:]) == 0  # one more episode, resumed from the checkpoint
     assert "episodes run now: 1 (total 3)" in capsys.readouterr().out
     assert len((tmp_path / "run" / "episodes.jsonl").read_text().splitlines()) == 3
+
+
+def test_self_supervised_sources_read_training_rows_only(corpus):
+    """Bug: mlm/shuffle were built from every row, the target's test split included."""
+    import datasets
+
+    from fastmft.data import Columns, prepare
+    from fastmft.selection import build_tasks
+
+    rows, _, tok = corpus
+    data = prepare(datasets.Dataset.from_list([{k: r[k] for k in ("text", "label", "domain", "split")} for r in rows]),
+                   tok, Columns(), max_length=32)
+    ds = data.dataset
+    train_ids = [ids for ids, s in zip(ds["input_ids"], ds["split"]) if s == "train"]
+    assert 0 < len(train_ids) < len(ds)
+    kw = dict(target_domain=0, sources=["mlm", "shuffle", "domains"], batch_size=4, split_column="split")
+    sources, _ = build_tasks(ds, tok, data.domain_vocab, len(data.label_vocab), **kw)
+    for task in (t for t in sources if t.name in ("mlm", "shuffle")):
+        assert task.input_ids == train_ids, task.name
+    sources, _ = build_tasks(ds, tok, data.domain_vocab, len(data.label_vocab), unlabeled_splits=None, **kw)
+    assert next(t for t in sources if t.name == "mlm").input_ids == list(ds["input_ids"])
+
+
+def _recording(task):
+    """Wrap task.sample to record the batches it returns."""
+    seen, sample = [], task.sample
+    task.sample = lambda g: seen.append(sample(g)) or seen[-1]
+    return seen
+
+
+def test_arms_with_one_seed_train_on_the_same_batches(corpus):
+    """Bug: scoring and training shared one generator, so a scored episode shifted every later
+    training batch. Now the k-th training batch of a task is the same whatever ran before it."""
+    scored, tasks1 = build(corpus, 4, sources=("A", "B", "mlm"), m=2, n=2, epsilon=0.0)
+    plain, tasks2 = build(corpus, 4, sources=("A", "B", "mlm"), m=2, n=2, epsilon=0.0)
+    ep = scored.episode()
+    chosen = ep.chosen
+    seen1 = _recording(tasks1[chosen])
+    seen2 = _recording(tasks2[chosen])
+    plain.train_batches(tasks2["B" if chosen != "B" else "A"], 3)  # another arm trains another task first
+    scored.train_batches(tasks1[chosen], 2)
+    plain.train_batches(tasks2[chosen], 4)
+    # the scored arm already trained `chosen` n=2 times in the episode: its next two are the plain arm's 3rd and 4th
+    for a, b in zip(seen1, seen2[2:]):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert len(seen1) == 2 and len(seen2) == 4
