@@ -7,6 +7,7 @@
 #   there:  benchmarks/gpu_session.sh tests OUTDIR           # CUDA tests: kernels, MFTLoss, drop-in Trainer, CUDA extension
 #           benchmarks/gpu_session.sh bench OUTDIR [ARGS]    # python -m benchmarks.run --device cuda ARGS
 #           benchmarks/gpu_session.sh score OUTDIR [ARGS]    # bench_score: 1M generated rows, MiniLM, length 128
+#           benchmarks/gpu_session.sh mft OUTDIR --cells all --time-limit 420   # benchmarks.mft_amazon cells
 #
 # Device calls carry .gpu (carry: [".gpu"]) and pass $OUT as OUTDIR; append the returned
 # results.jsonl / score.jsonl rows to benchmarks/results/ and run `python -m benchmarks.plot`.
@@ -16,8 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?usage: benchmarks/gpu_session.sh prepare|tests|bench|score [OUTDIR] [ARGS]}
 case $stage in
-prepare | tests | bench | score) ;;
-*) echo "unknown stage $stage: prepare, tests, bench or score" >&2; exit 2 ;;
+prepare | tests | bench | score | mft) ;;
+*) echo "unknown stage $stage: prepare, tests, bench, score or mft" >&2; exit 2 ;;
 esac
 
 if [[ $stage == prepare ]]; then
@@ -49,6 +50,9 @@ config["dtype"] = "float32"  # loaded (upcast) as fp32
 weights = load_file(src / "model.safetensors")
 save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()}, dst / "model" / "model.safetensors")
 EOF
+    # the Amazon reviews for `mft`, gzipped to fit the carry limit (ignored by git, never committed)
+    mkdir -p .gpu/amazon
+    for d in books dvd electronics kitchen; do gzip -9c "../shared/data/amazon/$d.jsonl" >".gpu/amazon/$d.jsonl.gz"; done
     du -sh .gpu
     exit 0
 fi
@@ -76,5 +80,13 @@ bench)
 score)
     python3 -m benchmarks.bench_score --rows 1000000 --model minilm --max-length 128 --batch-size 256 \
         --device cuda --out "$out/score.jsonl" "$@" 2>&1 | tee "$out/score.log"
+    ;;
+mft)
+    # cells land in $out/mft_amazon_cells.tgz (cuda/<cell>.json): untar into benchmarks/results/mft_amazon/
+    mkdir -p /tmp/amazon /tmp/mft_results
+    for f in .gpu/amazon/*.jsonl.gz; do gunzip -c "$f" >"/tmp/amazon/$(basename "$f" .gz)"; done
+    python3 -m benchmarks.mft_amazon run --device cuda --data-dir /tmp/amazon --results-dir /tmp/mft_results \
+        --work-dir /tmp/mft_work --no-progress "$@" 2>&1 | tee "$out/mft.log" || true
+    tar czf "$out/mft_amazon_cells.tgz" -C /tmp/mft_results .
     ;;
 esac
