@@ -202,12 +202,15 @@ class Episode:
     train_loss: float
     scoring_s: float
     training_s: float
+    batch_scores: dict[str, list[float]] | None = None  # the M terms of each u(s): its noise
 
 
 class TaskSelector:
     """Runs the selection algorithm over ``model`` (a :class:`MultiTaskModel` holding every task).
 
     ``targets=None`` is downstream-agnostic (T = S). ``inner_lr`` is alpha of the inner step,
+    ``inner``: "sgd" (theta' = theta - inner_lr * g) or "adam" (the look-ahead of the real optimizer:
+    alpha = its current lr, g scaled as AdamW would, :meth:`adam_precondition`; inner_lr unused);
     ``lr`` the optimizer's learning rate (AdamW), ``m`` the batches per task for scoring,
     ``n`` the training batches per episode, ``epsilon`` the exploration rate.
 
@@ -230,6 +233,7 @@ class TaskSelector:
         epsilon: float = 0.1,
         seed: int = 0,
         max_grad_norm: float = 1.0,
+        inner: str = "sgd",
     ):
         if not sources:
             raise ValueError("at least one source task is needed")
@@ -238,12 +242,19 @@ class TaskSelector:
             raise ValueError(f"tasks {missing} are not part of the model: build MultiTaskModel with every task")
         if m < 1 or n < 1:
             raise ValueError(f"m and n must be >= 1, got m={m}, n={n}")
+        if inner not in ("sgd", "adam"):
+            raise ValueError(f"inner must be 'sgd' or 'adam', got {inner!r}")
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}")
         self.model, self.sources, self.targets = model, list(sources), list(targets) if targets else None
         self.m, self.n, self.epsilon, self.max_grad_norm = m, n, epsilon, max_grad_norm
-        self.scorer = TaskUtilityScorer(model, lambda mod, batch: mod(batch), inner_lr)
+        self.inner = inner
+        self.scorer = TaskUtilityScorer(model, lambda mod, batch: mod(batch), inner_lr,
+                                        precondition=self.adam_precondition if inner == "adam" else None)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        named = dict(model.named_parameters())
+        self._scored = [named[n] for n in self.scorer.names]
+        self._group = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
         self.seed = seed
         self.streams: dict[str, torch.Generator] = {}
         self.explore = random.Random(seed)
@@ -256,6 +267,28 @@ class TaskSelector:
             self.streams[name] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         return self.streams[name]
 
+    def adam_precondition(self, i: int, grad: Tensor) -> Tensor:
+        """``grad`` scaled as AdamW scales its step now: g / (sqrt(v / (1 - beta2^t)) + eps) with
+        the optimizer's second moment v of that parameter after t steps, or sign(g) (Adam's first
+        step) where it holds no state yet. With alpha = the current lr this is the step AdamW would
+        take on this batch alone (its momentum and weight decay left out)."""
+        param = self._scored[i]
+        state = self.optimizer.state.get(param)
+        sparse = grad.is_sparse
+        if sparse:
+            grad = grad.coalesce()
+            values, rows = grad.values(), grad.indices()[0]
+        else:
+            values = grad
+        if not state:
+            scaled = values.sign()
+        else:
+            group = self._group[id(param)]
+            beta2, eps = group["betas"][1], group["eps"]
+            denom = (state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + eps
+            scaled = values / (denom.index_select(0, rows) if sparse else denom)
+        return torch.sparse_coo_tensor(grad.indices(), scaled, grad.shape, check_invariants=False, is_coalesced=True) if sparse else scaled
+
     @property
     def mode(self) -> str:
         return "agnostic" if self.targets is None else "aware"
@@ -264,8 +297,11 @@ class TaskSelector:
         """u(s) for every source from given batches (scoring runs with the model in eval mode)."""
         was_training = self.model.training
         self.model.eval()
+        if self.inner == "adam":
+            self.scorer.lr = self.optimizer.param_groups[0]["lr"]
         try:
-            return {name: self.scorer.utility(batches, target_batches) for name, batches in source_batches.items()}
+            self.last_scores = {name: [self.scorer.score(b, target_batches) for b in batches] for name, batches in source_batches.items()}
+            return {name: sum(v, 0.0) for name, v in self.last_scores.items()}
         finally:
             self.model.train(was_training)
 
@@ -279,7 +315,8 @@ class TaskSelector:
         scored = time.perf_counter()
         train_loss = self.train_batches(self.model.tasks[chosen], self.n)
         self.episodes_done += 1
-        return Episode(self.episodes_done, utilities, chosen, explored, train_loss, scored - start, time.perf_counter() - scored)
+        return Episode(self.episodes_done, utilities, chosen, explored, train_loss, scored - start, time.perf_counter() - scored,
+                       self.last_scores)
 
     def train_batches(self, task: Task, count: int) -> float:
         """``count`` optimizer steps on batches of ``task``; returns their mean loss."""
@@ -420,7 +457,8 @@ def _run_cli(args) -> int:
         unlabeled_splits=None if args.unlabeled_splits == "all" else args.unlabeled_splits.split(","),
     )
     model = MultiTaskModel(encoder, [*sources, *(targets or [])]).to(device)
-    selector = TaskSelector(model, sources, targets, inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n, epsilon=args.epsilon, seed=args.seed)
+    selector = TaskSelector(model, sources, targets, inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n, epsilon=args.epsilon, seed=args.seed,
+                           inner=args.inner)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"task selection ({selector.mode}): sources {[s.name for s in sources]}, targets {[t.name for t in targets or []]}, on {device}")
@@ -450,6 +488,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--n", type=int, default=4, help="training batches of the chosen task per episode (N)")
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--inner-lr", type=float, default=1e-3, help="alpha of the inner step")
+    p.add_argument("--inner", choices=("sgd", "adam"), default="sgd",
+                   help="inner step: sgd (alpha = --inner-lr) or adam (the real AdamW step's look-ahead: its lr, its preconditioning)")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate of the real training")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)

@@ -183,3 +183,41 @@ def test_arms_with_one_seed_train_on_the_same_batches(corpus):
     for a, b in zip(seen1, seen2[2:]):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
     assert len(seen1) == 2 and len(seen2) == 4
+
+
+def test_adam_look_ahead_matches_float64_reference(corpus):
+    """inner="adam": theta' = theta - lr * g / (sqrt(v / (1 - beta2^t)) + eps) with AdamW's
+    state (sign(g) where it has none), the target loss summed at theta': against a float64
+    deepcopy written from that formula."""
+    import copy
+
+    selector, tasks = build(corpus, 9, sources=("A", "mlm"), lr=1e-3, m=1, inner="adam")
+    selector.train_batches(tasks["A"], 3)
+    g = torch.Generator().manual_seed(3)
+    targets = [tasks["target"].sample(g)]
+    sources = {name: [tasks[name].sample(g)] for name in ("A", "mlm")}
+    got = selector.utilities(sources, targets)
+    opt = selector.optimizer
+    beta2, eps, lr = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"], opt.param_groups[0]["lr"]
+    for name, batches in sources.items():
+        model = copy.deepcopy(selector.model).double().eval()
+        originals = dict(selector.model.named_parameters())
+        params = dict(model.named_parameters())
+        loss = model(batches[0])
+        names = [n for n, q in params.items() if q.requires_grad]
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        with torch.no_grad():
+            for n, gr in zip(names, grads):
+                if gr is None:
+                    continue
+                state = opt.state.get(originals[n])
+                if state:
+                    step = gr / ((state["exp_avg_sq"].double() / (1 - beta2 ** float(state["step"]))).sqrt() + eps)
+                else:
+                    step = gr.sign()
+                params[n].sub_(lr * step)
+            expected = -sum(float(model(b)) for b in targets)
+        assert got[name] == pytest.approx(expected, rel=1e-4), name
+        selector.inner, selector.scorer.precondition, selector.scorer.lr = "sgd", None, lr
+        assert selector.utilities({name: batches}, targets)[name] != pytest.approx(expected, rel=1e-4)
+        selector.inner, selector.scorer.precondition = "adam", selector.adam_precondition
