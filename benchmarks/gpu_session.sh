@@ -8,6 +8,7 @@
 #           benchmarks/gpu_session.sh bench OUTDIR [ARGS]    # python -m benchmarks.run --device cuda ARGS
 #           benchmarks/gpu_session.sh score OUTDIR [ARGS]    # bench_score: 1M generated rows, MiniLM, length 128
 #           benchmarks/gpu_session.sh mft OUTDIR --cells all --time-limit 420   # benchmarks.mft_amazon cells
+#           benchmarks/gpu_session.sh select OUTDIR --seeds 0 1 2 --time-limit 120  # benchmarks.select_amazon cells
 #
 # Device calls carry .gpu (carry: [".gpu"]) and pass $OUT as OUTDIR; append the returned
 # results.jsonl / score.jsonl rows to benchmarks/results/ and run `python -m benchmarks.plot`.
@@ -17,8 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?usage: benchmarks/gpu_session.sh prepare|tests|bench|score [OUTDIR] [ARGS]}
 case $stage in
-prepare | tests | bench | score | mft) ;;
-*) echo "unknown stage $stage: prepare, tests, bench, score or mft" >&2; exit 2 ;;
+prepare | tests | bench | score | mft | select) ;;
+*) echo "unknown stage $stage: prepare, tests, bench, score, mft or select" >&2; exit 2 ;;
 esac
 
 if [[ $stage == prepare ]]; then
@@ -88,5 +89,13 @@ mft)
     python3 -m benchmarks.mft_amazon run --device cuda --data-dir /tmp/amazon --results-dir /tmp/mft_results \
         --work-dir /tmp/mft_work --no-progress "$@" 2>&1 | tee "$out/mft.log" || true
     tar czf "$out/mft_amazon_cells.tgz" -C /tmp/mft_results .
+    ;;
+select)
+    # cells land in $out/select_amazon_cells.tgz (cuda/<arm>_seed<seed>.json): untar into benchmarks/results/select_amazon_v2/
+    mkdir -p /tmp/amazon /tmp/select_results
+    for f in .gpu/amazon/*.jsonl.gz; do gunzip -c "$f" >"/tmp/amazon/$(basename "$f" .gz)"; done
+    python3 -m benchmarks.select_amazon run --device cuda --data /tmp/amazon --results-dir /tmp/select_results "$@" \
+        2>&1 | tee "$out/select.log" || true
+    tar czf "$out/select_amazon_cells.tgz" -C /tmp/select_results .
     ;;
 esac
