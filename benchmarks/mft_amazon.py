@@ -62,19 +62,24 @@ class Cell:
     arm: str
     seed: int
     fraction: int = 100  # % of the training rows
+    matched: bool = False  # protocol amendment 1: few-shot epochs x 100/fraction (the full data's updates)
 
     @property
     def name(self) -> str:
-        return f"{self.arm}_seed{self.seed}" if self.fraction == 100 else f"{self.arm}_fs{self.fraction}_seed{self.seed}"
+        if self.fraction == 100:
+            return f"{self.arm}_seed{self.seed}"
+        return f"{self.arm}_fs{self.fraction}{'m' if self.matched else ''}_seed{self.seed}"
 
     @staticmethod
     def parse(name: str) -> "Cell":
         parts = name.split("_")
         arm, seed = parts[0], int(parts[-1].removeprefix("seed"))
-        fraction = int(parts[1].removeprefix("fs")) if len(parts) == 3 else 100
-        if arm not in ARMS or fraction not in (100, *FRACTIONS):
+        fs = parts[1].removeprefix("fs") if len(parts) == 3 else "100"
+        matched = fs.endswith("m")
+        fraction = int(fs.removesuffix("m"))
+        if arm not in ARMS or fraction not in (100, *FRACTIONS) or (matched and fraction == 100):
             raise ValueError(f"unknown cell {name!r}")
-        return Cell(arm, seed, fraction)
+        return Cell(arm, seed, fraction, matched)
 
 
 def group(name: str) -> list[Cell]:
@@ -84,12 +89,14 @@ def group(name: str) -> list[Cell]:
     if name == "secondary":
         return [Cell(a, s) for s in SEEDS for a in ("s", "mix", "mix4")]
     if name.startswith("fewshot"):
-        fracs = FRACTIONS if name == "fewshot" else (int(name[7:]),)
-        return [Cell(a, s, f) for f in fracs for s in SEEDS for a in ("full", "mixft", "s")]
+        matched = name.endswith("m")
+        rest = name[7:].removesuffix("m")
+        fracs = (int(rest),) if rest else FRACTIONS
+        return [Cell(a, s, f, matched) for f in fracs for s in SEEDS for a in ("full", "mixft", "s")]
     if name == "diagnostics":
         return [Cell("placebo", s) for s in SEEDS] + [Cell(a, s) for s in (0, 1, 2) for a in ("probe0", "probe01")]
     if name == "all":
-        return group("primary") + group("fewshot") + group("secondary") + group("diagnostics")
+        return group("primary") + group("fewshot") + group("secondary") + group("diagnostics") + group("fewshot5m")
     return [Cell.parse(name)]
 
 
@@ -213,6 +220,8 @@ def run_cell(cell: Cell, *, kind: str, results: Path, data_dir: Path, work_dir: 
     data, sha = _load(cache, data_dir, tokenizer, cell.fraction, cell.seed)
     method, overrides, splits = ARMS[cell.arm]
     hyper = {**HYPER, **overrides}
+    if cell.matched:
+        hyper.update(epochs=hyper["epochs"] * 100 // cell.fraction, mft_epochs=hyper["mft_epochs"] * 100 // cell.fraction)
     if splits == ("dev",):  # diagnostic arms never score test
         data = dataclasses.replace(data, eval=data.dev, dev=None)
     folder = work_dir / kind / cell.name
@@ -221,7 +230,7 @@ def run_cell(cell: Cell, *, kind: str, results: Path, data_dir: Path, work_dir: 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
     record = {"cell": cell.name, "arm": cell.arm, "arm_name": NAMES[cell.arm], "seed": cell.seed,
-              "train_fraction": cell.fraction / 100, "method": method, "hyper_parameters": {**hyper, "layers": list(hyper["layers"])}}
+              "train_fraction": cell.fraction / 100, "matched_updates": cell.matched, "method": method, "hyper_parameters": {**hyper, "layers": list(hyper["layers"])}}
     if cell.arm.startswith("probe"):
         meta = trainer.meta_train(cfg, data=dataclasses.replace(data, dev=None), backbone=(encoder, tokenizer), output_dir=folder)
         record["probe_dev_accuracy"] = _probe(meta, dataclasses.replace(data, dev=data.eval), hyper["layers"], dev, cell.seed)
@@ -339,12 +348,12 @@ def paired(cells: dict, a: Cell, b: Cell, split: str) -> dict | None:
     return {"seeds": seeds, "mean": mean, "lo": lo, "hi": hi, "per_domain": per_domain, "per_seed": per_seed}
 
 
-def _arm_row(cells: dict, arm: str, fraction: int, split: str) -> str:
+def _arm_row(cells: dict, arm: str, fraction: int, split: str, matched: bool = False) -> str:
     import numpy as np
 
-    got = [cells[Cell(arm, s, fraction).name] for s in SEEDS if Cell(arm, s, fraction).name in cells]
-    got = [c for c in got if split in c]
-    label = NAMES[arm] + ("" if fraction == 100 else f", {fraction} %")
+    names = [Cell(arm, s, fraction, matched).name for s in SEEDS]
+    got = [cells[n] for n in names if n in cells and split in cells[n]]
+    label = NAMES[arm] + ("" if fraction == 100 else f", {fraction} %" + (" (matched updates)" if matched else ""))
     if not got:
         return f"| {label} | " + " | ".join("pending" for _ in DOMAINS) + " | pending | 0/5 | - |"
     per = [f"{100 * np.mean([c[split][d]['accuracy'] for c in got]):.1f}" for d in DOMAINS]
@@ -387,6 +396,8 @@ def render(results: Path = RESULTS) -> str:
         for f in FRACTIONS:
             for arm in ("full", "mixft", "s"):
                 lines.append(_arm_row(cells, arm, f, "test"))
+        for arm in ("full", "mixft", "s"):
+            lines.append(_arm_row(cells, arm, 5, "test", matched=True))
         lines += ["", "### Paired differences on test (A − B, points)", "",
                   "| comparison | mean [95 % CI] | seeds | per seed | per domain |", "|---|---|---|---|---|",
                   _paired_row(cells, Cell("full", 0), Cell("mixft", 0), "test", "**primary: MFT(Full) − Mix→FT**"),
@@ -398,6 +409,8 @@ def render(results: Path = RESULTS) -> str:
         for f in FRACTIONS:
             lines.append(_paired_row(cells, Cell("full", 0, f), Cell("mixft", 0, f), "test", f"{f} %: MFT(Full) − Mix→FT"))
             lines.append(_paired_row(cells, Cell("full", 0, f), Cell("s", 0, f), "test", f"{f} %: MFT(Full) − BERT(S)"))
+        lines.append(_paired_row(cells, Cell("full", 0, 5, True), Cell("mixft", 0, 5, True), "test", "5 % matched updates: MFT(Full) − Mix→FT"))
+        lines.append(_paired_row(cells, Cell("full", 0, 5, True), Cell("s", 0, 5, True), "test", "5 % matched updates: MFT(Full) − BERT(S)"))
         lines += ["", "### Diagnostics (dev only)", "",
                   "| comparison | mean [95 % CI] | seeds | per seed | per domain |", "|---|---|---|---|---|",
                   _paired_row(cells, Cell("full", 0), Cell("placebo", 0), "dev", "MFT(Full) − placebo (t shuffled within domain)"),
