@@ -230,6 +230,11 @@ def render(results: Path) -> str:
                          f"{ms([100 * c['after_schedule_dev']['accuracy'] for c in got])} | {ms([100 * c['test']['accuracy'] for c in got])} | "
                          f"{pair or '-'} | {sn_text} | " + ", ".join(f"{k} {v}" for k, v in sorted(picks.items())) +
                          f" | {comp('scoring')} | {comp('training')} | {comp('finetune')} |")
+        losses = {k: [c["after_schedule_dev"]["loss"] for c in cells.values() if c["arm"] == f"selected-{k}"] for k in ("sgd", "adam")}
+        if all(losses.values()):
+            best = min(losses, key=lambda k: statistics.fmean(losses[k]))
+            lines += ["", f"Inner step chosen on dev (lower mean after-schedule dev loss): **{best}** "
+                      f"(sgd {statistics.fmean(losses['sgd']):.4f}, adam {statistics.fmean(losses['adam']):.4f})."]
         settings = sorted({json.dumps({**c["settings"], "device": c["device_name"]}, sort_keys=True) for c in cells.values()})
         lines += ["", "Settings:"] + [f"- `{s}`" for s in settings] + [""]
     return "\n".join(lines)
