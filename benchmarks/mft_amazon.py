@@ -122,7 +122,8 @@ def _versions() -> dict:
     from .harness import _git
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "fastmft": fastmft.__version__, "commit": _git("rev-parse", "HEAD"),
+            "transformers": transformers.__version__, "fastmft": fastmft.__version__,
+            "commit": os.environ.get("FASTMFT_COMMIT") or _git("rev-parse", "HEAD"),  # a device copy has no .git
             "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
 
 
