@@ -233,7 +233,11 @@ def run_cell(cell: Cell, *, kind: str, results: Path, data_dir: Path, work_dir: 
     record = {"cell": cell.name, "arm": cell.arm, "arm_name": NAMES[cell.arm], "seed": cell.seed,
               "train_fraction": cell.fraction / 100, "matched_updates": cell.matched, "method": method, "hyper_parameters": {**hyper, "layers": list(hyper["layers"])}}
     if cell.arm.startswith("probe"):
-        meta = trainer.meta_train(cfg, data=dataclasses.replace(data, dev=None), backbone=(encoder, tokenizer), output_dir=folder)
+        try:
+            meta = trainer.meta_train(cfg, data=dataclasses.replace(data, dev=None), backbone=(encoder, tokenizer), output_dir=folder)
+        except RuntimeError as err:  # the time limit cut the MFT phase: resumable like any cell
+            print(f"{cell.name}: {err}; run again to resume", flush=True)
+            return False
         record["probe_dev_accuracy"] = _probe(meta, dataclasses.replace(data, dev=data.eval), hyper["layers"], dev, cell.seed)
         base = cache.setdefault("probe_base", {})
         if cell.seed not in base:  # the pre-trained encoder, the probe's reference
