@@ -5,6 +5,10 @@
 #
 #   here:   benchmarks/gpu_session.sh prepare       # .gpu/whl (wheels), .gpu/site (bf16 MiniLM); ~10 s
 #   there:  benchmarks/gpu_session.sh run OUTDIR    # everything below, about 6 minutes at most
+#           benchmarks/gpu_session.sh mft OUTDIR --cells all --time-limit 420      # benchmarks.mft_amazon cells
+#           benchmarks/gpu_session.sh select OUTDIR --seeds 0 1 2 --time-limit 120  # benchmarks.select_amazon cells
+# (mft and select write a .tgz of result cells: untar into benchmarks/results/mft_amazon/ or
+# benchmarks/results/select_amazon_v2/; they need the Amazon reviews `prepare` packs.)
 #
 # `run` stages, each under its own time limit so that one slow stage cannot eat the call:
 #   tests      the kernel tests on CUDA (every tile configuration, 64-bit offsets over ~13 GB
@@ -27,8 +31,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?usage: benchmarks/gpu_session.sh prepare | run OUTDIR}
 case $stage in
-prepare | run) ;;
-*) echo "unknown stage $stage: prepare or run" >&2; exit 2 ;;
+prepare | run | mft | select) ;;
+*) echo "unknown stage $stage: prepare, run, mft or select" >&2; exit 2 ;;
 esac
 
 if [[ $stage == prepare ]]; then
@@ -61,11 +65,15 @@ config["dtype"] = "float32"  # loaded (upcast) as fp32
 weights = load_file(src / "model.safetensors")
 save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()}, dst / "model" / "model.safetensors")
 EOF
+    # the Amazon reviews for `mft` and `select`, gzipped to fit the carry limit (ignored, never committed)
+    mkdir -p .gpu/amazon
+    for d in books dvd electronics kitchen; do gzip -9c "../shared/data/amazon/$d.jsonl" >".gpu/amazon/$d.jsonl.gz"; done
     du -sh .gpu
     exit 0
 fi
 
 out=${2:?OUTDIR is needed: the device machine gives it as \$OUT}
+shift 2
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 summary=$out/summary.txt
@@ -82,6 +90,20 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/tmp/g
   python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "transformers", transformers.__version__, "gpus", torch.cuda.device_count())'
   echo "commit ${FASTMFT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} date $(date -u +%FT%TZ)"
 } | tee "$out/env.txt"
+
+if [[ $stage == mft || $stage == select ]]; then
+    mkdir -p /tmp/amazon /tmp/"$stage"_results
+    for f in .gpu/amazon/*.jsonl.gz; do gunzip -c "$f" >"/tmp/amazon/$(basename "$f" .gz)"; done
+    if [[ $stage == mft ]]; then
+        python3 -m benchmarks.mft_amazon run --device cuda --data-dir /tmp/amazon --results-dir /tmp/mft_results \
+            --work-dir /tmp/mft_work --no-progress "$@" 2>&1 | tee "$out/mft.log" || true
+    else
+        python3 -m benchmarks.select_amazon run --device cuda --data /tmp/amazon --results-dir /tmp/select_results "$@" \
+            2>&1 | tee "$out/select.log" || true
+    fi
+    tar czf "$out/${stage}_amazon_cells.tgz" -C /tmp/"$stage"_results .
+    exit 0
+fi
 
 stages=" ${STAGES:-tests resources bench score} "
 default_tests="tests/test_kernel_gpu_faithful.py tests/test_kernel_pooling.py tests/test_kernel_typicality.py \

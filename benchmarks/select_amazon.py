@@ -1,163 +1,306 @@
-"""Issue 7's experiment: does meta-learned task selection beat simple schedules on Amazon reviews?
+"""Task selection on the Amazon reviews (issue 16's rebuild): can meta-learned selection avoid a
+harmful source and help a few-shot target?
 
-Sources: masked LM over every text plus the sentiment tasks of three domains (train split);
-target: the fourth domain's dev split (downstream-aware). Each schedule trains the same number of
-batches (episodes x N) from the same MiniLM start:
-- selected: fastmft.selection.TaskSelector (utility-scored, epsilon-greedy);
-- round-robin: the sources in turn, N batches each episode;
-- random: a uniformly random source each episode.
-Then the model is fine-tuned on the target domain's train split and evaluated on its test split.
+Sources, from TRAINING rows only: masked LM over every domain's training texts, the sentiment
+tasks of books, dvd and electronics, and a harmful one: the same three domains' training rows with
+their labels permuted at random (``cls:shuffled``). Target: kitchen, few-shot (``--fraction`` of its
+training rows, stratified by label, drawn from the seed); the selector scores on those rows.
 
-Each (schedule, seed) cell is saved as JSON under benchmarks/results/select_amazon/ as soon as it
-finishes (accuracy, wall time split into scoring and training, device, versions, date), and a
-rerun skips finished cells, so the table can fill across sessions. ``--table`` prints mean and
-std per schedule with pending cells marked. The data are read from ../shared/data/amazon (never
-copied into the repository).
+Arms for one seed (paired: every consumer draws from its own seeded stream, so the arms differ
+only in which task each episode trains; the fine-tune is the same in every arm):
+- ``selected-sgd``: utility with the plain inner step (alpha = ``--inner-lr``);
+- ``selected-adam``: utility with the look-ahead of the real AdamW step (its lr and preconditioning);
+- ``round-robin``, ``random``: the same number of training batches without scoring;
+- ``round-robin-time``: round-robin given the wall time the selected arm of that seed spent
+  (scoring included), i.e. more batches: the compute-matched control;
+- ``none``: no schedule (fine-tune only).
+After the schedule: the target's dev loss and accuracy (kitchen dev, 200 rows; never trained on)
+with the shared label head; then a fresh AdamW with warmup and linear decay fine-tunes on the
+few-shot rows, and kitchen dev and test accuracy are recorded with per-row predictions. The inner
+step used as the headline is the one with the lower mean target dev loss after the schedule
+(decided on dev, before test is read).
 
-    python -m benchmarks.select_amazon --seeds 0 1 2            # run the missing cells
-    python -m benchmarks.select_amazon --table                  # print the table
+Each cell is one JSON file under benchmarks/results/select_amazon_v2/<device kind>/ (settings,
+device, versions, commit, per-episode utilities and their per-batch terms, compute split into
+scoring / training / fine-tuning, predictions). The earlier cells (benchmarks/results/select_amazon)
+stay as they were: they ran before the fixes of issue 16 (MLM over all splits, shared RNG).
 
-The committed CPU cells (one pinned thread each) ran with ``--max-length 64 --episodes 20``
-(160 schedule batches of 16 reviews) to fit 9 cells into one session; each cell stores its
-settings, and a GPU run can use the defaults (128 tokens, 30 episodes) in a new results folder.
+    python -m benchmarks.select_amazon run --seeds 0 1 2 --threads 1
+    python -m benchmarks.select_amazon run --device cuda --seeds 0 1 2 3 4 --m 8 --time-limit 300
+    python -m benchmarks.select_amazon table
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import datetime
+import datetime as dt
 import json
-import platform
+import os
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-SCHEDULES = ("selected", "round-robin", "random")
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
-RESULTS = Path(__file__).resolve().parent / "results" / "select_amazon"
-
-
-def _cell_path(results: Path, schedule: str, seed: int, target: str) -> Path:
-    return results / f"{target}-{schedule}-seed{seed}.json"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "amazon"
+RESULTS = REPO / "benchmarks" / "results" / "select_amazon_v2"
+ARMS = ("selected-sgd", "selected-adam", "round-robin", "random", "round-robin-time", "none")
 
 
-def run_cell(schedule: str, seed: int, args) -> dict:
+def _few_shot(labels: list[int], fraction: float, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    keep = []
+    for y in sorted(set(labels)):
+        rows = [i for i, v in enumerate(labels) if v == y]
+        keep += rng.sample(rows, max(1, round(fraction * len(rows))))
+    return sorted(keep)
+
+
+def _evaluate(model, rows_ids, labels, device, pad_id) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from fastmft.selection import pad_ids
+
+    model.eval()
+    preds, loss = [], 0.0
+    with torch.inference_mode():
+        for s in range(0, len(rows_ids), 64):
+            ids, mask = pad_ids(rows_ids[s : s + 64], pad_id)
+            hidden = model.encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            logits = model.heads["label"](hidden[:, 0]).float().cpu()
+            y = torch.tensor(labels[s : s + 64])
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            preds += logits.argmax(1).tolist()
+    return {"loss": loss / len(labels), "accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels), "pred": preds}
+
+
+def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
+    import torch
+
     from fastmft.backbone import load_backbone
     from fastmft.data import Columns, prepare
-    from fastmft.selection import ClassificationTask, MultiTaskModel, TaskSelector, build_tasks, pad_ids
+    from fastmft.selection import ClassificationTask, MultiTaskModel, TaskSelector, build_tasks
 
-    torch.manual_seed(seed)
-    encoder, tok = load_backbone(args.backbone)
+    from .harness import device_name
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = prepare(sorted(str(p) for p in Path(args.data).glob("*.jsonl")), tok, Columns(), max_length=args.max_length)
+    if "data" not in cache:
+        cache["backbone"] = load_backbone(args.backbone)
+        tok = cache["backbone"][1]
+        cache["data"] = prepare(sorted(str(p) for p in Path(args.data).glob("*.jsonl")), tok, Columns(id="id"), max_length=args.max_length)
+    _, tok = cache["backbone"]
+    encoder = load_backbone(args.backbone)[0]  # a fresh copy of the pre-trained weights per cell
+    data = cache["data"]
+    ds, pad = data.dataset, tok.pad_token_id or 0
     target = data.domain_vocab.encode(args.target)
-    sources, targets = build_tasks(data.dataset, tok, data.domain_vocab, len(data.label_vocab), target_domain=target,
-                                   sources=["mlm", "domains"], batch_size=args.batch_size, split_column="split")
-    ds = data.dataset
-    split, domains = ds["split"], ds["domains"]
-    rows = {s: [i for i in range(len(ds)) if domains[i] == target and split[i] == s] for s in ("train", "test")}
-    finetune = ClassificationTask("finetune", [ds[i]["input_ids"] for i in rows["train"]], [ds[i]["labels"] for i in rows["train"]],
-                                  len(data.label_vocab), head="label", batch_size=args.batch_size, pad_id=tok.pad_token_id)
-    model = MultiTaskModel(encoder, [*sources, *targets, finetune]).to(device)
-    selector = TaskSelector(model, sources, targets, inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n,
-                            epsilon=args.epsilon, seed=seed)
-    start = time.perf_counter()
-    picks, scoring_s = [], 0.0
+    sources, _ = build_tasks(ds, tok, data.domain_vocab, len(data.label_vocab), target_domain=target,
+                             sources=["mlm", "domains"], batch_size=args.batch_size, split_column="split")
+    split, domains, labels, ids = ds["split"], ds["domains"], ds["labels"], ds["input_ids"]
+    src_rows = [i for i in range(len(ds)) if split[i] == "train" and domains[i] != target]
+    perm = random.Random(0).sample([labels[i] for i in src_rows], len(src_rows))  # the same harm in every cell
+    sources.append(ClassificationTask("cls:shuffled", [ids[i] for i in src_rows], perm, len(data.label_vocab),
+                                      head="label", batch_size=args.batch_size, pad_id=pad))
+    rows = {s: [i for i in range(len(ds)) if domains[i] == target and split[i] == s] for s in ("train", "dev", "test")}
+    few = [rows["train"][j] for j in _few_shot([labels[i] for i in rows["train"]], args.fraction, seed)]
+    shot = ClassificationTask("target", [ids[i] for i in few], [labels[i] for i in few], len(data.label_vocab),
+                              head="label", batch_size=args.batch_size, pad_id=pad)
+    torch.manual_seed(seed)  # the heads' initialisation: the same in every arm
+    model = MultiTaskModel(encoder, [*sources, shot]).to(device)
+    inner = "adam" if arm == "selected-adam" else "sgd"
+    selector = TaskSelector(model, sources, [shot], inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n,
+                            epsilon=args.epsilon, seed=seed, inner=inner)
     order = random.Random(seed)
-    for episode in range(args.episodes):
-        if schedule == "selected":
+    episodes, t0, scoring_s = [], time.perf_counter(), 0.0
+    budget = None
+    if arm == "round-robin-time":
+        ref = cell_path(args.results_dir, device.type, "selected-adam" if args.headline == "adam" else "selected-sgd", seed)
+        if not ref.is_file():
+            raise RuntimeError(f"round-robin-time needs {ref} first")
+        budget = json.loads(ref.read_text())["schedule_s"]
+    step = 0
+    while arm != "none":
+        if budget is None and step >= args.episodes:
+            break
+        if budget is not None and time.perf_counter() - t0 >= budget:
+            break
+        if arm.startswith("selected"):
             ep = selector.episode()
-            picks.append(ep.chosen)
             scoring_s += ep.scoring_s
+            episodes.append({"chosen": ep.chosen, "explored": ep.explored, "utilities": ep.utilities, "batch_scores": ep.batch_scores})
         else:
-            task = sources[episode % len(sources)] if schedule == "round-robin" else order.choice(sources)
+            task = sources[step % len(sources)] if arm.startswith("round-robin") else order.choice(sources)
             selector.train_batches(task, args.n)
-            picks.append(task.name)
-    schedule_s = time.perf_counter() - start
-    steps_per_epoch = max(1, len(rows["train"]) // args.batch_size)
-    selector.train_batches(finetune, args.finetune_epochs * steps_per_epoch)
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for s in range(0, len(rows["test"]), 64):
-            chunk = rows["test"][s : s + 64]
-            ids, mask = pad_ids([ds[i]["input_ids"] for i in chunk], tok.pad_token_id)
-            hidden = model.encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            pred = model.heads["label"](hidden[:, 0]).argmax(1).cpu()
-            correct += int((pred == torch.tensor([ds[i]["labels"] for i in chunk])).sum())
+            episodes.append({"chosen": task.name})
+        step += 1
+    schedule_s = time.perf_counter() - t0
+    after = _evaluate(model, [ids[i] for i in rows["dev"]], [labels[i] for i in rows["dev"]], device, pad)
+    # fine-tune: a fresh optimizer with warmup and linear decay, its own batch stream and dropout seed
+    t1 = time.perf_counter()
+    steps = args.finetune_epochs * max(1, len(few) // args.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warm = max(1, round(0.1 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed + 1)
+    model.train()
+    for _ in range(steps):
+        loss = model(shot.sample(g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    finetune_s = time.perf_counter() - t1
+    dev = _evaluate(model, [ids[i] for i in rows["dev"]], [labels[i] for i in rows["dev"]], device, pad)
+    test = _evaluate(model, [ids[i] for i in rows["test"]], [labels[i] for i in rows["test"]], device, pad)
     return {
-        "schedule": schedule, "seed": seed, "target": args.target, "test_accuracy": correct / len(rows["test"]),
-        "test_rows": len(rows["test"]), "episodes": args.episodes, "n": args.n, "m": args.m, "picks": picks,
-        "schedule_wall_s": schedule_s, "scoring_s": scoring_s, "total_wall_s": time.perf_counter() - start,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        "hyper": {k: getattr(args, k) for k in ("inner_lr", "lr", "epsilon", "batch_size", "max_length", "finetune_epochs")},
+        "arm": arm, "seed": seed, "target": args.target, "inner": inner if arm.startswith("selected") else None,
+        "episodes_run": len(episodes), "episodes": episodes, "picks": [e["chosen"] for e in episodes],
+        "after_schedule_dev": {"loss": after["loss"], "accuracy": after["accuracy"]},
+        "dev": {"accuracy": dev["accuracy"], "loss": dev["loss"], "ids": [ds[i]["id"] for i in rows["dev"]],
+                "gold": [labels[i] for i in rows["dev"]], "pred": dev["pred"]},
+        "test": {"accuracy": test["accuracy"], "ids": [ds[i]["id"] for i in rows["test"]],
+                 "gold": [labels[i] for i in rows["test"]], "pred": test["pred"]},
+        "compute_s": {"schedule": schedule_s, "scoring": scoring_s, "training": schedule_s - scoring_s, "finetune": finetune_s},
+        "schedule_s": schedule_s, "few_shot_rows": len(few), "finetune_steps": steps,
+        "settings": {k: getattr(args, k) for k in ("episodes", "m", "n", "epsilon", "inner_lr", "lr", "batch_size", "max_length",
+                                                     "fraction", "finetune_epochs", "headline")},
+        "device": device.type, "device_name": device_name(device), "torch_threads": torch.get_num_threads(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": cache["versions"],
     }
 
 
-def table(results: Path, target: str) -> str:
-    lines = [f"| schedule | test accuracy on {target} % (mean ± std) | seeds | scoring s | schedule s (scoring + training) | cell s | picks (all seeds) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    settings = set()
-    for schedule in SCHEDULES:
-        cells = [json.loads(p.read_text()) for p in sorted(results.glob(f"{target}-{schedule}-seed*.json"))]
-        if not cells:
-            lines.append(f"| {schedule} | pending | 0 | – | – | – | – |")
+def cell_path(results: Path, kind: str, arm: str, seed: int) -> Path:
+    return results / kind / f"{arm}_seed{seed}.json"
+
+
+def signal_noise(cell: dict) -> tuple[float, float] | None:
+    """Median over episodes of (spread of the sources' mean per-batch score, standard error of a
+    source's mean over its M batches): u separates sources when the first exceeds the second."""
+    sig, noise = [], []
+    for e in cell["episodes"]:
+        scores = e.get("batch_scores")
+        if not scores or min(len(v) for v in scores.values()) < 2:
             continue
-        acc = [100 * c["test_accuracy"] for c in cells]
-        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        picks = collections.Counter(p for c in cells for p in c["picks"])
-        mean = lambda key: statistics.mean(c[key] for c in cells)  # noqa: E731
-        lines.append(f"| {schedule} | {statistics.mean(acc):.1f} ± {std:.1f} | {len(cells)} | {mean('scoring_s'):.0f} | "
-                     f"{mean('schedule_wall_s'):.0f} | {mean('total_wall_s'):.0f} | "
-                     + ", ".join(f"{k} {v}" for k, v in sorted(picks.items())) + " |")
-        settings |= {json.dumps({"episodes": c["episodes"], "n": c["n"], "m": c["m"], **c["hyper"], "device": c["device"]},
-                                sort_keys=True) for c in cells}
-    lines += ["", "Settings of the cells above (seconds are wall time on their device):"]
-    lines += [f"- `{s}`" for s in sorted(settings)]
+        means = [statistics.fmean(v) for v in scores.values()]
+        sig.append(statistics.stdev(means))
+        noise.append(statistics.fmean(statistics.variance(v) / len(v) for v in scores.values()) ** 0.5)
+    return (statistics.median(sig), statistics.median(noise)) if sig else None
+
+
+def render(results: Path) -> str:
+    import numpy as np
+
+    from .mft_amazon import mcnemar
+
+    lines = ["# Task selection on the Amazon reviews (kitchen target, few-shot), rebuilt for issue 16", "",
+             "Per arm: mean over seeds (± std); after-schedule = kitchen dev with the shared label head right after the "
+             "schedule; test = kitchen test after the same few-shot fine-tune. Paired: arm − round-robin on test "
+             "rows, summed discordant rows and exact McNemar over the pooled seeds' rows. Signal / noise: median over "
+             "episodes of the spread of the sources' mean utility term against the standard error of one source's mean "
+             "over its M batches.", ""]
+    for kind_dir in sorted(p for p in results.glob("*") if p.is_dir()):
+        cells = {f.stem: json.loads(f.read_text()) for f in kind_dir.glob("*.json")}
+        lines += [f"## Device: {kind_dir.name}", "",
+                  "| arm | seeds | after-schedule dev loss | after-schedule dev acc | test acc | test − round-robin (paired) | "
+                  "signal / noise | picks | scoring s | training s | fine-tune s |", "|---|" + "---|" * 10]
+        for arm in ARMS:
+            got = sorted((c for c in cells.values() if c["arm"] == arm), key=lambda c: c["seed"])
+            if not got:
+                lines.append(f"| {arm} | 0 | pending |" + " - |" * 8)
+                continue
+            ms = lambda xs: f"{statistics.fmean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")  # noqa: E731
+            pair = ""
+            ref = [cells.get(f"round-robin_seed{c['seed']}") for c in got]
+            if arm != "round-robin" and all(ref):
+                a = np.concatenate([np.equal(c["test"]["pred"], c["test"]["gold"]) for c in got]).astype(int)
+                b = np.concatenate([np.equal(r["test"]["pred"], r["test"]["gold"]) for r in ref]).astype(int)
+                n01, n10, p = mcnemar(a, b)
+                pair = f"{100 * (a.mean() - b.mean()):+.1f} pts ({n01}/{n10}, p {p:.2f})"
+            sn = [x for x in (signal_noise(c) for c in got) if x]
+            sn_text = f"{statistics.fmean(s for s, _ in sn):.2e} / {statistics.fmean(n for _, n in sn):.2e}" if sn else "-"
+            picks: dict[str, int] = {}
+            for c in got:
+                for p_ in c["picks"]:
+                    picks[p_] = picks.get(p_, 0) + 1
+            comp = lambda k: f"{statistics.fmean(c['compute_s'][k] for c in got):.0f}"  # noqa: E731
+            lines.append(f"| {arm} | {len(got)} | {ms([c['after_schedule_dev']['loss'] for c in got])} | "
+                         f"{ms([100 * c['after_schedule_dev']['accuracy'] for c in got])} | {ms([100 * c['test']['accuracy'] for c in got])} | "
+                         f"{pair or '-'} | {sn_text} | " + ", ".join(f"{k} {v}" for k, v in sorted(picks.items())) +
+                         f" | {comp('scoring')} | {comp('training')} | {comp('finetune')} |")
+        losses = {k: [c["after_schedule_dev"]["loss"] for c in cells.values() if c["arm"] == f"selected-{k}"] for k in ("sgd", "adam")}
+        if all(losses.values()):
+            best = min(losses, key=lambda k: statistics.fmean(losses[k]))
+            lines += ["", f"Inner step chosen on dev (lower mean after-schedule dev loss): **{best}** "
+                      f"(sgd {statistics.fmean(losses['sgd']):.4f}, adam {statistics.fmean(losses['adam']):.4f})."]
+        settings = sorted({json.dumps({**c["settings"], "device": c["device_name"]}, sort_keys=True) for c in cells.values()})
+        lines += ["", "Settings:"] + [f"- `{s}`" for s in settings] + [""]
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.select_amazon", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--target", default="kitchen")
-    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, run in this order per seed")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--episodes", type=int, default=30)
-    p.add_argument("--m", type=int, default=2)
-    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--m", type=int, default=4, help="batches per task for scoring")
+    p.add_argument("--n", type=int, default=4)
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--inner-lr", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW lr (2e-5 of BERT-base, scaled up for the smaller MiniLM)")
+    p.add_argument("--headline", choices=("sgd", "adam"), default="adam",
+                   help="the selected arm whose wall time round-robin-time gets (the dev-chosen inner step)")
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--fraction", type=float, default=0.1, help="few-shot share of kitchen's training rows")
+    p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--backbone")
     p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--time-limit", type=float, help="wall seconds: no cell starts after")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--table", action="store_true", help="print the table of finished cells and exit")
-    args = p.parse_args()
-    if not args.table:
-        args.results_dir.mkdir(parents=True, exist_ok=True)
+    t = sub.add_parser("table")
+    t.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        import torch
+
+        from .mft_amazon import _versions
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        kind = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+        cache, start = {"versions": _versions()}, time.perf_counter()
         for seed in args.seeds:
-            for schedule in args.schedules:
-                path = _cell_path(args.results_dir, schedule, seed, args.target)
+            for arm in args.arms.split(","):
+                path = cell_path(args.results_dir, kind, arm, seed)
                 if path.exists():
                     continue
-                cell = run_cell(schedule, seed, args)
+                if args.time_limit is not None and time.perf_counter() - start >= args.time_limit:
+                    print("time limit spent; run again to continue", flush=True)
+                    break
+                cell = run_cell(arm, seed, args, cache)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cell, indent=1))
+                tmp.write_text(json.dumps(cell) + "\n")
                 tmp.replace(path)
-                print(f"{schedule} seed {seed}: accuracy {cell['test_accuracy']:.3f} in {cell['total_wall_s']:.0f} s")
-    text = table(args.results_dir, args.target)
-    if args.results_dir.is_dir():
-        (args.results_dir / "TABLE.md").write_text(text + "\n")
+                print(f"{arm} seed {seed}: after-schedule dev loss {cell['after_schedule_dev']['loss']:.3f}, "
+                      f"schedule {cell['schedule_s']:.0f} s (scoring {cell['compute_s']['scoring']:.0f} s)", flush=True)
+    text = render(args.results_dir)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "TABLE.md").write_text(text)
     print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,7 @@ source task that is its training set, for example).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -203,14 +204,23 @@ class Episode:
     train_loss: float
     scoring_s: float
     training_s: float
+    batch_scores: dict[str, list[float]] | None = None  # the M terms of each u(s): its noise
 
 
 class TaskSelector:
     """Runs the selection algorithm over ``model`` (a :class:`MultiTaskModel` holding every task).
 
     ``targets=None`` is downstream-agnostic (T = S). ``inner_lr`` is alpha of the inner step,
+    ``inner``: "sgd" (theta' = theta - inner_lr * g) or "adam" (the look-ahead of the real optimizer:
+    alpha = its current lr, g scaled as AdamW would, :meth:`adam_precondition`; inner_lr unused);
     ``lr`` the optimizer's learning rate (AdamW), ``m`` the batches per task for scoring,
-    ``n`` the training batches per episode, ``epsilon`` the exploration rate."""
+    ``n`` the training batches per episode, ``epsilon`` the exploration rate.
+
+    Randomness: every consumer draws from its own stream seeded from ``seed`` and its name
+    (:meth:`stream`): each source's scoring batches, each target's batches, each task's training
+    batches, and the exploration. So two runs with one seed that pick different tasks still see
+    the same k-th training batch of every task, and scoring never shifts the training batches:
+    paired arms differ only in which task they train."""
 
     def __init__(
         self,
@@ -225,6 +235,7 @@ class TaskSelector:
         epsilon: float = 0.1,
         seed: int = 0,
         max_grad_norm: float = 1.0,
+        inner: str = "sgd",
     ):
         if not sources:
             raise ValueError("at least one source task is needed")
@@ -233,6 +244,8 @@ class TaskSelector:
             raise ValueError(f"tasks {missing} are not part of the model: build MultiTaskModel with every task")
         if m < 1 or n < 1:
             raise ValueError(f"m and n must be >= 1 (--m, --n), got m={m}, n={n}")
+        if inner not in ("sgd", "adam"):
+            raise ValueError(f"inner must be 'sgd' or 'adam' (--inner), got {inner!r}")
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon must lie in [0, 1] (--epsilon), got {epsilon}")
         for name, value in (("inner_lr", inner_lr), ("lr", lr)):
@@ -242,13 +255,48 @@ class TaskSelector:
             raise ValueError(f"max_grad_norm must be a finite number >= 0, got {max_grad_norm!r}")
         self.model, self.sources, self.targets = model, list(sources), list(targets) if targets else None
         self.m, self.n, self.epsilon, self.max_grad_norm = m, n, epsilon, max_grad_norm
-        self.scorer = TaskUtilityScorer(model, lambda mod, batch: mod(batch), inner_lr)
+        self.inner = inner
+        self.scorer = TaskUtilityScorer(model, lambda mod, batch: mod(batch), inner_lr,
+                                        precondition=self.adam_precondition if inner == "adam" else None)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-        self.generator = torch.Generator().manual_seed(seed)
+        named = dict(model.named_parameters())
+        self._scored = [named[n] for n in self.scorer.names]
+        self._group = {id(q): g for g in self.optimizer.param_groups for q in g["params"]}
+        self.seed = seed
+        self.streams: dict[str, torch.Generator] = {}
         self.explore = random.Random(seed)
         self.episodes_done = 0
         self.log_lines = 0  # lines of the episode log this checkpointed progress accounts for
         self.on_scored = None  # called with each source's name once its utility is known (progress)
+
+    def stream(self, name: str) -> torch.Generator:
+        """The generator of one consumer (e.g. ``"train:mlm"``), created on first use from the seed."""
+        if name not in self.streams:
+            digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+            self.streams[name] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return self.streams[name]
+
+    def adam_precondition(self, i: int, grad: Tensor) -> Tensor:
+        """``grad`` scaled as AdamW scales its step now: g / (sqrt(v / (1 - beta2^t)) + eps) with
+        the optimizer's second moment v of that parameter after t steps, or sign(g) (Adam's first
+        step) where it holds no state yet. With alpha = the current lr this is the step AdamW would
+        take on this batch alone (its momentum and weight decay left out)."""
+        param = self._scored[i]
+        state = self.optimizer.state.get(param)
+        sparse = grad.is_sparse
+        if sparse:
+            grad = grad.coalesce()
+            values, rows = grad.values(), grad.indices()[0]
+        else:
+            values = grad
+        if not state:
+            scaled = values.sign()
+        else:
+            group = self._group[id(param)]
+            beta2, eps = group["betas"][1], group["eps"]
+            denom = (state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + eps
+            scaled = values / (denom.index_select(0, rows) if sparse else denom)
+        return torch.sparse_coo_tensor(grad.indices(), scaled, grad.shape, check_invariants=False, is_coalesced=True) if sparse else scaled
 
     @property
     def mode(self) -> str:
@@ -258,35 +306,37 @@ class TaskSelector:
         """u(s) for every source from given batches (scoring runs with the model in eval mode)."""
         was_training = self.model.training
         self.model.eval()
+        if self.inner == "adam":
+            self.scorer.lr = self.optimizer.param_groups[0]["lr"]
         try:
-            out = {}
+            self.last_scores = {}
             for name, batches in source_batches.items():
-                out[name] = self.scorer.utility(batches, target_batches)
+                self.last_scores[name] = [self.scorer.score(b, target_batches) for b in batches]
                 if self.on_scored is not None:
                     self.on_scored(name)
-            return out
+            return {name: sum(v, 0.0) for name, v in self.last_scores.items()}
         finally:
             self.model.train(was_training)
 
     def episode(self) -> Episode:
         start = time.perf_counter()
-        g = self.generator
-        target_batches = [t.sample(g) for t in (self.targets or self.sources) for _ in range(self.m)]
-        source_batches = {s.name: [s.sample(g) for _ in range(self.m)] for s in self.sources}
+        target_batches = [t.sample(self.stream(f"target:{t.name}")) for t in (self.targets or self.sources) for _ in range(self.m)]
+        source_batches = {s.name: [s.sample(self.stream(f"score:{s.name}")) for _ in range(self.m)] for s in self.sources}
         utilities = self.utilities(source_batches, target_batches)
         explored = self.explore.random() < self.epsilon
         chosen = self.explore.choice(self.sources).name if explored else max(utilities, key=utilities.get)
         scored = time.perf_counter()
         train_loss = self.train_batches(self.model.tasks[chosen], self.n)
         self.episodes_done += 1
-        return Episode(self.episodes_done, utilities, chosen, explored, train_loss, scored - start, time.perf_counter() - scored)
+        return Episode(self.episodes_done, utilities, chosen, explored, train_loss, scored - start, time.perf_counter() - scored,
+                       self.last_scores)
 
     def train_batches(self, task: Task, count: int) -> float:
         """``count`` optimizer steps on batches of ``task``; returns their mean loss."""
         self.model.train()
         total = 0.0
         for _ in range(count):
-            loss = self.model(task.sample(self.generator))
+            loss = self.model(task.sample(self.stream(f"train:{task.name}")))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.max_grad_norm:
@@ -333,7 +383,8 @@ class TaskSelector:
 
         def write(ckpt: Path) -> None:
             save_model(self.model, str(ckpt / "model.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+            torch.save({"optimizer": self.optimizer.state_dict(),
+                        "streams": {k: g.get_state() for k, g in self.streams.items()},
                         "torch": torch.get_rng_state()}, ckpt / "state.pt")
             (ckpt / "selector.json").write_text(json.dumps(
                 {"episodes_done": self.episodes_done, "log_lines": self.log_lines, "explore": _encode_random(self.explore)}))
@@ -358,7 +409,8 @@ class TaskSelector:
         ckpt, state, meta = found
         load_model(self.model, str(ckpt / "model.safetensors"))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        for name, st in state["streams"].items():
+            self.stream(name).set_state(st)
         torch.set_rng_state(state["torch"])
         self.episodes_done, self.log_lines = meta["episodes_done"], meta["log_lines"]
         self.explore.setstate(_decode_random(meta["explore"]))
@@ -375,9 +427,12 @@ def _decode_random(state: list) -> tuple:
 
 
 def build_tasks(ds, tokenizer, domain_vocab, num_labels: int, *, target_domain: int | None, sources: Sequence[str],
-                batch_size: int, split_column: str | None) -> tuple[list[Task], list[Task] | None]:
+                batch_size: int, split_column: str | None,
+                unlabeled_splits: Sequence[str] | None = ("train",)) -> tuple[list[Task], list[Task] | None]:
     """Source and target tasks from a prepared multi-domain dataset (fastmft.data.prepare):
-    "mlm" and "shuffle" over every text, and "domains": one sentiment-style classification task
+    "mlm" and "shuffle" over the texts of the ``unlabeled_splits`` (default: training rows only, so
+    that no dev or test text is trained on; None: every row, an explicit choice; without a split
+    column: every row), and "domains": one sentiment-style classification task
     per domain (all sharing the head "label"). The target task is the target domain's rows of
     the dev split when ``split_column`` exists, else all its rows; its domain is left out of the
     source classification tasks. ``target_domain=None`` is downstream-agnostic."""
@@ -385,13 +440,16 @@ def build_tasks(ds, tokenizer, domain_vocab, num_labels: int, *, target_domain: 
     ids, labels, domains = ds["input_ids"], ds["labels"], ds["domains"]
     splits = ds[split_column] if split_column and split_column in ds.column_names else None
     out: list[Task] = []
+    unlabeled = ids if splits is None or unlabeled_splits is None else [x for x, s in zip(ids, splits) if s in set(unlabeled_splits)]
+    if ({"mlm", "shuffle"} & set(sources)) and not unlabeled:
+        raise ValueError(f"no row of the split(s) {list(unlabeled_splits)} for the self-supervised sources")
     unknown = set(sources) - {"mlm", "shuffle", "domains"}
     if unknown:
         raise ValueError(f"unknown source kinds {sorted(unknown)}; choose from mlm, shuffle, domains")
     if "mlm" in sources:
-        out.append(MaskedLMTask("mlm", ids, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=special, batch_size=batch_size, pad_id=pad))
+        out.append(MaskedLMTask("mlm", unlabeled, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=special, batch_size=batch_size, pad_id=pad))
     if "shuffle" in sources:
-        out.append(TokenShuffleTask("shuffle", ids, special_ids=special, batch_size=batch_size, pad_id=pad))
+        out.append(TokenShuffleTask("shuffle", unlabeled, special_ids=special, batch_size=batch_size, pad_id=pad))
     if "domains" in sources:
         for k, name in enumerate(domain_vocab.values):
             if k == target_domain:
@@ -440,9 +498,11 @@ def _run_cli(args) -> int:
     sources, targets = build_tasks(
         data.dataset, tokenizer, data.domain_vocab, len(data.label_vocab), target_domain=target,
         sources=args.sources.split(","), batch_size=args.batch_size, split_column=args.split_column,
+        unlabeled_splits=None if args.unlabeled_splits == "all" else args.unlabeled_splits.split(","),
     )
     model = MultiTaskModel(encoder, [*sources, *(targets or [])]).to(device)
-    selector = TaskSelector(model, sources, targets, inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n, epsilon=args.epsilon, seed=args.seed)
+    selector = TaskSelector(model, sources, targets, inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n, epsilon=args.epsilon, seed=args.seed,
+                           inner=args.inner)
     out.mkdir(parents=True, exist_ok=True)
     print(f"task selection ({selector.mode}): sources {[s.name for s in sources]}, targets {[t.name for t in targets or []]}, on {device}")
     # weights plus AdamW's two moments: what an exact resume needs, one checkpoint kept
@@ -465,6 +525,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--data", help="multi-domain data (JSONL/CSV/Parquet/saved dataset; default: the embedded synthetic corpus)")
     add_column_arguments(p)
     p.add_argument("--split-column", default="split", help="train rows feed the source tasks, the target domain's dev rows the target (when the column exists)")
+    p.add_argument("--unlabeled-splits", default="train",
+                   help="comma-separated splits whose texts feed mlm and shuffle (default train; 'all': every row, dev and test included)")
     p.add_argument("--target-domain", help="downstream-aware target (default: the last domain)")
     p.add_argument("--agnostic", action="store_true", help="downstream-agnostic: the targets are the sources")
     p.add_argument("--sources", default="mlm,domains", help="comma-separated: mlm, shuffle, domains (default mlm,domains)")
@@ -473,6 +535,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--n", type=positive_int, default=4, help="training batches of the chosen task per episode (N)")
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--inner-lr", type=positive_float, default=1e-3, help="alpha of the inner step")
+    p.add_argument("--inner", choices=("sgd", "adam"), default="sgd",
+                   help="inner step: sgd (alpha = --inner-lr) or adam (the real AdamW step's look-ahead: its lr, its preconditioning)")
     p.add_argument("--lr", type=positive_float, default=2e-5, help="AdamW learning rate of the real training")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--max-length", type=int, default=128)

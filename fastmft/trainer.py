@@ -97,6 +97,7 @@ class TrainConfig:
     num_prototypes: int = 1
     adv_weight: float = 0.1  # weight of BERT(Adv)'s domain loss (gradient reversal coefficient 1)
     few_shot: float = 1.0  # fraction of each domain's training rows (stratified by label)
+    placebo: bool = False  # diagnostic: permute t within each domain (keeps per-domain weights only)
     max_length: int = 128
     pair_join: bool = False  # join text and text_pair into one text with the tokenizer's separator
     dropout: float | None = None  # override the encoder's dropout probabilities (0 for exact DDP parity)
@@ -144,7 +145,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     method: str
-    per_domain: dict[str, dict]  # domain -> {accuracy, macro_f1, n}
+    per_domain: dict[str, dict]  # domain -> {accuracy, macro_f1, n, predictions (in evaluation row order)}
     accuracy: float  # average over domains (the paper's "Avg.")
     macro_f1: float
     wall_time_s: float
@@ -152,6 +153,7 @@ class TrainResult:
     config: dict = field(default_factory=dict)
     device: str = ""
     steps: int = 0
+    dev_per_domain: dict[str, dict] = field(default_factory=dict)  # the same on TrainData.dev, when given
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,6 +172,7 @@ class TrainData:
     label_vocab: Vocab
     domain_vocab: Vocab
     columns: Columns
+    dev: Any = None  # optional second evaluation set (a dev split), scored beside ``eval``
 
 
 def _select_split(ds, split: str | None, split_column: str, what: str):
@@ -466,6 +469,17 @@ def _load_training(store: _Store, model: nn.Module, optimizer, scheduler) -> Non
 # the training loop
 
 
+def _shuffle_within(values: Tensor, groups: Sequence[int], seed: int) -> Tensor:
+    """``values`` permuted at random within each group (the placebo of per-instance weights)."""
+    out = values.clone()
+    g = torch.Generator().manual_seed(seed)
+    groups_t = torch.as_tensor(list(groups))
+    for k in groups_t.unique().tolist():
+        idx = (groups_t == k).nonzero()[:, 0]
+        out[idx] = values[idx[torch.randperm(len(idx), generator=g)]]
+    return out
+
+
 def _step_seed(seed: int, phase: int, step: int) -> int:
     return (seed * 1_000_003 + phase * 10_007 + step) % (2**63 - 1)
 
@@ -551,19 +565,23 @@ class _Run:
         return self._result(wall)
 
     def _result(self, wall: float) -> TrainResult:
-        per_domain = {}
+        per_domain, dev_per_domain = {}, {}
         for k, name in enumerate(self.data.domain_vocab.values):
             r = self.store.state["results"].get(str(k))
             if r is not None:
                 per_domain[str(name)] = r
+            r = self.store.state.get("dev_results", {}).get(str(k))
+            if r is not None:
+                dev_per_domain[str(name)] = r
         done = not self.stopped and len(per_domain) == self.num_domains
         acc = sum(r["accuracy"] for r in per_domain.values()) / max(1, len(per_domain))
         f1 = sum(r["macro_f1"] for r in per_domain.values()) / max(1, len(per_domain))
         result = TrainResult(self.cfg.method, per_domain, acc, f1, wall, done, self.config_dict,
-                             str(self.dist.device), self.store.state["global_step"])
+                             str(self.dist.device), self.store.state["global_step"], dev_per_domain)
         if done and not self.store.state.get("result_logged"):
             self.store.state["result_logged"] = True
-            self.store.log({"event": "result", **{k: v for k, v in result.to_dict().items() if k != "config"}})
+            self.store.log({"event": "result", "method": result.method, "accuracy": result.accuracy, "macro_f1": result.macro_f1,
+                            "wall_time_s": result.wall_time_s, "steps": result.steps})
             self.store.save(self.config_dict)
         return result
 
@@ -610,7 +628,10 @@ class _Run:
             return
         rows = _rows(self.data.train)
         if self.typicality is not None:
-            for r, t in zip(rows, self.typicality.tolist()):
+            t_rows = self.typicality
+            if cfg.placebo:
+                t_rows = _shuffle_within(t_rows, [r["domains"] for r in rows], cfg.seed)
+            for r, t in zip(rows, t_rows.tolist()):
                 r["typicality"] = t
         layers = cfg.layers or skip_layers(self.base.config.num_hidden_layers)
         lam = 0.0 if cfg.method == "tw" else cfg.lam
@@ -644,8 +665,12 @@ class _Run:
         self._train(idx, name, model, rows, cfg.epochs, cfg.lr)
         if self.stopped:
             return
+        dev_rows = _rows(self.data.dev) if self.data.dev is not None else None
         for k in domains:
             self.store.state["results"][str(k)] = self._evaluate(model, [r for r in eval_rows if r["domains"] == k], k)
+            if dev_rows is not None:
+                self.store.state.setdefault("dev_results", {})[str(k)] = self._evaluate(
+                    model, [r for r in dev_rows if r["domains"] == k], k, split="dev")
         if cfg.save_models and self.store.folder is not None and self.dist.main:
             from safetensors.torch import save_model
 
@@ -750,7 +775,7 @@ class _Run:
         bar.close()
 
     @torch.no_grad()
-    def _evaluate(self, model: Classifier, rows: list[dict], k: int) -> dict:
+    def _evaluate(self, model: Classifier, rows: list[dict], k: int, split: str = "eval") -> dict:
         model.eval()
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         preds = [0] * len(rows)
@@ -764,8 +789,8 @@ class _Run:
                 preds[i] = p
         gold = [r["labels"] for r in rows]
         result = {"accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds), "n": len(rows)}
-        self.store.log({"event": "eval", "domain": str(self.data.domain_vocab.values[k]), **result})
-        return result
+        self.store.log({"event": "eval", "split": split, "domain": str(self.data.domain_vocab.values[k]), **result})
+        return {**result, "predictions": preds}  # per row, for paired tests (McNemar, bootstrap)
 
 
 def accuracy(gold: Sequence[int], pred: Sequence[int]) -> float:

@@ -75,6 +75,9 @@ class TaskUtilityScorer:
     ``"ignore"`` (no check; NaN spreads into the utility). ``sparse_embeddings``: the row-sparse
     step for ``nn.Embedding`` tables (module docstring); it sets their ``sparse`` flag during
     :meth:`step`, so do not run the same module's backward from another thread meanwhile.
+    ``precondition(i, grad) -> grad``: optional map applied to the gradient of ``self.names[i]``
+    (dense, or sparse COO for a row-sparse table) before the step, e.g. the real optimizer's
+    preconditioning (:meth:`fastmft.selection.TaskSelector.adam_precondition`); settable any time.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class TaskUtilityScorer:
         params: Iterable[str] | None = None,
         nonfinite: str = "raise",
         sparse_embeddings: bool = True,
+        precondition: Callable[[int, Tensor], Tensor] | None = None,
     ):
         if nonfinite not in ("raise", "-inf", "ignore"):
             raise ValueError(f"nonfinite must be 'raise', '-inf' or 'ignore', got {nonfinite!r}")
@@ -93,6 +97,7 @@ class TaskUtilityScorer:
         self.loss_fn = loss_fn if loss_fn is not None else hf_loss
         self.lr = float(lr)
         self.nonfinite = nonfinite
+        self.precondition = precondition
         named = dict(model.named_parameters())
         if params is None:
             names = [n for n, p in named.items() if p.requires_grad]
@@ -139,6 +144,8 @@ class TaskUtilityScorer:
             for m in tables:
                 m.sparse = False
         del loss
+        if self.precondition is not None:
+            grads = [None if g is None else self.precondition(i, g) for i, g in enumerate(grads)]
         check = self.nonfinite != "ignore"
         nonfinite = False
         sparse = set()

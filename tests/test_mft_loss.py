@@ -125,3 +125,27 @@ def test_errors_name_the_users_layer_and_the_hidden_size(rng):
 def test_multi_prototypes_refuse_a_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         fastmft.MultiPrototypes(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, dtype=torch.long), temperature)
+
+
+def test_negative_typicality_contributes_nothing(rng):
+    """t < 0 is clamped at 0 (the formula with max(t, 0)): its row adds nothing to the loss and
+    gets zero gradient, against the float64 reference on the clamped weights."""
+    module = fastmft.MFTLoss(hidden_size=8, num_labels=3, num_domains=3, layers=(1, 2), lam=0.5)
+    hs, mask = batch(9, 6, 8, 2, rng)
+    hs = tuple(h.requires_grad_() for h in hs)
+    labels = torch.randint(0, 3, (9,), generator=rng)
+    domains = torch.randint(0, 3, (9,), generator=rng)
+    t = torch.rand(9, generator=rng)
+    t[[1, 5]] = -0.1 - torch.rand(2, generator=rng)
+    t.requires_grad_()
+    corrupted = fastmft.shuffle_domains(domains, rng)
+    out = module(hs, mask, labels, domains, typicality=t, corrupted=corrupted)
+    loss, tlc, sdc = mft_loss64(module, hs, mask, labels, domains, t.detach().clamp_min(0), corrupted)
+    assert_close(out.label_loss, tlc, torch.float32)
+    assert_close(out.domain_loss, sdc, torch.float32)
+    assert_close(out.loss, loss, torch.float32)
+    out.loss.backward()
+    for h in hs[1:]:
+        assert torch.all(h.grad[[1, 5]] == 0)
+        assert h.grad[0].abs().sum() > 0
+    assert torch.all(t.grad[[1, 5]] == 0)

@@ -134,7 +134,7 @@ def test_cli_runs_and_resumes(corpus, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "sources ['mlm', 'shuffle', 'cls:books'], targets ['target:electronics']" in out
-    assert f"a checkpoint of about" in out and str(tmp_path / "run" / "checkpoint") in out
+    assert "a checkpoint of about" in out and str(tmp_path / "run" / "checkpoint") in out
     assert main(args[:8] + ["3"] + args[9:]) == 0  # one more episode, resumed from the checkpoint
     assert "episodes run now: 1 (total 3)" in capsys.readouterr().out
     assert len((tmp_path / "run" / "episodes.jsonl").read_text().splitlines()) == 3
@@ -204,3 +204,87 @@ def test_bad_rates_are_named(corpus, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["select", "--output-dir", str(tmp_path / "file")]) == 2
     assert "--output-dir" in capsys.readouterr().err and (tmp_path / "file").read_text() == ""
+
+
+def test_self_supervised_sources_read_training_rows_only(corpus):
+    """Bug: mlm/shuffle were built from every row, the target's test split included."""
+    import datasets
+
+    from fastmft.data import Columns, prepare
+    from fastmft.selection import build_tasks
+
+    rows, _, tok = corpus
+    data = prepare(datasets.Dataset.from_list([{k: r[k] for k in ("text", "label", "domain", "split")} for r in rows]),
+                   tok, Columns(), max_length=32)
+    ds = data.dataset
+    train_ids = [ids for ids, s in zip(ds["input_ids"], ds["split"]) if s == "train"]
+    assert 0 < len(train_ids) < len(ds)
+    kw = dict(target_domain=0, sources=["mlm", "shuffle", "domains"], batch_size=4, split_column="split")
+    sources, _ = build_tasks(ds, tok, data.domain_vocab, len(data.label_vocab), **kw)
+    for task in (t for t in sources if t.name in ("mlm", "shuffle")):
+        assert task.input_ids == train_ids, task.name
+    sources, _ = build_tasks(ds, tok, data.domain_vocab, len(data.label_vocab), unlabeled_splits=None, **kw)
+    assert next(t for t in sources if t.name == "mlm").input_ids == list(ds["input_ids"])
+
+
+def _recording(task):
+    """Wrap task.sample to record the batches it returns."""
+    seen, sample = [], task.sample
+    task.sample = lambda g: seen.append(sample(g)) or seen[-1]
+    return seen
+
+
+def test_arms_with_one_seed_train_on_the_same_batches(corpus):
+    """Bug: scoring and training shared one generator, so a scored episode shifted every later
+    training batch. Now the k-th training batch of a task is the same whatever ran before it."""
+    scored, tasks1 = build(corpus, 4, sources=("A", "B", "mlm"), m=2, n=2, epsilon=0.0)
+    plain, tasks2 = build(corpus, 4, sources=("A", "B", "mlm"), m=2, n=2, epsilon=0.0)
+    ep = scored.episode()
+    chosen = ep.chosen
+    seen1 = _recording(tasks1[chosen])
+    seen2 = _recording(tasks2[chosen])
+    plain.train_batches(tasks2["B" if chosen != "B" else "A"], 3)  # another arm trains another task first
+    scored.train_batches(tasks1[chosen], 2)
+    plain.train_batches(tasks2[chosen], 4)
+    # the scored arm already trained `chosen` n=2 times in the episode: its next two are the plain arm's 3rd and 4th
+    for a, b in zip(seen1, seen2[2:]):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert len(seen1) == 2 and len(seen2) == 4
+
+
+def test_adam_look_ahead_matches_float64_reference(corpus):
+    """inner="adam": theta' = theta - lr * g / (sqrt(v / (1 - beta2^t)) + eps) with AdamW's
+    state (sign(g) where it has none), the target loss summed at theta': against a float64
+    deepcopy written from that formula."""
+    import copy
+
+    selector, tasks = build(corpus, 9, sources=("A", "mlm"), lr=1e-3, m=1, inner="adam")
+    selector.train_batches(tasks["A"], 3)
+    g = torch.Generator().manual_seed(3)
+    targets = [tasks["target"].sample(g)]
+    sources = {name: [tasks[name].sample(g)] for name in ("A", "mlm")}
+    got = selector.utilities(sources, targets)
+    opt = selector.optimizer
+    beta2, eps, lr = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"], opt.param_groups[0]["lr"]
+    for name, batches in sources.items():
+        model = copy.deepcopy(selector.model).double().eval()
+        originals = dict(selector.model.named_parameters())
+        params = dict(model.named_parameters())
+        loss = model(batches[0])
+        names = [n for n, q in params.items() if q.requires_grad]
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        with torch.no_grad():
+            for n, gr in zip(names, grads):
+                if gr is None:
+                    continue
+                state = opt.state.get(originals[n])
+                if state:
+                    step = gr / ((state["exp_avg_sq"].double() / (1 - beta2 ** float(state["step"]))).sqrt() + eps)
+                else:
+                    step = gr.sign()
+                params[n].sub_(lr * step)
+            expected = -sum(float(model(b)) for b in targets)
+        assert got[name] == pytest.approx(expected, rel=1e-4), name
+        selector.inner, selector.scorer.precondition, selector.scorer.lr = "sgd", None, lr
+        assert selector.utilities({name: batches}, targets)[name] != pytest.approx(expected, rel=1e-4)
+        selector.inner, selector.scorer.precondition = "adam", selector.adam_precondition

@@ -390,3 +390,31 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_predictions_per_row_and_dev_set(data, backbone, corpus):
+    """Each domain's result carries its per-row predictions (paired statistics need them), and a
+    dev set given in TrainData is scored beside eval with the same model."""
+    import dataclasses
+
+    with_dev = dataclasses.replace(data, dev=data.eval)
+    result = _run(with_dev, backbone, method="s", epochs=1)
+    gold = data.eval["labels"]
+    for k, name in enumerate(data.domain_vocab.values):
+        r, d = result.per_domain[str(name)], result.dev_per_domain[str(name)]
+        rows = [i for i, x in enumerate(data.eval["domains"]) if x == k]
+        assert len(r["predictions"]) == r["n"] == len(rows)
+        assert r["accuracy"] == pytest.approx(sum(p == gold[i] for p, i in zip(r["predictions"], rows)) / len(rows))
+        assert d["predictions"] == r["predictions"]  # the same rows, the same model
+
+
+def test_placebo_permutes_typicality_within_each_domain():
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    t = torch.rand(40, generator=g)
+    domains = torch.randint(0, 3, (40,), generator=g).tolist()
+    out = trainer._shuffle_within(t, domains, seed=5)
+    assert not torch.equal(out, t)
+    for k in set(domains):
+        idx = [i for i, d in enumerate(domains) if d == k]
+        assert sorted(out[idx].tolist()) == sorted(t[idx].tolist())
+    assert torch.equal(out, trainer._shuffle_within(t, domains, seed=5))

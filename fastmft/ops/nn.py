@@ -70,7 +70,10 @@ class MFTLoss(nn.Module):
     ) -> MFTLossOutput:
         """hidden_states: the tuple a Hugging Face encoder returns with output_hidden_states=True
         (embeddings first, then one tensor per layer). typicality: per-instance weights t (default
-        1). corrupted: the SDC targets (default: ``shuffle_domains(domains, generator)``)."""
+        1), clamped at 0 before they weight TLC and SDC: t is a mix of cosines and can be negative
+        (7 Amazon training rows with MiniLM), and a negative weight would turn that row's loss
+        into gradient ascent, so such a row contributes nothing (and gets no gradient through t).
+        corrupted: the SDC targets (default: ``shuffle_domains(domains, generator)``)."""
         if isinstance(hidden_states, Tensor) or not isinstance(hidden_states, Sequence):
             raise TypeError("hidden_states must be the tuple of per-layer tensors (output_hidden_states=True)")
         if max(self.layers) >= len(hidden_states):
@@ -99,7 +102,7 @@ class MFTLoss(nn.Module):
         _checks.indices(*specs)
         if corrupted is None:
             corrupted = shuffle_domains(domains, generator)  # a permutation of checked domains
-        weights = typicality
+        weights = None if typicality is None else typicality.clamp_min(0)
         logits = self.label_head(last[:, 0])
         label_loss = _multi_head_cross_entropy([logits], [labels], weights, None, -100, check_targets=False)
         pooled = masked_mean_pool([hidden_states[l] for l in self.layers], attention_mask, skip_cls=True)
