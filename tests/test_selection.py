@@ -47,7 +47,7 @@ def test_selector_picks_the_target_task_itself(corpus, rng):
     After a warm-up on A (so that the encoder carries the signal), A must win >= 90 % of episodes."""
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     selector, tasks = build(corpus, seed, inner_lr=3e-3, lr=1e-3, m=2, n=2, epsilon=0.0)
-    selector.train_batches(tasks["A"], 100)
+    selector.train_batches(tasks["A"], 200)
     history = selector.run(10, progress=False)
     picks = [e.chosen for e in history]
     assert picks.count("A") >= 9, picks
