@@ -10,7 +10,12 @@ from tqdm.auto import tqdm
 
 from .data import Collator, LengthBucketSampler
 from .ops.functional import masked_mean_pool, typicality
-from .ops.prototypes import MultiPrototypes, Prototypes, class_prototypes, multi_prototypes
+from .ops.prototypes import (
+    MultiPrototypes,
+    Prototypes,
+    class_prototypes,
+    multi_prototypes,
+)
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -56,7 +56,7 @@ def _killed_then_finished(args, started: Path, rng: random.Random, window: float
     seconds after it started working (``started`` appeared: measured on the first run), then once
     to the end. Returns the return codes of the killed runs (0 when a run finished first)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "fastmft.cli", *args]
+    cmd = [sys.executable, "-m", "fastmft", *args]
     codes, ready = [], None
     for _ in range(KILLS):
         t0 = time.monotonic()

@@ -68,7 +68,7 @@ def test_only_fastmft_bars_are_shown(tmp_path, capfd, library_bars_restored, no_
 
 
 def test_shorten_cuts_at_a_word_with_an_ellipsis():
-    from fastmft.cli import shorten
+    from fastmft.cli.options import shorten
 
     assert shorten("short text") == "short text"
     long = "word " * 40
@@ -78,5 +78,5 @@ def test_shorten_cuts_at_a_word_with_an_ellipsis():
 def test_typicality_and_train_use_the_same_synthetic_corpus():
     from fastmft.cli import build_parser
 
-    parser = build_parser()
-    assert parser.parse_args(["typicality"]).synthetic_per_domain == parser.parse_args(["train"]).synthetic_per_domain
+    typicality = build_parser("typicality").parse_args(["typicality"])
+    assert typicality.synthetic_per_domain == build_parser("train").parse_args(["train"]).synthetic_per_domain

@@ -300,13 +300,15 @@ def test_memory_does_not_grow_with_rows(corpus, tmp_path):
 def test_register_cli_parses_into_a_config():
     import argparse
 
+    from fastmft.cli import score as score_cli
+
     parser = argparse.ArgumentParser(prog="fastmft")
     sub = parser.add_subparsers(dest="command", required=True)
-    score_mod.register_cli(sub)
+    score_cli.register_cli(sub, "score")
     args = parser.parse_args(["score", "a.jsonl", "shards/*.parquet", "-o", "out.parquet", "--label-values", "neg, pos",
                               "--prototypes", "3", "--strict", "--no-progress"])
-    cfg = score_mod.config_from_args(args)
-    assert args.command == "score" and args.func is score_mod._command
+    cfg = score_cli.config_from_args(args)
+    assert args.command == "score" and args.func is score_cli._command
     assert cfg.inputs == ["a.jsonl", "shards/*.parquet"] and cfg.label_values == ["neg", "pos"]
     assert (cfg.prototypes, cfg.strict, cfg.progress, cfg.domain_values) == (3, True, False, None)
     assert str(cfg.cache_path()) == "out.parquet.score-cache"

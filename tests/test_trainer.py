@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastmft import trainer
+from fastmft.cli import main as cli_main
 from fastmft.backbone import load_backbone
 from fastmft.data import Columns
 from fastmft.ops.nn import skip_layers
@@ -190,7 +191,7 @@ def test_ddp_two_gloo_processes_match_single_process(corpus, backbone, tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     threads = torch.get_num_threads()
     try:  # the single-process run in this process (saves an interpreter start)
-        assert trainer.main([*args, "--output-dir", str(tmp_path / "one")]) == 0
+        assert cli_main(["train", *args, "--output-dir", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
     a, b = _steps(tmp_path / "one"), _steps(tmp_path / "ddp")
@@ -232,13 +233,13 @@ def test_bad_datasets_give_clear_errors(corpus, backbone):
 def test_cli_prints_the_comparison_table(corpus, backbone, tmp_path, capsys):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in corpus))
-    code = trainer.main(["train", "--data", str(path), "--backbone", str(backbone[0]), "--method", "full,s",
+    code = cli_main(["train", "--data", str(path), "--backbone", str(backbone[0]), "--method", "full,s",
                          "--batch-size", "8", "--epochs", "1", "--no-progress", "--output-dir", str(tmp_path / "o"), "--json"])
     out = capsys.readouterr().out
     assert code == 0
     assert re.search(r"\| domain\s+\| MFT\(Full\) \| BERT\(S\) \|", out) and "| Average" in out and "| books" in out
     assert (tmp_path / "o" / "full" / "result.json").is_file() and (tmp_path / "o" / "s" / "metrics.jsonl").is_file()
-    assert trainer.main(["--data", str(path), "--backbone", str(backbone[0]), "--label-column", "stars"]) == 2
+    assert cli_main(["train", "--data", str(path), "--backbone", str(backbone[0]), "--label-column", "stars"]) == 2
     assert "no column 'stars'" in capsys.readouterr().err
 
 
@@ -380,7 +381,7 @@ def test_bad_options_are_one_line_errors(corpus, backbone, tmp_path, capsys, arg
     (tmp_path / "file").write_text("")
     args = [a.format(file=tmp_path / "file") for a in args]
     with pytest.raises(SystemExit) if "argument" in message else _nothing():
-        assert trainer.main(["train", "--data", str(path), "--backbone", str(backbone[0]), "--no-progress", *args]) == 2
+        assert cli_main(["train", "--data", str(path), "--backbone", str(backbone[0]), "--no-progress", *args]) == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
     assert (tmp_path / "file").read_text() == ""

@@ -8,7 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
-from .functional import _multi_head_cross_entropy, masked_mean_pool, multi_head_cross_entropy, shuffle_domains
+from .functional import (
+    _multi_head_cross_entropy,
+    masked_mean_pool,
+    multi_head_cross_entropy,
+    shuffle_domains,
+)
 
 
 def skip_layers(num_hidden_layers: int, count: int = 3) -> tuple[int, ...]:

@@ -17,11 +17,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch, reference
 from ..kernels import _util
 from ..kernels import cross_entropy as _ce
 from ..kernels import pooling as _pool
 from ..kernels import typicality as _typ
+from . import dispatch, reference
 
 
 def _fallback(*tensors: Tensor) -> bool:

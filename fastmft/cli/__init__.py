@@ -1,0 +1,52 @@
+"""The ``fastmft`` command line: ``train`` (MFT and its baselines), ``typicality`` (score a corpus and
+show its most and least typical instances per domain), ``score`` (streaming scoring of large
+corpora), ``select`` (meta-learned task selection) and ``demo-data`` (the embedded synthetic corpus).
+
+Each command lives in its own module here and declares its options once. Only the command being
+run is imported (with torch and friends): ``fastmft --help`` imports none of them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# command -> (its module in fastmft.cli, one-line help)
+COMMANDS = {
+    "train": ("train", "Meta Fine-Tuning and the paper's baselines; prints per-domain accuracy"),
+    "typicality": ("typicality", "score typicality per instance and show the most and least typical per domain"),
+    "score": ("score", "streaming, resumable, multi-process typicality scoring of large corpora into Parquet"),
+    "select": ("select", "meta-learned task selection: score source tasks by the target loss after one inner step, "
+                         "train the best"),
+    "demo-data": ("demo_data", "write the embedded synthetic multi-domain corpus as JSON lines"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command listed and ``command``'s options declared (its module imported)."""
+    parser = argparse.ArgumentParser(prog="fastmft", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(f"{__name__}.{module}").register_cli(sub, help)
+        else:
+            sub.add_parser(name, help=help)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    from .._quiet import quiet_libraries
+    from ..backbone import BackboneNotFound
+    from ..plots import MissingMatplotlib
+
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, BackboneNotFound, MissingMatplotlib) as err:
+        print(f"fastmft {args.command}: error: {err}", file=sys.stderr)
+        return 2
