@@ -17,6 +17,7 @@ are proven only in the Triton interpreter and by compiling them for sm_90 (tests
 CPU are reference-only, or interpreter sanity rows marked ``interpreted``: not performance data.
 The targets above stay open until a GPU run stores its rows in benchmarks/results.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -46,12 +47,19 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         g = torch.Generator(device=device).manual_seed(0)
         logits = [torch.randn(N, C, generator=g, device=device, dtype=dtype) for C in CLASSES]
         targets = [torch.randint(0, C, (N,), generator=g, device=device) for C in CLASSES]
-        targets[0][:: 17] = -100
+        targets[0][::17] = -100
         weights = torch.rand(N, generator=g, device=device)
         read = sum(N * C * es for C in CLASSES) + len(CLASSES) * N * 8 + N * 4
         grads_written = sum(N * C * es for C in CLASSES)
         for provider in kernel_providers(scale, device):
             mhce = kernel_op(provider, OP)
             yield from forward_backward_cases(
-                OP, provider, size, logits, lambda xs, mhce=mhce, targets=targets, weights=weights: mhce(xs, targets, weights, head_weight, -100),
-                fwd_bytes=read, fwd_bwd_bytes=2 * read + grads_written, items=N)
+                OP,
+                provider,
+                size,
+                logits,
+                lambda xs, mhce=mhce, targets=targets, weights=weights: mhce(xs, targets, weights, head_weight, -100),
+                fwd_bytes=read,
+                fwd_bwd_bytes=2 * read + grads_written,
+                items=N,
+            )

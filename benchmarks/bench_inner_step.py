@@ -21,6 +21,7 @@ value), the minimum any provider moves. Goal (issue 4, CPU): fastmft-C >= 90 % o
 torch-add-flat bandwidth in the same run (about 1.4x torch-foreach); on a GPU >= 85 % of the copy
 ceiling.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,9 +34,15 @@ from benchmarks.harness import Case, copies_needed, rotating
 LR = 1e-3
 
 MODELS = {
-    "bert-tiny": dict(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
-    "minilm": dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-    "bert-base": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-tiny": dict(
+        vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512
+    ),
+    "minilm": dict(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    ),
+    "bert-base": dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

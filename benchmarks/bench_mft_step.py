@@ -20,6 +20,7 @@ only (3 x forward for a training step), so % of the matmul ceiling shows what pa
 ``items`` = W x B, so rows carry examples/s.
 Mode ``train-fp32`` on CPU, ``train-bf16`` (autocast) on CUDA.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,12 @@ WINDOW = {"quick": 4, "full": 8}  # training steps per timed call (4 on CPU at f
 
 MODELS = {
     "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256),
-    "minilm": dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-    "bert-base": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "minilm": dict(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    ),
+    "bert-base": dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
 }
 
 PROVIDERS = ("fastmft", "fastmft-maxpad", "hf-eager")
@@ -103,14 +108,16 @@ def make_batches(size: dict, cfg: dict, window: int, seed: int = 0) -> list[dict
         low = 1000 if cfg["vocab_size"] > 1000 else 1
         ids = torch.randint(low, cfg["vocab_size"], (b, t), generator=g)
         ids[:, 0] = 101 if cfg["vocab_size"] > 101 else 1  # [CLS]
-        out.append(dict(
-            ids=ids,
-            lengths=lengths,
-            labels=torch.randint(0, NUM_LABELS, (b,), generator=g),
-            domains=torch.randint(0, NUM_DOMAINS, (b,), generator=g),
-            typicality=torch.rand(b, generator=g),
-            corrupted=torch.randint(0, NUM_DOMAINS, (b,), generator=g),
-        ))
+        out.append(
+            dict(
+                ids=ids,
+                lengths=lengths,
+                labels=torch.randint(0, NUM_LABELS, (b,), generator=g),
+                domains=torch.randint(0, NUM_DOMAINS, (b,), generator=g),
+                typicality=torch.rand(b, generator=g),
+                corrupted=torch.randint(0, NUM_DOMAINS, (b,), generator=g),
+            )
+        )
     return out
 
 
@@ -119,8 +126,13 @@ def provider_inputs(provider: str, batches: list[dict], max_len: int, device: to
     for bt in batches:
         pad_to = int(bt["lengths"].max()) if provider == "fastmft" else max_len
         ids, mask = pad_batch(bt["ids"], bt["lengths"], pad_to)
-        out.append({**{k: v.to(device) for k, v in bt.items() if k not in ("ids", "lengths")},
-                    "input_ids": ids.to(device), "attention_mask": mask.to(device)})
+        out.append(
+            {
+                **{k: v.to(device) for k, v in bt.items() if k not in ("ids", "lengths")},
+                "input_ids": ids.to(device),
+                "attention_mask": mask.to(device),
+            }
+        )
     return out
 
 
@@ -130,7 +142,9 @@ def make_step(provider: str, encoder, loss_mod, optimizer, device: torch.device)
     def step(batch: dict):
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+            out = encoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+            )
             args = (out.hidden_states, batch["attention_mask"], batch["labels"], batch["domains"])
             if provider.startswith("fastmft"):
                 loss = loss_mod(*args, typicality=batch["typicality"], corrupted=batch["corrupted"]).loss
@@ -163,6 +177,13 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
                     loss = step(batch)
                 return loss
 
-            yield Case(op="mft_step", provider=provider, mode=mode, size=dict(size, steps=window), fn=fn, flops=flops,
-                       items=window * size["batch"])
+            yield Case(
+                op="mft_step",
+                provider=provider,
+                mode=mode,
+                size=dict(size, steps=window),
+                fn=fn,
+                flops=flops,
+                items=window * size["batch"],
+            )
             del encoder, loss_mod, optimizer, inputs, step, fn

@@ -16,6 +16,7 @@ are proven only in the Triton interpreter and by compiling them for sm_90 (tests
 CPU are reference-only, or interpreter sanity rows marked ``interpreted``: not performance data.
 The targets above stay open until a GPU run stores its rows in benchmarks/results.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -51,5 +52,14 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         bwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
         for provider in kernel_providers(scale, device):
             pool = kernel_op(provider, OP)
-            yield from forward_backward_cases(OP, provider, size, layers, lambda hs, pool=pool, mask=mask: pool(hs, mask, True),
-                                              fwd_bytes=fwd_bytes, fwd_bwd_bytes=fwd_bytes + bwd_bytes, items=B, grad=grad)
+            yield from forward_backward_cases(
+                OP,
+                provider,
+                size,
+                layers,
+                lambda hs, pool=pool, mask=mask: pool(hs, mask, True),
+                fwd_bytes=fwd_bytes,
+                fwd_bwd_bytes=fwd_bytes + bwd_bytes,
+                items=B,
+                grad=grad,
+            )

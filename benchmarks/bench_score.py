@@ -17,6 +17,7 @@ providers once each in fresh subprocesses (wall time, rows/s and peak RSS of the
 the harness cannot see: it counts torch allocations only) and appends rows to
 ``runs/bench/score.jsonl`` (untracked; ``--record``: the committed ``benchmarks/results/score.jsonl``). The data is read from the given file and never copied.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,9 @@ def model_folder(name: str) -> str | None:
     tok = AutoTokenizer.from_pretrained(str(default_backbone_path()), local_files_only=True)
     tok.save_pretrained(folder)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **MODELS[name])).save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **MODELS[name])).save_pretrained(
+        folder
+    )
     _BUILT[name] = str(folder)
     return str(folder)
 
@@ -87,7 +90,9 @@ def _load(model_name: str, device):
 
 
 def _encode(model, tok, texts, max_length, device, pad_to_max):
-    enc = tok(texts, truncation=True, max_length=max_length, padding="max_length" if pad_to_max else True, return_tensors="pt")
+    enc = tok(
+        texts, truncation=True, max_length=max_length, padding="max_length" if pad_to_max else True, return_tensors="pt"
+    )
     enc = {k: v.to(device) for k, v in enc.items()}
     hidden = model(**enc).last_hidden_state.float()
     mask = enc["attention_mask"].unsqueeze(-1).float()
@@ -168,16 +173,37 @@ def peer_pipeline(path, n_rows, model, tok, *, max_length, batch_size, device, a
     return scores
 
 
-def fastmft_pipeline(path, n_rows, model_name, *, max_length, batch_size, device, workdir, chunk_rows=4096,
-                     model=None, tok=None, quantize=None):
+def fastmft_pipeline(
+    path,
+    n_rows,
+    model_name,
+    *,
+    max_length,
+    batch_size,
+    device,
+    workdir,
+    chunk_rows=4096,
+    model=None,
+    tok=None,
+    quantize=None,
+):
     """``fastmft score`` on the first ``n_rows`` rows of ``path`` (the whole file when it has no more)."""
     from fastmft.score import ScoreConfig, score_files
 
     out = Path(workdir) / "scores.parquet"
     shutil.rmtree(str(out) + ".score-cache", ignore_errors=True)
-    cfg = ScoreConfig([path], str(out), backbone=model_folder(model_name), max_length=max_length,
-                      batch_size=batch_size, chunk_rows=chunk_rows, progress=False, restart=True, device=str(device),
-                      quantize=quantize)
+    cfg = ScoreConfig(
+        [path],
+        str(out),
+        backbone=model_folder(model_name),
+        max_length=max_length,
+        batch_size=batch_size,
+        chunk_rows=chunk_rows,
+        progress=False,
+        restart=True,
+        device=str(device),
+        quantize=quantize,
+    )
     return score_files(cfg, model=model, tokenizer=tok)
 
 
@@ -217,14 +243,32 @@ def cases(scale: str, device) -> Iterable[Case]:
         n = size["rows"]
         # Defaults bind this size's values: the cases are collected before they run.
         bound = dict(path=path, n=n, model=model, tok=tok, common=common)
-        yield Case("score", "fastmft-score", mode, size,
-                   lambda b=bound, name=size["model"], workdir=workdir: fastmft_pipeline(
-                       b["path"], b["n"], name, workdir=workdir, model=b["model"], tok=b["tok"], **b["common"]),
-                   items=n)
-        yield Case("score", "naive", mode, size,
-                   lambda b=bound: naive_pipeline(b["path"], b["n"], b["model"], b["tok"], **b["common"]), items=n)
-        yield Case("score", "peer", mode, size,
-                   lambda b=bound: peer_pipeline(b["path"], b["n"], b["model"], b["tok"], **b["common"]), items=n)
+        yield Case(
+            "score",
+            "fastmft-score",
+            mode,
+            size,
+            lambda b=bound, name=size["model"], workdir=workdir: fastmft_pipeline(
+                b["path"], b["n"], name, workdir=workdir, model=b["model"], tok=b["tok"], **b["common"]
+            ),
+            items=n,
+        )
+        yield Case(
+            "score",
+            "naive",
+            mode,
+            size,
+            lambda b=bound: naive_pipeline(b["path"], b["n"], b["model"], b["tok"], **b["common"]),
+            items=n,
+        )
+        yield Case(
+            "score",
+            "peer",
+            mode,
+            size,
+            lambda b=bound: peer_pipeline(b["path"], b["n"], b["model"], b["tok"], **b["common"]),
+            items=n,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,8 +287,9 @@ def _one(args) -> dict:
     if args.provider.startswith("fastmft-score"):
         workdir = tempfile.mkdtemp(prefix="fastmft-bench-score-out-")
         quantize = "int8" if args.provider.endswith("-int8") else None
-        s = fastmft_pipeline(data, args.rows, args.model, workdir=workdir, chunk_rows=args.chunk_rows,
-                             quantize=quantize, **common)
+        s = fastmft_pipeline(
+            data, args.rows, args.model, workdir=workdir, chunk_rows=args.chunk_rows, quantize=quantize, **common
+        )
         n = s.scored
         if args.scores_out:
             shutil.copy(Path(workdir) / "scores.parquet", args.scores_out)
@@ -263,8 +308,11 @@ def main(argv=None) -> int:
     import sys
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", nargs="+", help="JSONL files or globs with text/label/domain, read in sorted order "
-                   "(default: generated synthetic rows)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="JSONL files or globs with text/label/domain, read in sorted order (default: generated synthetic rows)",
+    )
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--model", default="minilm", choices=("minilm", *MODELS))
     p.add_argument("--max-length", type=int, default=256)
@@ -277,7 +325,9 @@ def main(argv=None) -> int:
     p.add_argument("--scores-out", help=argparse.SUPPRESS)  # internal: where fastmft-score* keeps its scores
     p.add_argument("--label", help="free-form note stored with the rows")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--out", help="JSON lines file the rows are appended to (default runs/bench/score.jsonl, untracked)")
+    where.add_argument(
+        "--out", help="JSON lines file the rows are appended to (default runs/bench/score.jsonl, untracked)"
+    )
     where.add_argument("--record", action="store_true", help="append to the committed benchmarks/results/score.jsonl")
     args = p.parse_args(argv)
     if args.provider:
@@ -302,11 +352,33 @@ def main(argv=None) -> int:
     results = []
     scores = {}
     # device name, versions, date, commit (the kernel harness's timing fields do not apply here)
-    env = {k: v for k, v in environment(torch.device(args.device), "").items() if k not in ("timing_method", "interpreted", "scale")}
+    env = {
+        k: v
+        for k, v in environment(torch.device(args.device), "").items()
+        if k not in ("timing_method", "interpreted", "scale")
+    }
     for provider in args.providers.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.bench_score", "--provider", provider, "--data", data,
-               "--rows", str(args.rows), "--model", args.model, "--max-length", str(args.max_length),
-               "--batch-size", str(args.batch_size), "--chunk-rows", str(args.chunk_rows), "--device", args.device]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_score",
+            "--provider",
+            provider,
+            "--data",
+            data,
+            "--rows",
+            str(args.rows),
+            "--model",
+            args.model,
+            "--max-length",
+            str(args.max_length),
+            "--batch-size",
+            str(args.batch_size),
+            "--chunk-rows",
+            str(args.chunk_rows),
+            "--device",
+            args.device,
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         if provider.startswith("fastmft-score"):
@@ -319,10 +391,20 @@ def main(argv=None) -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             return 1
         row = json.loads(line[0][7:])
-        row.update(env, process_wall_s=time.perf_counter() - t0, data=data_name,
-                   model=args.model, max_length=args.max_length, batch_size=args.batch_size, device=args.device,
-                   threads=args.threads or torch.get_num_threads(), cpus=os.cpu_count(), cpus_allowed=len(os.sched_getaffinity(0)),
-                   loadavg=os.getloadavg()[0], note=args.label)
+        row.update(
+            env,
+            process_wall_s=time.perf_counter() - t0,
+            data=data_name,
+            model=args.model,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            device=args.device,
+            threads=args.threads or torch.get_num_threads(),
+            cpus=os.cpu_count(),
+            cpus_allowed=len(os.sched_getaffinity(0)),
+            loadavg=os.getloadavg()[0],
+            note=args.label,
+        )
         if provider == "fastmft-score-int8" and "fastmft-score" in scores:
             import pyarrow.parquet as pq
 
@@ -332,8 +414,10 @@ def main(argv=None) -> int:
             row["spearman_vs_fp32"] = float(np.corrcoef(ra, rb)[0, 1])
             row["max_abs_diff_vs_fp32"] = float(np.abs(a - b).max())
         results.append(row)
-        print(f"{provider:14s} {row['rows']:7d} rows {row['wall_s']:8.1f} s {row['rows_per_s']:8.1f} rows/s "
-              f"peak RSS {row['peak_rss_bytes'] / 2**20:8.1f} MiB (load {row['loadavg']:.1f})")
+        print(
+            f"{provider:14s} {row['rows']:7d} rows {row['wall_s']:8.1f} s {row['rows_per_s']:8.1f} rows/s "
+            f"peak RSS {row['peak_rss_bytes'] / 2**20:8.1f} MiB (load {row['loadavg']:.1f})"
+        )
     out = Path(args.out) if args.out else (RESULTS_DIR if args.record else LOCAL_RESULTS_DIR) / "score.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:

@@ -17,6 +17,7 @@ are proven only in the Triton interpreter and by compiling them for sm_90 (tests
 CPU are reference-only, or interpreter sanity rows marked ``interpreted``: not performance data.
 The targets above stay open until a GPU run stores its rows in benchmarks/results.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -24,7 +25,6 @@ from typing import Iterable
 import torch
 
 from benchmarks.harness import Case, kernel_op, kernel_providers
-
 
 
 def sizes(scale: str, device: torch.device) -> list[dict]:
@@ -35,7 +35,6 @@ def sizes(scale: str, device: torch.device) -> list[dict]:
         dict(N=256 * 2**10, D=768, K=5, M=3, dtype="bfloat16"),
         dict(N=1 * 2**20, D=768, K=5, M=3, dtype="float32"),
     ]
-
 
 
 def typicality_formula(embeddings, labels, domains, centers, present, alpha, temperature):
@@ -81,11 +80,19 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
             def run_typicality(typ=typ, x=x, labels=labels, domains=domains, centers=centers, present=present):
                 return typ(x, labels, domains, centers, present, 0.5, 1.0)
 
-            yield Case("typicality", provider, "fwd", dict(size), run_typicality,
-                       bytes=N * D * es + 2 * N * 8 + N * 4, items=N)
+            yield Case(
+                "typicality", provider, "fwd", dict(size), run_typicality, bytes=N * D * es + 2 * N * 8 + N * 4, items=N
+            )
 
             def run_sums(sums=sums, x=x, cells=cells, num_cells=K * M):
                 return sums(x, cells, num_cells)
 
-            yield Case("prototype_sums", provider, "fwd", dict(size), run_sums,
-                       bytes=N * D * es + N * 8 + K * M * D * 4, items=N)
+            yield Case(
+                "prototype_sums",
+                provider,
+                "fwd",
+                dict(size),
+                run_sums,
+                bytes=N * D * es + N * 8 + K * M * D * 4,
+                items=N,
+            )

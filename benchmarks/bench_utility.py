@@ -19,6 +19,7 @@ Providers (same model, same batches, equal results: checked once before timing):
   batch, update its parameters in place, evaluate under no_grad (learn2learn-style cloning).
 Goal (issue 4): fastmft >= 1.3x clone-update.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,16 +76,31 @@ def build_model(scale: str, device: torch.device) -> tuple[nn.Module, str, int]:
 
     torch.manual_seed(0)
     if scale == "quick":
-        cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=256, max_position_embeddings=128)
+        cfg = BertConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=128,
+        )
         encoder, name = BertModel(cfg, add_pooling_layer=False), "bert-tiny-random"
     else:
         path = minilm_path()
         if path is not None:
-            encoder, name = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False), "all-MiniLM-L6-v2"
+            encoder, name = (
+                AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False),
+                "all-MiniLM-L6-v2",
+            )
         else:
-            cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                             intermediate_size=1536, max_position_embeddings=512)
+            cfg = BertConfig(
+                vocab_size=30522,
+                hidden_size=384,
+                num_hidden_layers=6,
+                num_attention_heads=12,
+                intermediate_size=1536,
+                max_position_embeddings=512,
+            )
             encoder, name = BertModel(cfg, add_pooling_layer=False), "minilm-shapes-random"
     hidden = encoder.config.hidden_size
     return Classifier(encoder, hidden).to(device).eval(), name, encoder.config.vocab_size
@@ -112,7 +128,9 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
     n_params = sum(p.numel() for p in model.parameters())
     for batch, length in sizes(scale, device):
         gen = torch.Generator().manual_seed(batch * 1000 + length)
-        sources = [[make_batch(gen, batch, length, vocab, device) for _ in range(BATCHES_PER_SOURCE)] for _ in range(SOURCES)]
+        sources = [
+            [make_batch(gen, batch, length, vocab, device) for _ in range(BATCHES_PER_SOURCE)] for _ in range(SOURCES)
+        ]
         targets = [make_batch(gen, batch, length, vocab, device) for _ in range(TARGETS)]
         scorer = TaskUtilityScorer(model, loss_fn, LR)
         scorer_ref = TaskUtilityScorer(model, loss_fn, LR)
@@ -132,7 +150,16 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         for x, y, z in zip(a, b, c):
             if not (math.isclose(x, z, rel_tol=1e-5) and math.isclose(y, z, rel_tol=1e-5)):
                 raise AssertionError(f"utilities differ: fastmft {a}, foreach {b}, clone {c}")
-        size = dict(model=name, params=n_params, S=SOURCES, M=BATCHES_PER_SOURCE, targets=TARGETS, B=batch, T=length, dtype="fp32")
+        size = dict(
+            model=name,
+            params=n_params,
+            S=SOURCES,
+            M=BATCHES_PER_SOURCE,
+            targets=TARGETS,
+            B=batch,
+            T=length,
+            dtype="fp32",
+        )
         items = SOURCES * BATCHES_PER_SOURCE
         for provider, fn in (("fastmft", fused), ("fastmft-foreach", foreach), ("clone-update", clone)):
             yield Case(op="task_utility", provider=provider, mode="score", size=size, fn=fn, items=items)

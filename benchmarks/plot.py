@@ -9,6 +9,7 @@ Reads ``<results-dir>/results.jsonl`` (default ``runs/bench/``, where ``benchmar
   speedup against each other provider of the same run), and the failed cases.
 For every (device, scale, op, provider, mode, size) the newest row is shown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,23 +26,55 @@ from benchmarks import harness
 # case-insensitively; a (lo, hi) tuple is an inclusive range; bf16 == bfloat16).
 _FUSED = "fastmft"  # fastmft, fastmft-triton, fastmft-c, ...
 GPU_GOALS = [
-    dict(name="pooling [L=3, B=256, T=512, D=768] bf16: >= 85 % of copy bandwidth, 2x eager, faster than torch.compile",
-         op="pool", mode="", provider=_FUSED, size=dict(L=3, B=256, T=512, D=768, dtype="bf16"),
-         checks=[("pct_copy_bw", 85.0), ("speedup:" + harness.EAGER, 2.0), ("speedup:" + harness.COMPILED, 1.0)]),
-    dict(name="typicality N = 4M, D = 768 bf16, K = 5: >= 80 % of copy bandwidth, 2x eager",
-         op="typicality", mode="", provider=_FUSED, size=dict(N=4 * 2**20, D=768, K=5, dtype="bf16"),
-         checks=[("pct_copy_bw", 80.0), ("speedup:" + harness.EAGER, 2.0)]),
-    dict(name="multi-head CE, MFT-sized batches (B = 32..256, 4 heads) fwd+bwd: 3x eager",
-         op="cross_entropy", mode="bwd", provider=_FUSED, size=dict(N=(32, 256), heads=4),
-         checks=[("speedup:" + harness.EAGER, 3.0), ("device_launches", None)]),
-    dict(name="multi-head CE, N = 1M rows: 2x eager",
-         op="cross_entropy", mode="", provider=_FUSED, size=dict(N=2**20),
-         checks=[("speedup:" + harness.EAGER, 2.0)]),
-    dict(name="inner step (BERT-base / MiniLM parameter sets): >= 85 % of copy bandwidth",
-         op="inner_step", mode="", provider=_FUSED, size={},
-         checks=[("pct_copy_bw", 85.0)]),
-    dict(name="MFT training step: examples/s and peak memory against the plain HF baseline (no numeric goal)",
-         op="mft_step", mode="", provider="fastmft", exact=True, size={}, checks=[("speedup:hf-eager", None)]),
+    dict(
+        name="pooling [L=3, B=256, T=512, D=768] bf16: >= 85 % of copy bandwidth, 2x eager, faster than torch.compile",
+        op="pool",
+        mode="",
+        provider=_FUSED,
+        size=dict(L=3, B=256, T=512, D=768, dtype="bf16"),
+        checks=[("pct_copy_bw", 85.0), ("speedup:" + harness.EAGER, 2.0), ("speedup:" + harness.COMPILED, 1.0)],
+    ),
+    dict(
+        name="typicality N = 4M, D = 768 bf16, K = 5: >= 80 % of copy bandwidth, 2x eager",
+        op="typicality",
+        mode="",
+        provider=_FUSED,
+        size=dict(N=4 * 2**20, D=768, K=5, dtype="bf16"),
+        checks=[("pct_copy_bw", 80.0), ("speedup:" + harness.EAGER, 2.0)],
+    ),
+    dict(
+        name="multi-head CE, MFT-sized batches (B = 32..256, 4 heads) fwd+bwd: 3x eager",
+        op="cross_entropy",
+        mode="bwd",
+        provider=_FUSED,
+        size=dict(N=(32, 256), heads=4),
+        checks=[("speedup:" + harness.EAGER, 3.0), ("device_launches", None)],
+    ),
+    dict(
+        name="multi-head CE, N = 1M rows: 2x eager",
+        op="cross_entropy",
+        mode="",
+        provider=_FUSED,
+        size=dict(N=2**20),
+        checks=[("speedup:" + harness.EAGER, 2.0)],
+    ),
+    dict(
+        name="inner step (BERT-base / MiniLM parameter sets): >= 85 % of copy bandwidth",
+        op="inner_step",
+        mode="",
+        provider=_FUSED,
+        size={},
+        checks=[("pct_copy_bw", 85.0)],
+    ),
+    dict(
+        name="MFT training step: examples/s and peak memory against the plain HF baseline (no numeric goal)",
+        op="mft_step",
+        mode="",
+        provider="fastmft",
+        exact=True,
+        size={},
+        checks=[("speedup:hf-eager", None)],
+    ),
 ]
 
 NOT_ON_GPU = "not yet measured on a GPU"
@@ -55,9 +88,19 @@ def latest(rows: list[dict]) -> list[dict]:
     """The newest row of every (device, scale, kind, op, provider, mode, size)."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        key = (r.get("device_name"), r.get("scale"), r.get("kind"), r.get("op"), r.get("provider"), r.get("mode"),
-               harness.size_key(r.get("size") or {}))
-        if key not in best or (r.get("date") or "", r.get("run_id") or "") >= (best[key].get("date") or "", best[key].get("run_id") or ""):
+        key = (
+            r.get("device_name"),
+            r.get("scale"),
+            r.get("kind"),
+            r.get("op"),
+            r.get("provider"),
+            r.get("mode"),
+            harness.size_key(r.get("size") or {}),
+        )
+        if key not in best or (r.get("date") or "", r.get("run_id") or "") >= (
+            best[key].get("date") or "",
+            best[key].get("run_id") or "",
+        ):
             best[key] = r
     return list(best.values())
 
@@ -116,10 +159,22 @@ def goal_status(rows: list[dict]) -> list[tuple[str, str, str]]:
         if not gpu:
             out.append((goal["name"], NOT_ON_GPU, "no GPU rows in results.jsonl"))
             continue
-        matches = [r for r in gpu if goal["op"] in r["op"] and goal["mode"] in r["mode"] and _provider_matches(r["provider"], goal)
-                   and _size_matches(r["size"], goal["size"])]
+        matches = [
+            r
+            for r in gpu
+            if goal["op"] in r["op"]
+            and goal["mode"] in r["mode"]
+            and _provider_matches(r["provider"], goal)
+            and _size_matches(r["size"], goal["size"])
+        ]
         if not matches:
-            out.append((goal["name"], "no matching GPU row", f"op~{goal['op']!r} provider={goal['provider']} size~{goal['size']}"))
+            out.append(
+                (
+                    goal["name"],
+                    "no matching GPU row",
+                    f"op~{goal['op']!r} provider={goal['provider']} size~{goal['size']}",
+                )
+            )
             continue
         verdicts, evidence = [], []
         for r in matches:
@@ -131,14 +186,21 @@ def goal_status(rows: list[dict]) -> list[tuple[str, str, str]]:
                     parts.append(f"{_fmt(value, '.2f')}x vs {metric.split(':', 1)[1]}")
                 else:
                     value = r.get(metric)
-                    parts.append(f"{_fmt(value, 'd')} device launches" if metric == "device_launches"
-                                 else f"{_fmt(value, '.1f')} % {metric}")
+                    parts.append(
+                        f"{_fmt(value, 'd')} device launches"
+                        if metric == "device_launches"
+                        else f"{_fmt(value, '.1f')} % {metric}"
+                    )
                 if threshold is not None:
                     ok = ok and value is not None and value >= threshold
             verdicts.append(ok)
             evidence.append(", ".join(parts))
         has_threshold = any(t is not None for _, t in goal["checks"])
-        status = ("met" if all(verdicts) else "NOT met" if not any(verdicts) else "partly met") if has_threshold else "measured"
+        status = (
+            ("met" if all(verdicts) else "NOT met" if not any(verdicts) else "partly met")
+            if has_threshold
+            else "measured"
+        )
         out.append((goal["name"], status, "; ".join(evidence[:6]) + (" …" if len(evidence) > 6 else "")))
     return out
 
@@ -150,7 +212,7 @@ def plot_group(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = []
-    for r in sorted(rows, key=lambda r: (r.get("case_index") or 0)):
+    for r in sorted(rows, key=lambda r: r.get("case_index") or 0):
         if r["size_label"] not in labels:
             labels.append(r["size_label"])
     x_of = {label: i for i, label in enumerate(labels)}
@@ -161,7 +223,10 @@ def plot_group(rows: list[dict], path: Path, title: str) -> None:
     axes = axes[0]
     providers = sorted({r["provider"] for r in rows})
     for provider in providers:
-        pr = sorted((r for r in rows if r["provider"] == provider and r.get("median_ms") is not None), key=lambda r: x_of[r["size_label"]])
+        pr = sorted(
+            (r for r in rows if r["provider"] == provider and r.get("median_ms") is not None),
+            key=lambda r: x_of[r["size_label"]],
+        )
         if not pr:
             continue
         xs = [x_of[r["size_label"]] for r in pr]
@@ -209,8 +274,10 @@ def render(results_dir: Path | str = harness.LOCAL_RESULTS_DIR, plots: bool = Tr
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise MissingMatplotlib("the plots need matplotlib: `.venv/bin/pip install matplotlib` "
-                                    "(or pass --no-plots for SUMMARY.md alone)") from None
+            raise MissingMatplotlib(
+                "the plots need matplotlib: `.venv/bin/pip install matplotlib` "
+                "(or pass --no-plots for SUMMARY.md alone)"
+            ) from None
     rows = latest(harness.read_rows(results_dir))
     lines = [
         "# fastmft benchmark summary",
@@ -228,8 +295,11 @@ def render(results_dir: Path | str = harness.LOCAL_RESULTS_DIR, plots: bool = Tr
     ]
     goals = goal_status(rows)
     if all(status == NOT_ON_GPU for _, status, _ in goals):
-        lines += [f"**All GPU goals: {NOT_ON_GPU}.** The rows below are CPU measurements; the GPU goals of the "
-                  "kernel and extension issues need `python -m benchmarks.run` on a CUDA machine.", ""]
+        lines += [
+            f"**All GPU goals: {NOT_ON_GPU}.** The rows below are CPU measurements; the GPU goals of the "
+            "kernel and extension issues need `python -m benchmarks.run` on a CUDA machine.",
+            "",
+        ]
     lines += ["| goal | status | evidence |", "|---|---|---|"]
     lines += [f"| {g} | {s} | {e} |" for g, s, e in goals]
     lines.append("")
@@ -238,8 +308,13 @@ def render(results_dir: Path | str = harness.LOCAL_RESULTS_DIR, plots: bool = Tr
     for r in rows:
         groups.setdefault((r.get("device"), r.get("device_name"), r.get("scale")), []).append(r)
     if not groups:
-        lines += ["No results yet: run `python -m benchmarks.run --quick` (CPU) or `python -m benchmarks.run` (GPU).", ""]
-    for (device, name, scale), grows in sorted(groups.items(), key=lambda kv: (kv[0][0] != "cuda", str(kv[0][1]), str(kv[0][2]))):
+        lines += [
+            "No results yet: run `python -m benchmarks.run --quick` (CPU) or `python -m benchmarks.run` (GPU).",
+            "",
+        ]
+    for (device, name, scale), grows in sorted(
+        groups.items(), key=lambda kv: (kv[0][0] != "cuda", str(kv[0][1]), str(kv[0][2]))
+    ):
         newest = max(grows, key=lambda r: r.get("date") or "")
         lines += [
             f"## {name} ({device}, scale {scale})",
@@ -253,41 +328,64 @@ def render(results_dir: Path | str = harness.LOCAL_RESULTS_DIR, plots: bool = Tr
         ]
         loads = [r["loadavg"] for r in grows if r.get("loadavg") is not None]
         if device != "cuda" and loads and max(loads) > 1.5:
-            lines += [f"Note: the 1-minute load average reached {max(loads):.1f} during these measurements (other "
-                      "processes shared the CPU), so CPU times are noisier and slower than on an idle machine.", ""]
+            lines += [
+                f"Note: the 1-minute load average reached {max(loads):.1f} during these measurements (other "
+                "processes shared the CPU), so CPU times are noisier and slower than on an idle machine.",
+                "",
+            ]
         ceil = [r for r in grows if r.get("kind") == "ceiling" and r.get("status") == "ok"]
         if ceil:
-            lines += ["Ceilings (measured at the start and the end of the run; the best rate at the 20 % quantile is used):", "",
-                      "| ceiling | mode | size | time ms [q20–q80] | rate |", "|---|---|---|---|---|"]
+            lines += [
+                "Ceilings (measured at the start and the end of the run; the best rate at the 20 % quantile is used):",
+                "",
+                "| ceiling | mode | size | time ms [q20–q80] | rate |",
+                "|---|---|---|---|---|",
+            ]
             for r in sorted(ceil, key=lambda r: (r["op"], r["size_label"])):
                 rate = harness.ceiling_rate(r)
                 unit = "GB/s" if r.get("bytes") else "TFLOP/s"
                 lines.append(f"| {r['op']} | {r['mode']} | {r['size_label']} | {_ms(r)} | {_fmt(rate, '.3g')} {unit} |")
             lines.append("")
         cases = [r for r in grows if r.get("kind") == "case" and r.get("status") == "ok"]
-        for (op, mode) in sorted({(r["op"], r["mode"]) for r in cases}):
-            ops = sorted((r for r in cases if r["op"] == op and r["mode"] == mode), key=lambda r: (r.get("case_index") or 0, r["provider"]))
-            plot_path = results_dir / "plots" / f"{_slug(str(device) + '-' + str(name))}-{scale}-{_slug(op)}-{_slug(mode)}.png"
+        for op, mode in sorted({(r["op"], r["mode"]) for r in cases}):
+            ops = sorted(
+                (r for r in cases if r["op"] == op and r["mode"] == mode),
+                key=lambda r: (r.get("case_index") or 0, r["provider"]),
+            )
+            plot_path = (
+                results_dir / "plots" / f"{_slug(str(device) + '-' + str(name))}-{scale}-{_slug(op)}-{_slug(mode)}.png"
+            )
             if plots:
                 plot_group(ops, plot_path, f"{op} · {mode} · {name} ({scale})")
-            lines += [f"### {op} · {mode}", ""] + ([f"![{op} {mode}](plots/{plot_path.name})", ""] if plots else []) + [
-                      "| size | provider | time ms [q20–q80] | GB/s | TFLOP/s | % ceiling | items/s | peak MiB | speedup |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += (
+                [f"### {op} · {mode}", ""]
+                + ([f"![{op} {mode}](plots/{plot_path.name})", ""] if plots else [])
+                + [
+                    "| size | provider | time ms [q20–q80] | GB/s | TFLOP/s | % ceiling | items/s | peak MiB | speedup |",
+                    "|---|---|---|---|---|---|---|---|---|",
+                ]
+            )
             for r in ops:
                 provider = r["provider"] + (" (Triton interpreter)" if r.get("interpreted") else "")
                 lines.append(
                     f"| {r['size_label']} | {provider} | {_ms(r)} | {_fmt(r.get('gbps'))} | {_fmt(r.get('tflops'))} | "
-                    f"{_fmt(r.get('pct_ceiling'), '.1f')} | {_fmt(r.get('items_per_s'), '.1f')} | {_mem(r)} | {_speedups(r)} |")
+                    f"{_fmt(r.get('pct_ceiling'), '.1f')} | {_fmt(r.get('items_per_s'), '.1f')} | {_mem(r)} | {_speedups(r)} |"
+                )
             lines.append("")
         mem_methods = sorted({r.get("mem_method") for r in cases if r.get("mem_method")})
         if mem_methods:
-            lines += [f"Peak memory: the most the call held above what was allocated before it ({'; '.join(mem_methods)}).", ""]
+            lines += [
+                f"Peak memory: the most the call held above what was allocated before it ({'; '.join(mem_methods)}).",
+                "",
+            ]
         errors = [r for r in grows if r.get("status") != "ok"]
         if errors:
             lines += ["Failed cases (newest run of each):", ""]
             for r in errors:
                 msg = (r.get("error") or "").strip().splitlines()
-                lines.append(f"- `{r['module']}` {r['op']} {r['provider']} {r['mode']} {r['size_label']}: {msg[-1] if msg else ''}")
+                lines.append(
+                    f"- `{r['module']}` {r['op']} {r['provider']} {r['mode']} {r['size_label']}: {msg[-1] if msg else ''}"
+                )
             lines.append("")
     lines += score_section(results_dir / "score.jsonl")
     path = results_dir / "SUMMARY.md"
@@ -307,21 +405,33 @@ def score_section(path: Path) -> list[str]:
             r = json.loads(line)
             key = (r["data"], r["model"], r["max_length"], r["batch_size"], r["device"], r.get("threads"))
             runs.setdefault(key, {})[r["provider"]] = r  # a rerun of a provider replaces its earlier row
-    lines = ["## fastmft score end to end (`benchmarks/results/score.jsonl`)", "",
-             "Whole process, one fresh subprocess per provider: `fastmft-score` (the command), `naive` (random order, "
-             "batches padded to max length, two encoder passes), `peer` (sentence-transformers style: length-sorted, "
-             "all embeddings in memory, typicality in numpy); `-int8` is the optional CPU mode (Spearman of its "
-             "scores against fp32 shown).", ""]
+    lines = [
+        "## fastmft score end to end (`benchmarks/results/score.jsonl`)",
+        "",
+        "Whole process, one fresh subprocess per provider: `fastmft-score` (the command), `naive` (random order, "
+        "batches padded to max length, two encoder passes), `peer` (sentence-transformers style: length-sorted, "
+        "all embeddings in memory, typicality in numpy); `-int8` is the optional CPU mode (Spearman of its "
+        "scores against fp32 shown).",
+        "",
+    ]
     for (data, model, max_len, batch, device, threads), by in runs.items():
         lines += [f"### {data} · {model} · max length {max_len} · batch {batch} · {device} ({threads} threads)", ""]
         notes = dict.fromkeys(r.get("note") for r in by.values() if r.get("note"))
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
-        lines += ["| provider | rows | wall s | rows/s | peak RSS MiB | vs naive | vs peer | date |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| provider | rows | wall s | rows/s | peak RSS MiB | vs naive | vs peer | date |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in by.items():
-            rel = {b: f"{r['rows_per_s'] / by[b]['rows_per_s']:.2f}x" if b in by and b != name else "–" for b in ("naive", "peer")}
+            rel = {
+                b: f"{r['rows_per_s'] / by[b]['rows_per_s']:.2f}x" if b in by and b != name else "–"
+                for b in ("naive", "peer")
+            }
             spearman = f" (Spearman {r['spearman_vs_fp32']:.3f})" if r.get("spearman_vs_fp32") is not None else ""
-            lines.append(f"| {name}{spearman} | {r['rows']} | {r['wall_s']:.1f} | {r['rows_per_s']:.1f} | "
-                         f"{r['peak_rss_bytes'] / 2**20:.0f} | {rel['naive']} | {rel['peer']} | {r['date'][:16]} |")
+            lines.append(
+                f"| {name}{spearman} | {r['rows']} | {r['wall_s']:.1f} | {r['rows_per_s']:.1f} | "
+                f"{r['peak_rss_bytes'] / 2**20:.0f} | {rel['naive']} | {rel['peer']} | {r['date'][:16]} |"
+            )
         lines.append("")
     return lines
 
@@ -333,8 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results_dir = harness.chosen_results_dir(args)
     if not (results_dir / harness.RESULTS_FILE).is_file():
-        print(f"benchmarks.plot: error: no {harness.RESULTS_FILE} in {results_dir}/: run "
-              "`.venv/bin/python -m benchmarks.run --quick` first, or pass --record for the committed results", file=sys.stderr)
+        print(
+            f"benchmarks.plot: error: no {harness.RESULTS_FILE} in {results_dir}/: run "
+            "`.venv/bin/python -m benchmarks.run --quick` first, or pass --record for the committed results",
+            file=sys.stderr,
+        )
         return 2
     try:
         path = render(results_dir, plots=not args.no_plots)

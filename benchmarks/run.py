@@ -9,6 +9,7 @@ benchmark that rotted. ``--quick`` is the CPU sanity scale (tiny sizes, about tw
 cores); the default ``full`` scale is meant for a GPU. Render the report with
 ``python -m benchmarks.plot``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def discover() -> list[str]:
     """Names of the benchmark modules: ``bench_<name>.py`` -> ``<name>``, sorted."""
-    return sorted(m.name[len("bench_") :] for m in pkgutil.iter_modules([str(PACKAGE_DIR)]) if m.name.startswith("bench_"))
+    return sorted(
+        m.name[len("bench_") :] for m in pkgutil.iter_modules([str(PACKAGE_DIR)]) if m.name.startswith("bench_")
+    )
 
 
 def _fmt_ms(ms: float | None) -> str:
@@ -89,7 +92,9 @@ def _show(row: dict, timing: harness.Timing | None, ceilings: dict) -> None:
     _print_row(shown)
 
 
-def _error_row(env: dict, run_id: str, module: str, exc: BaseException, case: Case | None = None, index: int | None = None) -> dict:
+def _error_row(
+    env: dict, run_id: str, module: str, exc: BaseException, case: Case | None = None, index: int | None = None
+) -> dict:
     if case is None:
         case = Case(op=f"<{module}>", provider="-", mode="-", size={}, fn=lambda: None)
     row = harness.make_row(env, run_id, module, case, index if index is not None else -1)
@@ -98,8 +103,17 @@ def _error_row(env: dict, run_id: str, module: str, exc: BaseException, case: Ca
     return row
 
 
-def run_group(cases: list[Case], device: torch.device, budget: harness.Budget, env: dict, run_id: str, module: str,
-              first_index: int, kind: str = "case", memory: bool = True) -> list[tuple[dict, harness.Timing | None]]:
+def run_group(
+    cases: list[Case],
+    device: torch.device,
+    budget: harness.Budget,
+    env: dict,
+    run_id: str,
+    module: str,
+    first_index: int,
+    kind: str = "case",
+    memory: bool = True,
+) -> list[tuple[dict, harness.Timing | None]]:
     """Time cases interleaved (harness.time_group), then measure each one's peak memory; rates are
     filled in at the end of the run, once the ceilings are known."""
     rows = [harness.make_row(env, run_id, module, c, first_index + i, kind=kind) for i, c in enumerate(cases)]
@@ -125,10 +139,11 @@ def run_group(cases: list[Case], device: torch.device, budget: harness.Budget, e
     return out
 
 
-def measure_ceilings(scale: str, device: torch.device, env: dict, run_id: str, phase: str,
-                     budget: harness.Budget) -> list[tuple[dict, harness.Timing | None]]:
+def measure_ceilings(
+    scale: str, device: torch.device, env: dict, run_id: str, phase: str, budget: harness.Budget
+) -> list[tuple[dict, harness.Timing | None]]:
     out = []
-    for i, (name, case) in enumerate(harness.ceiling_cases(scale, device)):
+    for i, (_, case) in enumerate(harness.ceiling_cases(scale, device)):
         case.size = dict(case.size, phase=phase)
         out.extend(run_group([case], device, budget, env, run_id, "harness", i, kind="ceiling", memory=False))
         del case
@@ -178,8 +193,11 @@ def run(
     budget = budget or harness.budget_for(scale, device)
     t_start = time.perf_counter()
     if verbose:
-        print(f"fastmft benchmarks: scale={scale} device={env['device_name']} torch={env['torch']} "
-              f"triton={env['triton']} commit={(env['commit'] or '?')[:10]}{'+dirty' if env['dirty'] else ''}", flush=True)
+        print(
+            f"fastmft benchmarks: scale={scale} device={env['device_name']} torch={env['torch']} "
+            f"triton={env['triton']} commit={(env['commit'] or '?')[:10]}{'+dirty' if env['dirty'] else ''}",
+            flush=True,
+        )
     measured = measure_ceilings(scale, device, env, run_id, "start", budget)
     if verbose:
         print("ceilings (start):", flush=True)
@@ -265,11 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     harness.results_dir_arg(parser)
     parser.add_argument("--no-write", action="store_true", help="print only, append nothing")
-    parser.add_argument("--interpret", action="store_true",
-                        help="run Triton kernels on CPU through the interpreter (sanity only: such rows are "
-                             "marked interpreted and are not performance data)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); recorded in device_name")
+    parser.add_argument(
+        "--interpret",
+        action="store_true",
+        help="run Triton kernels on CPU through the interpreter (sanity only: such rows are "
+        "marked interpreted and are not performance data)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); recorded in device_name"
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmark modules and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -284,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"{len(failed)} benchmark(s) failed:", file=sys.stderr)
         for r in failed:
-            print(f"  [{r['module']}] {r['op']} {r['provider']} {r['mode']} {r['size_label']}: "
-                  f"{(r['error'] or '').strip().splitlines()[-1] if r['error'] else ''}", file=sys.stderr)
+            print(
+                f"  [{r['module']}] {r['op']} {r['provider']} {r['mode']} {r['size_label']}: "
+                f"{(r['error'] or '').strip().splitlines()[-1] if r['error'] else ''}",
+                file=sys.stderr,
+            )
         return 1
     return 0
 

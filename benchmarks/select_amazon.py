@@ -29,6 +29,7 @@ stay as they were: they ran before the fixes of issue 16 (MLM over all splits, s
     python -m benchmarks.select_amazon run --device cuda --seeds 0 1 2 3 4 --m 8 --time-limit 300
     python -m benchmarks.select_amazon table
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,11 @@ def _evaluate(model, rows_ids, labels, device, pad_id) -> dict:
             y = torch.tensor(labels[s : s + 64])
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
             preds += logits.argmax(1).tolist()
-    return {"loss": loss / len(labels), "accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels), "pred": preds}
+    return {
+        "loss": loss / len(labels),
+        "accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
+        "pred": preds,
+    }
 
 
 def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
@@ -88,33 +93,71 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
     if "data" not in cache:
         cache["backbone"] = load_backbone(args.backbone)
         tok = cache["backbone"][1]
-        cache["data"] = prepare(sorted(str(p) for p in Path(args.data).glob("*.jsonl")), tok, Columns(id="id"), max_length=args.max_length)
+        cache["data"] = prepare(
+            sorted(str(p) for p in Path(args.data).glob("*.jsonl")), tok, Columns(id="id"), max_length=args.max_length
+        )
     _, tok = cache["backbone"]
     encoder = load_backbone(args.backbone)[0]  # a fresh copy of the pre-trained weights per cell
     data = cache["data"]
     ds, pad = data.dataset, tok.pad_token_id or 0
     target = data.domain_vocab.encode(args.target)
-    sources, _ = build_tasks(ds, tok, data.domain_vocab, len(data.label_vocab), target_domain=target,
-                             sources=["mlm", "domains"], batch_size=args.batch_size, split_column="split")
+    sources, _ = build_tasks(
+        ds,
+        tok,
+        data.domain_vocab,
+        len(data.label_vocab),
+        target_domain=target,
+        sources=["mlm", "domains"],
+        batch_size=args.batch_size,
+        split_column="split",
+    )
     split, domains, labels, ids = ds["split"], ds["domains"], ds["labels"], ds["input_ids"]
     src_rows = [i for i in range(len(ds)) if split[i] == "train" and domains[i] != target]
     perm = random.Random(0).sample([labels[i] for i in src_rows], len(src_rows))  # the same harm in every cell
-    sources.append(ClassificationTask("cls:shuffled", [ids[i] for i in src_rows], perm, len(data.label_vocab),
-                                      head="label", batch_size=args.batch_size, pad_id=pad))
+    sources.append(
+        ClassificationTask(
+            "cls:shuffled",
+            [ids[i] for i in src_rows],
+            perm,
+            len(data.label_vocab),
+            head="label",
+            batch_size=args.batch_size,
+            pad_id=pad,
+        )
+    )
     rows = {s: [i for i in range(len(ds)) if domains[i] == target and split[i] == s] for s in ("train", "dev", "test")}
     few = [rows["train"][j] for j in _few_shot([labels[i] for i in rows["train"]], args.fraction, seed)]
-    shot = ClassificationTask("target", [ids[i] for i in few], [labels[i] for i in few], len(data.label_vocab),
-                              head="label", batch_size=args.batch_size, pad_id=pad)
+    shot = ClassificationTask(
+        "target",
+        [ids[i] for i in few],
+        [labels[i] for i in few],
+        len(data.label_vocab),
+        head="label",
+        batch_size=args.batch_size,
+        pad_id=pad,
+    )
     torch.manual_seed(seed)  # the heads' initialisation: the same in every arm
     model = MultiTaskModel(encoder, [*sources, shot]).to(device)
     inner = "adam" if arm == "selected-adam" else "sgd"
-    selector = TaskSelector(model, sources, [shot], inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n,
-                            epsilon=args.epsilon, seed=seed, inner=inner)
+    selector = TaskSelector(
+        model,
+        sources,
+        [shot],
+        inner_lr=args.inner_lr,
+        lr=args.lr,
+        m=args.m,
+        n=args.n,
+        epsilon=args.epsilon,
+        seed=seed,
+        inner=inner,
+    )
     order = random.Random(seed)
     episodes, t0, scoring_s = [], time.perf_counter(), 0.0
     budget = None
     if arm == "round-robin-time":
-        ref = cell_path(args.results_dir, device.type, "selected-adam" if args.headline == "adam" else "selected-sgd", seed)
+        ref = cell_path(
+            args.results_dir, device.type, "selected-adam" if args.headline == "adam" else "selected-sgd", seed
+        )
         if not ref.is_file():
             raise RuntimeError(f"round-robin-time needs {ref} first")
         budget = json.loads(ref.read_text())["schedule_s"]
@@ -127,7 +170,14 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
         if arm.startswith("selected"):
             ep = selector.episode()
             scoring_s += ep.scoring_s
-            episodes.append({"chosen": ep.chosen, "explored": ep.explored, "utilities": ep.utilities, "batch_scores": ep.batch_scores})
+            episodes.append(
+                {
+                    "chosen": ep.chosen,
+                    "explored": ep.explored,
+                    "utilities": ep.utilities,
+                    "batch_scores": ep.batch_scores,
+                }
+            )
         else:
             task = sources[step % len(sources)] if arm.startswith("round-robin") else order.choice(sources)
             selector.train_batches(task, args.n)
@@ -140,7 +190,9 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
     steps = args.finetune_epochs * max(1, len(few) // args.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warm = max(1, round(0.1 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
+    )
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + 1)
     model.train()
@@ -155,19 +207,57 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
     dev = _evaluate(model, [ids[i] for i in rows["dev"]], [labels[i] for i in rows["dev"]], device, pad)
     test = _evaluate(model, [ids[i] for i in rows["test"]], [labels[i] for i in rows["test"]], device, pad)
     return {
-        "arm": arm, "seed": seed, "target": args.target, "inner": inner if arm.startswith("selected") else None,
-        "episodes_run": len(episodes), "episodes": episodes, "picks": [e["chosen"] for e in episodes],
+        "arm": arm,
+        "seed": seed,
+        "target": args.target,
+        "inner": inner if arm.startswith("selected") else None,
+        "episodes_run": len(episodes),
+        "episodes": episodes,
+        "picks": [e["chosen"] for e in episodes],
         "after_schedule_dev": {"loss": after["loss"], "accuracy": after["accuracy"]},
-        "dev": {"accuracy": dev["accuracy"], "loss": dev["loss"], "ids": [ds[i]["id"] for i in rows["dev"]],
-                "gold": [labels[i] for i in rows["dev"]], "pred": dev["pred"]},
-        "test": {"accuracy": test["accuracy"], "ids": [ds[i]["id"] for i in rows["test"]],
-                 "gold": [labels[i] for i in rows["test"]], "pred": test["pred"]},
-        "compute_s": {"schedule": schedule_s, "scoring": scoring_s, "training": schedule_s - scoring_s, "finetune": finetune_s},
-        "schedule_s": schedule_s, "few_shot_rows": len(few), "finetune_steps": steps,
-        "settings": {k: getattr(args, k) for k in ("episodes", "m", "n", "epsilon", "inner_lr", "lr", "batch_size", "max_length",
-                                                     "fraction", "finetune_epochs", "headline")},
-        "device": device.type, "device_name": device_name(device), "torch_threads": torch.get_num_threads(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": cache["versions"],
+        "dev": {
+            "accuracy": dev["accuracy"],
+            "loss": dev["loss"],
+            "ids": [ds[i]["id"] for i in rows["dev"]],
+            "gold": [labels[i] for i in rows["dev"]],
+            "pred": dev["pred"],
+        },
+        "test": {
+            "accuracy": test["accuracy"],
+            "ids": [ds[i]["id"] for i in rows["test"]],
+            "gold": [labels[i] for i in rows["test"]],
+            "pred": test["pred"],
+        },
+        "compute_s": {
+            "schedule": schedule_s,
+            "scoring": scoring_s,
+            "training": schedule_s - scoring_s,
+            "finetune": finetune_s,
+        },
+        "schedule_s": schedule_s,
+        "few_shot_rows": len(few),
+        "finetune_steps": steps,
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "episodes",
+                "m",
+                "n",
+                "epsilon",
+                "inner_lr",
+                "lr",
+                "batch_size",
+                "max_length",
+                "fraction",
+                "finetune_epochs",
+                "headline",
+            )
+        },
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": cache["versions"],
     }
 
 
@@ -194,17 +284,25 @@ def render(results: Path) -> str:
 
     from .mft_amazon import mcnemar
 
-    lines = ["# Task selection on the Amazon reviews (kitchen target, few-shot), rebuilt for issue 16", "",
-             "Per arm: mean over seeds (± std); after-schedule = kitchen dev with the shared label head right after the "
-             "schedule; test = kitchen test after the same few-shot fine-tune. Paired: arm − round-robin on test "
-             "rows, summed discordant rows and exact McNemar over the pooled seeds' rows. Signal / noise: median over "
-             "episodes of the spread of the sources' mean utility term against the standard error of one source's mean "
-             "over its M batches.", ""]
+    lines = [
+        "# Task selection on the Amazon reviews (kitchen target, few-shot), rebuilt for issue 16",
+        "",
+        "Per arm: mean over seeds (± std); after-schedule = kitchen dev with the shared label head right after the "
+        "schedule; test = kitchen test after the same few-shot fine-tune. Paired: arm − round-robin on test "
+        "rows, summed discordant rows and exact McNemar over the pooled seeds' rows. Signal / noise: median over "
+        "episodes of the spread of the sources' mean utility term against the standard error of one source's mean "
+        "over its M batches.",
+        "",
+    ]
     for kind_dir in sorted(p for p in results.glob("*") if p.is_dir()):
         cells = {f.stem: json.loads(f.read_text()) for f in kind_dir.glob("*.json")}
-        lines += [f"## Device: {kind_dir.name}", "",
-                  "| arm | seeds | after-schedule dev loss | after-schedule dev acc | test acc | test − round-robin (paired) | "
-                  "signal / noise | picks | scoring s | training s | fine-tune s |", "|---|" + "---|" * 10]
+        lines += [
+            f"## Device: {kind_dir.name}",
+            "",
+            "| arm | seeds | after-schedule dev loss | after-schedule dev acc | test acc | test − round-robin (paired) | "
+            "signal / noise | picks | scoring s | training s | fine-tune s |",
+            "|---|" + "---|" * 10,
+        ]
         for arm in ARMS:
             got = sorted((c for c in cells.values() if c["arm"] == arm), key=lambda c: c["seed"])
             if not got:
@@ -219,22 +317,35 @@ def render(results: Path) -> str:
                 n01, n10, p = mcnemar(a, b)
                 pair = f"{100 * (a.mean() - b.mean()):+.1f} pts ({n01}/{n10}, p {p:.2f})"
             sn = [x for x in (signal_noise(c) for c in got) if x]
-            sn_text = f"{statistics.fmean(s for s, _ in sn):.2e} / {statistics.fmean(n for _, n in sn):.2e}" if sn else "-"
+            sn_text = (
+                f"{statistics.fmean(s for s, _ in sn):.2e} / {statistics.fmean(n for _, n in sn):.2e}" if sn else "-"
+            )
             picks: dict[str, int] = {}
             for c in got:
                 for p_ in c["picks"]:
                     picks[p_] = picks.get(p_, 0) + 1
             comp = lambda k: f"{statistics.fmean(c['compute_s'][k] for c in got):.0f}"  # noqa: E731
-            lines.append(f"| {arm} | {len(got)} | {ms([c['after_schedule_dev']['loss'] for c in got])} | "
-                         f"{ms([100 * c['after_schedule_dev']['accuracy'] for c in got])} | {ms([100 * c['test']['accuracy'] for c in got])} | "
-                         f"{pair or '-'} | {sn_text} | " + ", ".join(f"{k} {v}" for k, v in sorted(picks.items())) +
-                         f" | {comp('scoring')} | {comp('training')} | {comp('finetune')} |")
-        losses = {k: [c["after_schedule_dev"]["loss"] for c in cells.values() if c["arm"] == f"selected-{k}"] for k in ("sgd", "adam")}
+            lines.append(
+                f"| {arm} | {len(got)} | {ms([c['after_schedule_dev']['loss'] for c in got])} | "
+                f"{ms([100 * c['after_schedule_dev']['accuracy'] for c in got])} | {ms([100 * c['test']['accuracy'] for c in got])} | "
+                f"{pair or '-'} | {sn_text} | "
+                + ", ".join(f"{k} {v}" for k, v in sorted(picks.items()))
+                + f" | {comp('scoring')} | {comp('training')} | {comp('finetune')} |"
+            )
+        losses = {
+            k: [c["after_schedule_dev"]["loss"] for c in cells.values() if c["arm"] == f"selected-{k}"]
+            for k in ("sgd", "adam")
+        }
         if all(losses.values()):
             best = min(losses, key=lambda k: statistics.fmean(losses[k]))
-            lines += ["", f"Inner step chosen on dev (lower mean after-schedule dev loss): **{best}** "
-                      f"(sgd {statistics.fmean(losses['sgd']):.4f}, adam {statistics.fmean(losses['adam']):.4f})."]
-        settings = sorted({json.dumps({**c["settings"], "device": c["device_name"]}, sort_keys=True) for c in cells.values()})
+            lines += [
+                "",
+                f"Inner step chosen on dev (lower mean after-schedule dev loss): **{best}** "
+                f"(sgd {statistics.fmean(losses['sgd']):.4f}, adam {statistics.fmean(losses['adam']):.4f}).",
+            ]
+        settings = sorted(
+            {json.dumps({**c["settings"], "device": c["device_name"]}, sort_keys=True) for c in cells.values()}
+        )
         lines += ["", "Settings:"] + [f"- `{s}`" for s in settings] + [""]
     return "\n".join(lines)
 
@@ -243,8 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.select_amazon", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.select_amazon",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run")
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -256,8 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--inner-lr", type=float, default=1e-3)
-    p.add_argument("--headline", choices=("sgd", "adam"), default="adam",
-                   help="the selected arm whose wall time round-robin-time gets (the dev-chosen inner step)")
+    p.add_argument(
+        "--headline",
+        choices=("sgd", "adam"),
+        default="adam",
+        help="the selected arm whose wall time round-robin-time gets (the dev-chosen inner step)",
+    )
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
@@ -293,8 +411,11 @@ def main(argv: list[str] | None = None) -> int:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(cell) + "\n")
                 tmp.replace(path)
-                print(f"{arm} seed {seed}: after-schedule dev loss {cell['after_schedule_dev']['loss']:.3f}, "
-                      f"schedule {cell['schedule_s']:.0f} s (scoring {cell['compute_s']['scoring']:.0f} s)", flush=True)
+                print(
+                    f"{arm} seed {seed}: after-schedule dev loss {cell['after_schedule_dev']['loss']:.3f}, "
+                    f"schedule {cell['schedule_s']:.0f} s (scoring {cell['compute_s']['scoring']:.0f} s)",
+                    flush=True,
+                )
     text = render(args.results_dir)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "TABLE.md").write_text(text)

@@ -21,6 +21,7 @@ The operator lives in ``torch.ops.fastmft_C`` (registered by the library; dispat
 ``inner_step_(params, grads, outs, lr, check_finite, modes) -> flag``, a 0-d bool tensor from both the
 CPU and the CUDA part; csrc/inner_step.h holds the contract both parts share.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -119,8 +120,18 @@ def _build(with_cuda: bool):
     # The source folder is part of the key: torch's build.ninja records absolute source paths, so
     # two checkouts sharing one build folder would rebuild over each other (and wait on each
     # other's locks).
-    key = repr((torch.__version__, torch.version.cuda if with_cuda else None, sys.version_info[:2],
-                platform.machine(), cflags, LDFLAGS, CUDA_FLAGS if with_cuda else None, str(src.resolve())))
+    key = repr(
+        (
+            torch.__version__,
+            torch.version.cuda if with_cuda else None,
+            sys.version_info[:2],
+            platform.machine(),
+            cflags,
+            LDFLAGS,
+            CUDA_FLAGS if with_cuda else None,
+            str(src.resolve()),
+        )
+    )
     h.update(key.encode())
     name = f"fastmft_C_{'cuda' if with_cuda else 'cpu'}_{h.hexdigest()[:16]}"
     build_dir = cache_dir() / name
@@ -186,7 +197,7 @@ def _warn(message: str) -> None:
 def _registered() -> bool:
     """Whether the operator is already registered in this process (e.g. loaded by another copy)."""
     try:
-        torch.ops.fastmft_C.inner_step_
+        torch.ops.fastmft_C.inner_step_  # noqa: B018 (the lookup raises when it is not registered)
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -223,8 +234,10 @@ def load() -> bool:
             _state["cpu"] = True
             _state["cuda"] = with_cuda
             if want_cuda and not with_cuda:
-                _warn(f"fastmft._C: the CUDA part was not built ({_state['cuda_error']}); "
-                      "CUDA tensors use torch's foreach ops.")
+                _warn(
+                    f"fastmft._C: the CUDA part was not built ({_state['cuda_error']}); "
+                    "CUDA tensors use torch's foreach ops."
+                )
             return True
         return False
 
@@ -251,8 +264,11 @@ def status() -> dict:
             info = torch.ops.fastmft_C.build_info()
         except Exception:  # pragma: no cover
             info = None
-    return {"enabled": _enabled(), **{k: _state[k] for k in ("cpu", "cuda", "error", "cuda_error", "path")},
-            "build_info": info}
+    return {
+        "enabled": _enabled(),
+        **{k: _state[k] for k in ("cpu", "cuda", "error", "cuda_error", "path")},
+        "build_info": info,
+    }
 
 
 # ------------------------------------------------------------------ exactness against the reference
@@ -314,18 +330,30 @@ def is_exact(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool | N
 
 
 # ------------------------------------------------------------------ the op, as dispatch calls it
-def inner_step_(params: Sequence[Tensor], grads: Sequence[Tensor | None], outs: Sequence[Tensor], lr: float,
-                check_finite: bool = False) -> Tensor:
+def inner_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    outs: Sequence[Tensor],
+    lr: float,
+    check_finite: bool = False,
+) -> Tensor:
     """outs[i] = params[i] - lr * grads[i] (None grad: a copy) in one fused pass; returns the
     non-finite flag (a 0-d bool tensor on the device, meaningful when ``check_finite``)."""
     # Called under no_grad by dispatch; the op has no autograd formula, so no detach is needed.
     return torch.ops.fastmft_C.inner_step_.default(
-        params, grads, outs, float(lr), bool(check_finite), modes_for(params[0].device))
+        params, grads, outs, float(lr), bool(check_finite), modes_for(params[0].device)
+    )
 
 
 @dispatch.register_compiled("inner_step")
-def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: float, out: Sequence[Tensor] | None,
-               *, check_finite: bool = False) -> list[Tensor]:
+def inner_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    lr: float,
+    out: Sequence[Tensor] | None,
+    *,
+    check_finite: bool = False,
+) -> list[Tensor]:
     """The compiled implementation of fastmft.inner_step (same contract as the reference); with
     ``check_finite`` the flag computed in the same pass raises fastmft.NonFiniteError."""
     device = params[0].device

@@ -4,6 +4,7 @@ Public API (docs/design.md): the functional ops, prototypes and typicality, the 
 the functional inner step, and backend selection, all defined in fastmft.ops. They are imported on
 first use (PEP 562), so that `import fastmft` and `fastmft --help` do not pay for torch.
 """
+
 import importlib
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """``python -m fastmft COMMAND ...``: the ``fastmft`` command line."""
+
 import sys
 
 from fastmft.cli import main

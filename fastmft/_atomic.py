@@ -1,5 +1,6 @@
 """Crash-safe files and checkpoints: a kill -9 at any moment leaves either the old or the new
 version, never a mix, and only names fastmft created are ever removed."""
+
 from __future__ import annotations
 
 import json
@@ -81,7 +82,9 @@ class CheckpointDir:
     def _numbered(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := self._folder_re.match(p.name)) and p.is_dir()]
+        found = [
+            (int(m.group(1)), p) for p in self.root.iterdir() if (m := self._folder_re.match(p.name)) and p.is_dir()
+        ]
         return sorted(found, reverse=True)
 
     def current(self) -> Path | None:
@@ -105,8 +108,11 @@ class CheckpointDir:
             try:
                 return read(folder)
             except Exception as err:  # noqa: BLE001 - a damaged checkpoint: try the previous one
-                print(f"fastmft: warning: checkpoint {folder} is unreadable ({type(err).__name__}: {err}); "
-                      "falling back to the previous complete checkpoint", file=sys.stderr)
+                print(
+                    f"fastmft: warning: checkpoint {folder} is unreadable ({type(err).__name__}: {err}); "
+                    "falling back to the previous complete checkpoint",
+                    file=sys.stderr,
+                )
         return None
 
     def save(self, write: Callable[[Path], None]) -> Path:

@@ -1,5 +1,6 @@
 """The process group the trainer and ``fastmft score`` run in: torchrun's environment
 (WORLD_SIZE, RANK, LOCAL_RANK) or a single process. One place for device choice and collectives."""
+
 from __future__ import annotations
 
 import datetime

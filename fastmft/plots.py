@@ -3,6 +3,7 @@
 matplotlib is optional: :func:`require_matplotlib` raises :class:`MissingMatplotlib` with the
 install command, and the commands call it before any long work, so a missing package costs nothing.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,9 @@ def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise MissingMatplotlib("--plot needs matplotlib, which is not installed: `.venv/bin/pip install matplotlib` "
-                                "(or drop --plot)") from None
+        raise MissingMatplotlib(
+            "--plot needs matplotlib, which is not installed: `.venv/bin/pip install matplotlib` (or drop --plot)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -40,7 +42,9 @@ def typicality_histogram(scores: Sequence[float], domains: Sequence[str], path: 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in dict.fromkeys(domains.tolist()):
         mine = scores[domains == name]
-        ax.hist(mine, bins=bins, histtype="step", linewidth=1.5, label=f"{name} (n={len(mine)}, mean {mine.mean():+.3f})")
+        ax.hist(
+            mine, bins=bins, histtype="step", linewidth=1.5, label=f"{name} (n={len(mine)}, mean {mine.mean():+.3f})"
+        )
     ax.set_xlabel("typicality")
     ax.set_ylabel("rows")
     ax.set_title(title or "typicality per domain")
@@ -58,5 +62,9 @@ def score_output_histogram(scores_parquet: str | Path, path: str | Path) -> Path
     import pyarrow.parquet as pq
 
     table = pq.read_table(scores_parquet, columns=["domain", "typicality"])
-    return typicality_histogram(table["typicality"].to_pylist(), [str(d) for d in table["domain"].to_pylist()], path,
-                                title=f"typicality per domain: {Path(scores_parquet).name}")
+    return typicality_histogram(
+        table["typicality"].to_pylist(),
+        [str(d) for d in table["domain"].to_pylist()],
+        path,
+        title=f"typicality per domain: {Path(scores_parquet).name}",
+    )

@@ -56,6 +56,7 @@ Multi-prototype (``--prototypes J`` > 1): spherical k-means per (domain, label) 
 embeddings, loaded one cell at a time; peak memory then grows with the largest cell (rows x dim x 4
 bytes).
 """
+
 from __future__ import annotations
 
 import codecs
@@ -78,6 +79,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from ._atomic import atomic_json as _atomic_json
+from ._atomic import atomic_write as _atomic_write
 
 if TYPE_CHECKING:
     from ._dist import Dist
@@ -155,9 +159,26 @@ class ScoreConfig:
     progress: bool = True
 
     # the fields that change the result: they key the cache
-    _KEYED = ("text_column", "text_pair_column", "label_column", "domain_column", "id_column", "label_values",
-              "domain_values", "format", "backbone", "max_length", "batch_size", "chunk_rows", "alpha",
-              "prototypes", "temperature", "seed", "quantize", "strict")
+    _KEYED = (
+        "text_column",
+        "text_pair_column",
+        "label_column",
+        "domain_column",
+        "id_column",
+        "label_values",
+        "domain_values",
+        "format",
+        "backbone",
+        "max_length",
+        "batch_size",
+        "chunk_rows",
+        "alpha",
+        "prototypes",
+        "temperature",
+        "seed",
+        "quantize",
+        "strict",
+    )
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(str(self.output) + ".score-cache")
@@ -185,11 +206,14 @@ class ScoreSummary:
     def text(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) or "none"
         timing = f"{self.seconds:.1f} s, {self.rows_per_s:.1f} rows/s"
-        return (f"{self.rows} rows: {self.scored} scored, {self.rejected} rejected ({reasons}); "
-                + (f"already complete (the first run took {timing})" if self.already_complete else timing)
-                + (f", {self.resumed_chunks} chunks resumed from the cache" if self.resumed_chunks else "")
-                + f"\nscores: {self.output}" + (f"\nrejects: {self.rejects}" if self.rejected else "")
-                + (f"\nreport: {self.report}" if self.report else ""))
+        return (
+            f"{self.rows} rows: {self.scored} scored, {self.rejected} rejected ({reasons}); "
+            + (f"already complete (the first run took {timing})" if self.already_complete else timing)
+            + (f", {self.resumed_chunks} chunks resumed from the cache" if self.resumed_chunks else "")
+            + f"\nscores: {self.output}"
+            + (f"\nrejects: {self.rejects}" if self.rejected else "")
+            + (f"\nreport: {self.report}" if self.report else "")
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +321,7 @@ def _raw_records(src: Source, fields: list[str]) -> Iterator[tuple[int, Any]]:
         with open(src.path, "rb") as f:
             for n, line in enumerate(f, 1):
                 if n == 1 and line.startswith(codecs.BOM_UTF8):
-                    line = line[len(codecs.BOM_UTF8):]
+                    line = line[len(codecs.BOM_UTF8) :]
                 if line.strip():
                     yield n, line
     elif src.kind == "csv":
@@ -398,15 +422,14 @@ def _vocab(values: list, name: str) -> Vocab:
 # Cache files
 
 
-from ._atomic import atomic_json as _atomic_json  # noqa: E402
-from ._atomic import atomic_write as _atomic_write
-
 # Every name fastmft writes in a cache folder (and the temporary names atomic_write derives from
 # them): the only files it ever deletes there.
 _MARKER = ".fastmft-score-cache"
 _LOCK = ".lock"
-_OWN_NAME = re.compile(r"^\.?(chunk-\d{7}\.(emb\.npy|meta\.npz|scores\.npy)|prototypes\.pt|manifest\.json|merge-temps\.json)"
-                       r"(\.[^/]*\.tmp)?$")
+_OWN_NAME = re.compile(
+    r"^\.?(chunk-\d{7}\.(emb\.npy|meta\.npz|scores\.npy)|prototypes\.pt|manifest\.json|merge-temps\.json)"
+    r"(\.[^/]*\.tmp)?$"
+)
 
 
 def _discard_cache(cache: Path) -> None:
@@ -424,8 +447,10 @@ def _open_cache(cache: Path):
     if cache.exists() and not cache.is_dir():
         raise ScoreError(f"--cache-dir {cache} is a file, not a folder")
     if cache.is_dir() and not (cache / _MARKER).is_file() and any(cache.iterdir()):
-        raise ScoreError(f"--cache-dir {cache} is a non-empty folder that is not a fastmft score cache; "
-                         "fastmft will not write into it or delete from it: pass an empty or new folder")
+        raise ScoreError(
+            f"--cache-dir {cache} is a non-empty folder that is not a fastmft score cache; "
+            "fastmft will not write into it or delete from it: pass an empty or new folder"
+        )
     cache.mkdir(parents=True, exist_ok=True)
     (cache / _MARKER).touch()
     lock = open(cache / _LOCK, "a")
@@ -433,8 +458,10 @@ def _open_cache(cache: Path):
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise ScoreError(f"another fastmft score run is using the cache {cache}; wait for it to finish "
-                         "or pass another --output/--cache-dir") from None
+        raise ScoreError(
+            f"another fastmft score run is using the cache {cache}; wait for it to finish "
+            "or pass another --output/--cache-dir"
+        ) from None
     return lock
 
 
@@ -499,7 +526,10 @@ def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
 
     check_max_length(model, cfg.max_length)
     if not getattr(tokenizer, "is_fast", False):
-        print("fastmft score: warning: the tokenizer is not a fast (Rust) tokenizer; tokenisation will be slow", file=sys.stderr)
+        print(
+            "fastmft score: warning: the tokenizer is not a fast (Rust) tokenizer; tokenisation will be slow",
+            file=sys.stderr,
+        )
     model.eval()
     if cfg.quantize == "int8":
         if device.type != "cpu":
@@ -535,9 +565,14 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
 
 def _check_config(cfg: ScoreConfig) -> None:
     """Every option, before any work; each error names its option."""
-    for option, value, low in (("--batch-size", cfg.batch_size, 1), ("--chunk-rows", cfg.chunk_rows, 1),
-                               ("--prototypes", cfg.prototypes, 1), ("--max-length", cfg.max_length, 2),
-                               ("--top-k", cfg.top_k, 1), ("--threads", cfg.threads or 1, 1)):
+    for option, value, low in (
+        ("--batch-size", cfg.batch_size, 1),
+        ("--chunk-rows", cfg.chunk_rows, 1),
+        ("--prototypes", cfg.prototypes, 1),
+        ("--max-length", cfg.max_length, 2),
+        ("--top-k", cfg.top_k, 1),
+        ("--threads", cfg.threads or 1, 1),
+    ):
         if not isinstance(value, int) or value < low:
             raise ScoreError(f"{option} must be an integer >= {low}, got {value!r}")
     if not 0.0 <= cfg.alpha <= 1.0:
@@ -562,10 +597,15 @@ def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSumm
     return summary
 
 
-def _run_locked(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sources: list[Source], cache: Path) -> ScoreSummary:
+def _run_locked(
+    cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sources: list[Source], cache: Path
+) -> ScoreSummary:
     device = dist.device
-    key_obj = {"version": CACHE_VERSION, "inputs": _fingerprint(sources),
-               "args": {k: getattr(cfg, k) for k in ScoreConfig._KEYED}}
+    key_obj = {
+        "version": CACHE_VERSION,
+        "inputs": _fingerprint(sources),
+        "args": {k: getattr(cfg, k) for k in ScoreConfig._KEYED},
+    }
     key = hashlib.sha256(json.dumps(key_obj, sort_keys=True, default=str).encode()).hexdigest()
 
     # --- manifest: rank 0 checks or creates it, and runs the cheap counting / vocabulary pass
@@ -580,7 +620,8 @@ def _run_locked(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sourc
                 if not cfg.restart:
                     raise ScoreError(
                         f"the cache {cache} belongs to a different command or changed inputs; rerun with --restart "
-                        "to discard it, or pass another --cache-dir")
+                        "to discard it, or pass another --cache-dir"
+                    )
                 manifest = None
             elif cfg.restart:
                 manifest = None
@@ -598,7 +639,9 @@ def _run_locked(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sourc
         summary.already_complete = True
         return summary
     cfg = replace(cfg, id_column=state["id_column"])
-    columns = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.domain_column, cfg.id_column) if c]
+    columns = [
+        c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column, cfg.domain_column, cfg.id_column) if c
+    ]
     labels = _vocab(state["labels"], "label")
     domains = _vocab(state["domains"], "domain")
     total_rows, n_chunks = state["rows"], state["n_chunks"]
@@ -617,8 +660,9 @@ def _run_locked(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sourc
     if todo:
         model, tokenizer = _load_model(cfg, device, model, tokenizer)
         dim = model.config.hidden_size
-        _encode_chunks(cfg, sources, columns, labels, domains, todo, n_chunks, dist, model, tokenizer, device,
-                       cache, total_rows)
+        _encode_chunks(
+            cfg, sources, columns, labels, domains, todo, n_chunks, dist, model, tokenizer, device, cache, total_rows
+        )
     for c in mine:
         meta = _load_meta(cache, c)
         if acc is None:
@@ -642,13 +686,18 @@ def _run_locked(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sourc
         _atomic_write(proto_path, lambda f: torch.save(obj, f))
     dist.barrier()
     obj = torch.load(proto_path, weights_only=True)
-    protos = (Prototypes(obj["centers"], obj["counts"]) if cfg.prototypes == 1
-              else MultiPrototypes(obj["centers"], obj["counts"], float(obj["temperature"])))
+    protos = (
+        Prototypes(obj["centers"], obj["counts"])
+        if cfg.prototypes == 1
+        else MultiPrototypes(obj["centers"], obj["counts"], float(obj["temperature"]))
+    )
     score_device = device
     if cfg.prototypes == 1:
         protos_dev = Prototypes(protos.centers.to(score_device), protos.counts.to(score_device))
     else:
-        protos_dev = MultiPrototypes(protos.centers.to(score_device), protos.counts.to(score_device), protos.temperature)
+        protos_dev = MultiPrototypes(
+            protos.centers.to(score_device), protos.counts.to(score_device), protos.temperature
+        )
 
     # --- pass two (a): score this rank's chunks from the cache only
     from .ops.functional import typicality
@@ -661,9 +710,18 @@ def _run_locked(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float, sourc
         n = len(meta["rows"])
         if n:
             emb = torch.from_numpy(np.load(_emb_path(cache, c), mmap_mode="r")[:n].astype(np.float32))
-            t = typicality(emb.to(score_device), torch.from_numpy(meta["labels"].astype(np.int64)).to(score_device),
-                           torch.from_numpy(meta["domains"].astype(np.int64)).to(score_device), protos_dev,
-                           alpha=cfg.alpha).float().cpu().numpy()
+            t = (
+                typicality(
+                    emb.to(score_device),
+                    torch.from_numpy(meta["labels"].astype(np.int64)).to(score_device),
+                    torch.from_numpy(meta["domains"].astype(np.int64)).to(score_device),
+                    protos_dev,
+                    alpha=cfg.alpha,
+                )
+                .float()
+                .cpu()
+                .numpy()
+            )
         else:
             t = np.zeros(0, np.float32)
         _check_finite(t, meta["ids"], "typicality")
@@ -688,8 +746,11 @@ def _check_finite(values: np.ndarray, ids, what: str) -> None:
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(1) if len(values) else np.zeros(0, bool)
     if bad.any():
         shown = [str(ids[i]) for i in np.nonzero(bad)[0][:10]]
-        raise ScoreError(f"{what} is not finite for {int(bad.sum())} row(s), ids {', '.join(shown)}"
-                         + (" ..." if bad.sum() > 10 else "") + "; nothing was written")
+        raise ScoreError(
+            f"{what} is not finite for {int(bad.sum())} row(s), ids {', '.join(shown)}"
+            + (" ..." if bad.sum() > 10 else "")
+            + "; nothing was written"
+        )
 
 
 def _sums_acc(meta: dict, M: int, K: int):
@@ -719,7 +780,9 @@ def _scan(sources: list[Source], cfg: ScoreConfig) -> dict:
         missing = [c for c in columns if c not in present]
         if missing:
             what = "no column" if src.kind != "json" else f"no field in its first {_SAMPLE_ROWS} rows named"
-            raise ScoreError(f"{src.path} has {what} {', '.join(map(repr, missing))}; its columns are {sorted(present)}")
+            raise ScoreError(
+                f"{src.path} has {what} {', '.join(map(repr, missing))}; its columns are {sorted(present)}"
+            )
     need_labels, need_domains = cfg.label_values is None, cfg.domain_values is None
     rows = 0
     seen_l: dict = {}
@@ -735,9 +798,14 @@ def _scan(sources: list[Source], cfg: ScoreConfig) -> dict:
                     row = _decode(payload)
                 except _Reject:
                     continue
-                for need, seen, column in ((need_labels, seen_l, cfg.label_column), (need_domains, seen_d, cfg.domain_column)):
+                for need, seen, column in (
+                    (need_labels, seen_l, cfg.label_column),
+                    (need_domains, seen_d, cfg.domain_column),
+                ):
                     v = row.get(column)
-                    if need and v is not None and v != "" and not isinstance(v, (list, dict)):  # those rows are rejected later
+                    if (
+                        need and v is not None and v != "" and not isinstance(v, (list, dict))
+                    ):  # those rows are rejected later
                         seen.setdefault(_key(v), v)
 
     def vocab(given, seen, name):
@@ -746,11 +814,18 @@ def _scan(sources: list[Source], cfg: ScoreConfig) -> dict:
         try:
             return sorted(seen.values())
         except TypeError:
-            raise ScoreError(f"{name} values mix types and cannot be ordered: {sorted(map(repr, seen.values()))}; "
-                             f"pass --{name}-values") from None
+            raise ScoreError(
+                f"{name} values mix types and cannot be ordered: {sorted(map(repr, seen.values()))}; "
+                f"pass --{name}-values"
+            ) from None
 
-    out = {"rows": rows, "n_chunks": math.ceil(rows / cfg.chunk_rows), "id_column": id_column,
-           "labels": vocab(cfg.label_values, seen_l, "label"), "domains": vocab(cfg.domain_values, seen_d, "domain")}
+    out = {
+        "rows": rows,
+        "n_chunks": math.ceil(rows / cfg.chunk_rows),
+        "id_column": id_column,
+        "labels": vocab(cfg.label_values, seen_l, "label"),
+        "domains": vocab(cfg.domain_values, seen_d, "domain"),
+    }
     _vocab(out["labels"], "label"), _vocab(out["domains"], "domain")  # validate
     return out
 
@@ -794,7 +869,9 @@ def _validate(row: dict, cfg: ScoreConfig, labels: Vocab, domains: Vocab, index:
         if v is None or v == "":
             raise _Reject(f"missing {vocab.name} ({column!r})")
         if isinstance(v, (list, dict)):
-            raise _Reject(f"{vocab.name} ({column!r}) is a JSON {'list' if isinstance(v, list) else 'object'}, not a value")
+            raise _Reject(
+                f"{vocab.name} ({column!r}) is a JSON {'list' if isinstance(v, list) else 'object'}, not a value"
+            )
         i = vocab.get(v)
         if i is None:
             raise _Reject(f"unknown {vocab.name} {v!r}")
@@ -809,7 +886,9 @@ def _validate(row: dict, cfg: ScoreConfig, labels: Vocab, domains: Vocab, index:
     return text, pair, out[0], out[1], rid
 
 
-def _reader(cfg, sources, columns, labels, domains, todo, n_chunks, dist, tokenizer, out: queue.Queue, stop: threading.Event):
+def _reader(
+    cfg, sources, columns, labels, domains, todo, n_chunks, dist, tokenizer, out: queue.Queue, stop: threading.Event
+):
     """Background thread: parse, validate and tokenise the chunks in ``todo``, put them on ``out``
     (length-sorted batches ready for the encoder), then None. Exceptions go on the queue."""
     try:
@@ -824,10 +903,14 @@ def _reader(cfg, sources, columns, labels, domains, todo, n_chunks, dist, tokeni
                 # hold ~40 KB per row at once; only the ids are kept
                 ids, tts = [], ([] if want_tt else None)
                 for s in range(0, len(ch.texts), _TOKENIZE_ROWS):
-                    enc = tokenizer(ch.texts[s : s + _TOKENIZE_ROWS],
-                                    None if ch.pairs is None else ch.pairs[s : s + _TOKENIZE_ROWS],
-                                    truncation=True, max_length=cfg.max_length,
-                                    return_attention_mask=False, return_token_type_ids=want_tt)
+                    enc = tokenizer(
+                        ch.texts[s : s + _TOKENIZE_ROWS],
+                        None if ch.pairs is None else ch.pairs[s : s + _TOKENIZE_ROWS],
+                        truncation=True,
+                        max_length=cfg.max_length,
+                        return_attention_mask=False,
+                        return_token_type_ids=want_tt,
+                    )
                     ids.extend(enc["input_ids"])
                     if tts is not None and "token_type_ids" in enc:
                         tts.extend(enc["token_type_ids"])
@@ -900,15 +983,21 @@ def _reader(cfg, sources, columns, labels, domains, todo, n_chunks, dist, tokeni
         out.put(err)
 
 
-def _encode_chunks(cfg, sources, columns, labels, domains, todo, n_chunks, dist, model, tokenizer, device, cache, total_rows):
+def _encode_chunks(
+    cfg, sources, columns, labels, domains, todo, n_chunks, dist, model, tokenizer, device, cache, total_rows
+):
     import torch
 
     from .ops.functional import masked_mean_pool
 
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
-    th = threading.Thread(target=_reader, args=(cfg, sources, columns, labels, domains, todo, n_chunks, dist,
-                                                tokenizer, q, stop), daemon=True, name="fastmft-score-reader")
+    th = threading.Thread(
+        target=_reader,
+        args=(cfg, sources, columns, labels, domains, todo, n_chunks, dist, tokenizer, q, stop),
+        daemon=True,
+        name="fastmft-score-reader",
+    )
     th.start()
     K, M = len(domains.values), len(labels.values)
     dim = model.config.hidden_size
@@ -917,8 +1006,13 @@ def _encode_chunks(cfg, sources, columns, labels, domains, todo, n_chunks, dist,
         from tqdm.auto import tqdm
 
         share = sum(min(cfg.chunk_rows, total_rows - c * cfg.chunk_rows) for c in todo)
-        bar = tqdm(total=share, desc="scoring: encoding" + (f" (rank 0 of {dist.world})" if dist.world > 1 else ""),
-                   unit="row", smoothing=0.1, dynamic_ncols=True)
+        bar = tqdm(
+            total=share,
+            desc="scoring: encoding" + (f" (rank 0 of {dist.world})" if dist.world > 1 else ""),
+            unit="row",
+            smoothing=0.1,
+            dynamic_ncols=True,
+        )
     try:
         with torch.inference_mode():
             while True:
@@ -947,10 +1041,20 @@ def _encode_chunks(cfg, sources, columns, labels, domains, todo, n_chunks, dist,
                 ids = np.array(ch.ids, dtype=str)
                 _atomic_write(_emb_path(cache, ch.index), lambda f: np.save(f, emb))
                 _crash_point("chunk-write")
-                _atomic_write(_meta_path(cache, ch.index), lambda f: np.savez(
-                    f, rows=np.array(ch.rows, dtype=np.int64), ids=ids, labels=np.array(ch.labels, dtype=np.int32),
-                    domains=np.array(ch.domains, dtype=np.int32), sums=sums.numpy(), counts=counts.numpy(),
-                    n_input=np.int64(ch.n_input), rejects=np.array([json.dumps(r) for r in ch.rejects], dtype=str)))
+                _atomic_write(
+                    _meta_path(cache, ch.index),
+                    lambda f: np.savez(
+                        f,
+                        rows=np.array(ch.rows, dtype=np.int64),
+                        ids=ids,
+                        labels=np.array(ch.labels, dtype=np.int32),
+                        domains=np.array(ch.domains, dtype=np.int32),
+                        sums=sums.numpy(),
+                        counts=counts.numpy(),
+                        n_input=np.int64(ch.n_input),
+                        rejects=np.array([json.dumps(r) for r in ch.rejects], dtype=str),
+                    ),
+                )
                 if bar is not None:
                     bar.update(len(ch.rejects))
     finally:
@@ -992,7 +1096,9 @@ def _multi_prototypes(cfg, cache, n_chunks, M, K, dim) -> dict:
     return {"centers": centers, "counts": counts, "temperature": cfg.temperature}
 
 
-def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains: Vocab, total_rows: int) -> ScoreSummary:
+def _merge(
+    cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains: Vocab, total_rows: int
+) -> ScoreSummary:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -1003,7 +1109,9 @@ def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains:
     label_arr = pa.array(labels.values)
     domain_arr = pa.array(domains.values)
     id_type = pa.string()
-    schema = pa.schema([("id", id_type), ("domain", domain_arr.type), ("label", label_arr.type), ("typicality", pa.float32())])
+    schema = pa.schema(
+        [("id", id_type), ("domain", domain_arr.type), ("label", label_arr.type), ("typicality", pa.float32())]
+    )
     summary = ScoreSummary(labels=labels.values, domains=domains.values, output=str(out), rejects=str(rej_path))
     k = cfg.top_k if cfg.report else 0
     per_domain = np.zeros((len(domains.values), 2))  # rows, sum of typicality
@@ -1032,12 +1140,15 @@ def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains:
             if not n:
                 continue
             ids = meta["ids"].tolist()
-            table = pa.table({
-                "id": pa.array(ids, type=id_type),
-                "domain": domain_arr.take(pa.array(meta["domains"])),
-                "label": label_arr.take(pa.array(meta["labels"])),
-                "typicality": pa.array(scores, type=pa.float32()),
-            }, schema=schema)
+            table = pa.table(
+                {
+                    "id": pa.array(ids, type=id_type),
+                    "domain": domain_arr.take(pa.array(meta["domains"])),
+                    "label": label_arr.take(pa.array(meta["labels"])),
+                    "typicality": pa.array(scores, type=pa.float32()),
+                },
+                schema=schema,
+            )
             writer.write_table(table)
             _crash_point("merge")
             np.add.at(per_domain, (meta["domains"], 0), 1.0)
@@ -1063,16 +1174,23 @@ def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains:
         tmp.unlink()
         record.unlink()
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.reasons.items())) or "no input rows"
-        raise ScoreError(f"no row was accepted ({summary.rows} rows: {reasons}); the rejected rows are in {rej_path}"
-                         if summary.rejected else "the input has no rows")
+        raise ScoreError(
+            f"no row was accepted ({summary.rows} rows: {reasons}); the rejected rows are in {rej_path}"
+            if summary.rejected
+            else "the input has no rows"
+        )
     if cfg.report:
         report = {"alpha": cfg.alpha, "prototypes": cfg.prototypes, "domains": {}}
         for d, name in enumerate(domains.values):
             report["domains"][str(name)] = {
                 "rows": int(per_domain[d, 0]),
                 "mean_typicality": float(per_domain[d, 1] / per_domain[d, 0]) if per_domain[d, 0] else None,
-                "most_typical": [{"id": i, "label": lab, "typicality": s} for s, _, i, lab in sorted(top[d], reverse=True)],
-                "least_typical": [{"id": i, "label": lab, "typicality": -s} for s, _, i, lab in sorted(bottom[d], reverse=True)],
+                "most_typical": [
+                    {"id": i, "label": lab, "typicality": s} for s, _, i, lab in sorted(top[d], reverse=True)
+                ],
+                "least_typical": [
+                    {"id": i, "label": lab, "typicality": -s} for s, _, i, lab in sorted(bottom[d], reverse=True)
+                ],
             }
         _atomic_json(Path(cfg.report), report)
         summary.report = cfg.report
@@ -1083,19 +1201,6 @@ def _merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains:
 
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 if __name__ == "__main__":  # ``python -m fastmft.score`` (e.g. under torchrun): ``fastmft score``

@@ -1,5 +1,6 @@
 """Typicality scoring of a dataset with an encoder (the paper's first step): embed every row once
 (masked mean pooling of the last layer), build the prototypes, then score each row."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

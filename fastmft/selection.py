@@ -11,6 +11,7 @@ Tasks are small objects: how to sample a batch, the head they need, and the loss
 encoder's last hidden state. Tasks that name the same ``head`` share it (a target task and the
 source task that is its training set, for example).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,7 +46,15 @@ def pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]
 class Task:
     """Base task over tokenised examples (lists of token ids with [CLS] ... [SEP])."""
 
-    def __init__(self, name: str, input_ids: Sequence[Sequence[int]], *, batch_size: int = 16, head: str | None = None, pad_id: int = 0):
+    def __init__(
+        self,
+        name: str,
+        input_ids: Sequence[Sequence[int]],
+        *,
+        batch_size: int = 16,
+        head: str | None = None,
+        pad_id: int = 0,
+    ):
         if not input_ids:
             raise ValueError(f"task {name!r} has no examples")
         if batch_size < 1:
@@ -97,7 +106,17 @@ class MaskedLMTask(Task):
     row); of those 80 % become [MASK], 10 % a random token, 10 % stay. The decoder is tied to the
     encoder's input embeddings."""
 
-    def __init__(self, name: str, input_ids, *, mask_id: int, vocab_size: int, special_ids: Sequence[int], probability: float = 0.15, **kwargs):
+    def __init__(
+        self,
+        name: str,
+        input_ids,
+        *,
+        mask_id: int,
+        vocab_size: int,
+        special_ids: Sequence[int],
+        probability: float = 0.15,
+        **kwargs,
+    ):
         super().__init__(name, input_ids, **kwargs)
         self.mask_id, self.vocab_size, self.probability = mask_id, vocab_size, probability
         self.special = torch.as_tensor(sorted(set(special_ids) | {self.pad_id}), dtype=torch.long)
@@ -120,8 +139,10 @@ class MaskedLMTask(Task):
 
     def make_head(self, hidden_size, vocab_size):
         return nn.ModuleDict(
-            {"transform": nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size)),
-             "bias": _Bias(vocab_size)}
+            {
+                "transform": nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size)),
+                "bias": _Bias(vocab_size),
+            }
         )
 
     def loss(self, model, hidden, batch):
@@ -191,7 +212,9 @@ class MultiTaskModel(nn.Module):
     def forward(self, batch: dict) -> Tensor:
         task = self.tasks[batch["task"]]
         device = next(self.encoder.parameters()).device
-        hidden = self.encoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+        hidden = self.encoder(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).last_hidden_state
         return task.loss(self, hidden, {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()})
 
 
@@ -256,8 +279,12 @@ class TaskSelector:
         self.model, self.sources, self.targets = model, list(sources), list(targets) if targets else None
         self.m, self.n, self.epsilon, self.max_grad_norm = m, n, epsilon, max_grad_norm
         self.inner = inner
-        self.scorer = TaskUtilityScorer(model, lambda mod, batch: mod(batch), inner_lr,
-                                        precondition=self.adam_precondition if inner == "adam" else None)
+        self.scorer = TaskUtilityScorer(
+            model,
+            lambda mod, batch: mod(batch),
+            inner_lr,
+            precondition=self.adam_precondition if inner == "adam" else None,
+        )
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         named = dict(model.named_parameters())
         self._scored = [named[n] for n in self.scorer.names]
@@ -296,7 +323,11 @@ class TaskSelector:
             beta2, eps = group["betas"][1], group["eps"]
             denom = (state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + eps
             scaled = values / (denom.index_select(0, rows) if sparse else denom)
-        return torch.sparse_coo_tensor(grad.indices(), scaled, grad.shape, check_invariants=False, is_coalesced=True) if sparse else scaled
+        return (
+            torch.sparse_coo_tensor(grad.indices(), scaled, grad.shape, check_invariants=False, is_coalesced=True)
+            if sparse
+            else scaled
+        )
 
     @property
     def mode(self) -> str:
@@ -320,16 +351,28 @@ class TaskSelector:
 
     def episode(self) -> Episode:
         start = time.perf_counter()
-        target_batches = [t.sample(self.stream(f"target:{t.name}")) for t in (self.targets or self.sources) for _ in range(self.m)]
-        source_batches = {s.name: [s.sample(self.stream(f"score:{s.name}")) for _ in range(self.m)] for s in self.sources}
+        target_batches = [
+            t.sample(self.stream(f"target:{t.name}")) for t in (self.targets or self.sources) for _ in range(self.m)
+        ]
+        source_batches = {
+            s.name: [s.sample(self.stream(f"score:{s.name}")) for _ in range(self.m)] for s in self.sources
+        }
         utilities = self.utilities(source_batches, target_batches)
         explored = self.explore.random() < self.epsilon
         chosen = self.explore.choice(self.sources).name if explored else max(utilities, key=utilities.get)
         scored = time.perf_counter()
         train_loss = self.train_batches(self.model.tasks[chosen], self.n)
         self.episodes_done += 1
-        return Episode(self.episodes_done, utilities, chosen, explored, train_loss, scored - start, time.perf_counter() - scored,
-                       self.last_scores)
+        return Episode(
+            self.episodes_done,
+            utilities,
+            chosen,
+            explored,
+            train_loss,
+            scored - start,
+            time.perf_counter() - scored,
+            self.last_scores,
+        )
 
     def train_batches(self, task: Task, count: int) -> float:
         """``count`` optimizer steps on batches of ``task``; returns their mean loss."""
@@ -345,7 +388,14 @@ class TaskSelector:
             total += loss.item()
         return total / max(count, 1)
 
-    def run(self, episodes: int, *, log: str | Path | None = None, checkpoint: str | Path | None = None, progress: bool = True) -> list[Episode]:
+    def run(
+        self,
+        episodes: int,
+        *,
+        log: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+        progress: bool = True,
+    ) -> list[Episode]:
         """Run until ``episodes`` episodes are done in total (resuming from ``checkpoint`` when it
         holds one), appending one JSON line per episode to ``log``, then checkpointing. On resume
         the log is cut back to the lines the checkpoint accounts for, so no episode appears twice."""
@@ -357,8 +407,13 @@ class TaskSelector:
                 trim_lines(Path(log), self.log_lines if resumed else 0)
         history = []
         per_episode = len(self.sources) + 1  # each source scored, then the training
-        with tqdm(total=episodes * per_episode, initial=self.episodes_done * per_episode, desc=f"task selection ({self.mode})",
-                  unit="step", disable=not progress) as bar:
+        with tqdm(
+            total=episodes * per_episode,
+            initial=self.episodes_done * per_episode,
+            desc=f"task selection ({self.mode})",
+            unit="step",
+            disable=not progress,
+        ) as bar:
             self.on_scored = lambda name: (bar.set_postfix(scored=name), bar.update(1))
             try:
                 while self.episodes_done < episodes:
@@ -383,11 +438,23 @@ class TaskSelector:
 
         def write(ckpt: Path) -> None:
             save_model(self.model, str(ckpt / "model.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(),
-                        "streams": {k: g.get_state() for k, g in self.streams.items()},
-                        "torch": torch.get_rng_state()}, ckpt / "state.pt")
-            (ckpt / "selector.json").write_text(json.dumps(
-                {"episodes_done": self.episodes_done, "log_lines": self.log_lines, "explore": _encode_random(self.explore)}))
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "streams": {k: g.get_state() for k, g in self.streams.items()},
+                    "torch": torch.get_rng_state(),
+                },
+                ckpt / "state.pt",
+            )
+            (ckpt / "selector.json").write_text(
+                json.dumps(
+                    {
+                        "episodes_done": self.episodes_done,
+                        "log_lines": self.log_lines,
+                        "explore": _encode_random(self.explore),
+                    }
+                )
+            )
 
         return CheckpointDir(Path(folder)).save(write)
 
@@ -399,10 +466,16 @@ class TaskSelector:
         def read(ckpt: Path):  # the small parts, and the weights' header: a damaged checkpoint changes nothing
             with safe_open(str(ckpt / "model.safetensors"), "pt"):
                 pass
-            return ckpt, torch.load(ckpt / "state.pt", weights_only=True), json.loads((ckpt / "selector.json").read_text())
+            return (
+                ckpt,
+                torch.load(ckpt / "state.pt", weights_only=True),
+                json.loads((ckpt / "selector.json").read_text()),
+            )
 
         if Path(folder, "selector.json").is_file():  # the layout before checkpoints were one unit
-            raise ValueError(f"{folder} holds a checkpoint of an older fastmft; resume it with that version or use another --output-dir")
+            raise ValueError(
+                f"{folder} holds a checkpoint of an older fastmft; resume it with that version or use another --output-dir"
+            )
         found = CheckpointDir(Path(folder)).load(read)
         if found is None:
             return False
@@ -426,9 +499,18 @@ def _decode_random(state: list) -> tuple:
     return (state[0], tuple(state[1]), state[2])
 
 
-def build_tasks(ds, tokenizer, domain_vocab, num_labels: int, *, target_domain: int | None, sources: Sequence[str],
-                batch_size: int, split_column: str | None,
-                unlabeled_splits: Sequence[str] | None = ("train",)) -> tuple[list[Task], list[Task] | None]:
+def build_tasks(
+    ds,
+    tokenizer,
+    domain_vocab,
+    num_labels: int,
+    *,
+    target_domain: int | None,
+    sources: Sequence[str],
+    batch_size: int,
+    split_column: str | None,
+    unlabeled_splits: Sequence[str] | None = ("train",),
+) -> tuple[list[Task], list[Task] | None]:
     """Source and target tasks from a prepared multi-domain dataset (fastmft.data.prepare):
     "mlm" and "shuffle" over the texts of the ``unlabeled_splits`` (default: training rows only, so
     that no dev or test text is trained on; None: every row, an explicit choice; without a split
@@ -440,14 +522,28 @@ def build_tasks(ds, tokenizer, domain_vocab, num_labels: int, *, target_domain: 
     ids, labels, domains = ds["input_ids"], ds["labels"], ds["domains"]
     splits = ds[split_column] if split_column and split_column in ds.column_names else None
     out: list[Task] = []
-    unlabeled = ids if splits is None or unlabeled_splits is None else [x for x, s in zip(ids, splits) if s in set(unlabeled_splits)]
+    unlabeled = (
+        ids
+        if splits is None or unlabeled_splits is None
+        else [x for x, s in zip(ids, splits) if s in set(unlabeled_splits)]
+    )
     if ({"mlm", "shuffle"} & set(sources)) and not unlabeled:
         raise ValueError(f"no row of the split(s) {list(unlabeled_splits)} for the self-supervised sources")
     unknown = set(sources) - {"mlm", "shuffle", "domains"}
     if unknown:
         raise ValueError(f"unknown source kinds {sorted(unknown)}; choose from mlm, shuffle, domains")
     if "mlm" in sources:
-        out.append(MaskedLMTask("mlm", unlabeled, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), special_ids=special, batch_size=batch_size, pad_id=pad))
+        out.append(
+            MaskedLMTask(
+                "mlm",
+                unlabeled,
+                mask_id=tokenizer.mask_token_id,
+                vocab_size=len(tokenizer),
+                special_ids=special,
+                batch_size=batch_size,
+                pad_id=pad,
+            )
+        )
     if "shuffle" in sources:
         out.append(TokenShuffleTask("shuffle", unlabeled, special_ids=special, batch_size=batch_size, pad_id=pad))
     if "domains" in sources:
@@ -456,13 +552,34 @@ def build_tasks(ds, tokenizer, domain_vocab, num_labels: int, *, target_domain: 
                 continue
             rows = [i for i in range(len(ids)) if domains[i] == k and (splits is None or splits[i] == "train")]
             if rows:
-                out.append(ClassificationTask(f"cls:{name}", [ids[i] for i in rows], [labels[i] for i in rows], num_labels, head="label", batch_size=batch_size, pad_id=pad))
+                out.append(
+                    ClassificationTask(
+                        f"cls:{name}",
+                        [ids[i] for i in rows],
+                        [labels[i] for i in rows],
+                        num_labels,
+                        head="label",
+                        batch_size=batch_size,
+                        pad_id=pad,
+                    )
+                )
     if not out:
         raise ValueError("no source task: check --sources and the data")
     if target_domain is None:
         return out, None
     rows = [i for i in range(len(ids)) if domains[i] == target_domain and (splits is None or splits[i] == "dev")]
     if not rows:
-        raise ValueError(f"the target domain {domain_vocab.values[target_domain]!r} has no rows" + (" in the dev split" if splits else ""))
-    target = ClassificationTask(f"target:{domain_vocab.values[target_domain]}", [ids[i] for i in rows], [labels[i] for i in rows], num_labels, head="label", batch_size=batch_size, pad_id=pad)
+        raise ValueError(
+            f"the target domain {domain_vocab.values[target_domain]!r} has no rows"
+            + (" in the dev split" if splits else "")
+        )
+    target = ClassificationTask(
+        f"target:{domain_vocab.values[target_domain]}",
+        [ids[i] for i in rows],
+        [labels[i] for i in rows],
+        num_labels,
+        head="label",
+        batch_size=batch_size,
+        pad_id=pad,
+    )
     return out, [target]

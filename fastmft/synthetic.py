@@ -5,6 +5,7 @@ domains, so a classifier can transfer between them. A fraction of the instances 
 purpose: they talk about another domain's things, or carry few and mixed sentiment cues. Typicality
 scoring should rank them low, as Table 5 of the MFT paper shows for real reviews.
 """
+
 from __future__ import annotations
 
 import random
@@ -96,7 +97,14 @@ def synthetic_corpus(
                 frac = i / count
                 split = "train" if frac < 0.7 else ("dev" if frac < 0.85 else "test")
                 rows.append(
-                    {"id": f"{name}-{label[:3]}-{i:04d}", "text": text, "label": label, "domain": name, "split": split, "atypical": atypical}
+                    {
+                        "id": f"{name}-{label[:3]}-{i:04d}",
+                        "text": text,
+                        "label": label,
+                        "domain": name,
+                        "split": split,
+                        "atypical": atypical,
+                    }
                 )
     return rows
 

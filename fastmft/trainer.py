@@ -28,6 +28,7 @@ Python API: :func:`train` (one method), :func:`compare` (several methods on the 
 :func:`meta_train` (steps 1-3 alone, returns the meta-learned encoder). CLI: ``fastmft train``
 (:func:`register_cli`), also ``python -m fastmft.trainer`` (e.g. under torchrun).
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,8 +64,13 @@ from .ops.nn import MFTLoss, skip_layers
 
 METHODS = ("s", "mix", "mtl", "adv", "dc", "tw", "full")
 METHOD_NAMES = {
-    "s": "BERT(S)", "mix": "BERT(Mix)", "mtl": "BERT(MTL)", "adv": "BERT(Adv)",
-    "dc": "MFT(DC)", "tw": "MFT(TW)", "full": "MFT(Full)",
+    "s": "BERT(S)",
+    "mix": "BERT(Mix)",
+    "mtl": "BERT(MTL)",
+    "adv": "BERT(Adv)",
+    "dc": "MFT(DC)",
+    "tw": "MFT(TW)",
+    "full": "MFT(Full)",
 }
 MFT_METHODS = ("dc", "tw", "full")
 JOINT_METHODS = ("mix", "mtl", "adv")
@@ -76,7 +82,12 @@ def method_key(name: str) -> str:
     """'full', 'MFT(Full)', 'bert-s', 'S' ... -> the short key of :data:`METHODS`."""
     key = name.strip().lower()
     for short, long in METHOD_NAMES.items():
-        if key in (short, long.lower(), long.lower().replace("(", "-").rstrip(")"), long.lower().split("(")[1].rstrip(")")):
+        if key in (
+            short,
+            long.lower(),
+            long.lower().replace("(", "-").rstrip(")"),
+            long.lower().split("(")[1].rstrip(")"),
+        ):
             return short
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} ({', '.join(METHOD_NAMES.values())})")
 
@@ -122,25 +133,52 @@ class TrainConfig:
     def __post_init__(self):
         self.method = method_key(self.method)
         if self.layers is not None:
-            if not self.layers or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 1 for l in self.layers):
+            if not self.layers or not all(
+                isinstance(l, int) and not isinstance(l, bool) and l >= 1 for l in self.layers
+            ):
                 raise ValueError(f"layers (--layers) must be 1-based integer layer numbers, got {self.layers!r}")
             self.layers = tuple(self.layers)
-        ints = {"mft_epochs": 0, "epochs": 0, "batch_size": 1, "num_prototypes": 1, "max_length": 2, "log_every": 0,
-                "checkpoint_every": 0}
+        ints = {
+            "mft_epochs": 0,
+            "epochs": 0,
+            "batch_size": 1,
+            "num_prototypes": 1,
+            "max_length": 2,
+            "log_every": 0,
+            "checkpoint_every": 0,
+        }
         for name, low in ints.items():
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} (--{_option(name)}) must be an integer >= {low}, got {value!r}")
         # (low, high, low open): every float must be finite and in its range (NaN fails every comparison)
-        ranges = {"lr": (0.0, math.inf, True), "weight_decay": (0.0, math.inf, False), "warmup_ratio": (0.0, 1.0, False),
-                  "max_grad_norm": (0.0, math.inf, False), "alpha": (0.0, 1.0, False), "lam": (0.0, math.inf, False),
-                  "adv_weight": (0.0, math.inf, False), "few_shot": (0.0, 1.0, True)}
+        ranges = {
+            "lr": (0.0, math.inf, True),
+            "weight_decay": (0.0, math.inf, False),
+            "warmup_ratio": (0.0, 1.0, False),
+            "max_grad_norm": (0.0, math.inf, False),
+            "alpha": (0.0, 1.0, False),
+            "lam": (0.0, math.inf, False),
+            "adv_weight": (0.0, math.inf, False),
+            "few_shot": (0.0, 1.0, True),
+        }
         for name, (low, high, open_low) in ranges.items():
             value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if open_low else value >= low) and value <= high
+            ok = (
+                isinstance(value, (int, float))
+                and math.isfinite(value)
+                and (value > low if open_low else value >= low)
+                and value <= high
+            )
             if not ok:
-                span = f"{'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf else f"{'>' if open_low else '>='} {low:g}"
-                raise ValueError(f"{name} (--{_option(name)}) must be a finite number {'in ' if high < math.inf else ''}{span}, got {value!r}")
+                span = (
+                    f"{'(' if open_low else '['}{low:g}, {high:g}]"
+                    if high < math.inf
+                    else f"{'>' if open_low else '>='} {low:g}"
+                )
+                raise ValueError(
+                    f"{name} (--{_option(name)}) must be a finite number {'in ' if high < math.inf else ''}{span}, got {value!r}"
+                )
         if self.mft_lr is not None and not (math.isfinite(self.mft_lr) and self.mft_lr > 0):
             raise ValueError(f"mft_lr (--mft-lr) must be a finite number > 0, got {self.mft_lr!r}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -270,7 +308,9 @@ def load_data(
     missing = sorted(set(range(len(domain_vocab))) - set(evaluation["domains"]))
     if missing:
         names = [domain_vocab.values[k] for k in missing]
-        raise ValueError(f"domain(s) {names} have training rows but no evaluation rows: the evaluation data would leave them empty")
+        raise ValueError(
+            f"domain(s) {names} have training rows but no evaluation rows: the evaluation data would leave them empty"
+        )
     if few_shot < 1.0:
         train = train.select(few_shot_rows(train["labels"], train["domains"], few_shot, seed))
     train = tokenize(train, tokenizer, columns, max_length=max_length)
@@ -352,8 +392,14 @@ class MFTModel(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         hidden = _encode(self.encoder, batch, hidden_states=True).hidden_states
-        out = self.mft(hidden, batch["attention_mask"], batch["labels"], batch["domains"],
-                       typicality=batch.get("typicality"), corrupted=batch["corrupted"])
+        out = self.mft(
+            hidden,
+            batch["attention_mask"],
+            batch["labels"],
+            batch["domains"],
+            typicality=batch.get("typicality"),
+            corrupted=batch["corrupted"],
+        )
         return {"loss": out.loss, "label_loss": out.label_loss.detach(), "domain_loss": out.domain_loss.detach()}
 
 
@@ -385,8 +431,15 @@ class _Store:
     def __init__(self, folder: str | os.PathLike | None, dist: Dist):
         self.folder = Path(folder) if folder is not None else None
         self.dist = dist
-        self.state: dict = {"version": _STATE_VERSION, "phase": 0, "epoch": 0, "batch": 0, "global_step": 0,
-                            "results": {}, "metrics_lines": 0}
+        self.state: dict = {
+            "version": _STATE_VERSION,
+            "phase": 0,
+            "epoch": 0,
+            "batch": 0,
+            "global_step": 0,
+            "results": {},
+            "metrics_lines": 0,
+        }
         self.checkpoints = CheckpointDir(self.folder) if self.folder is not None else None
         self.loaded: Path | None = None  # the checkpoint folder resumed from
         if self.folder is not None:
@@ -402,7 +455,9 @@ class _Store:
         if self.folder is None:
             return False
         if self.path("state.json").is_file():  # the layout before checkpoints were one unit
-            raise ValueError(f"{self.path('state.json')}: checkpoint format 1 is not {_STATE_VERSION}; use another output folder")
+            raise ValueError(
+                f"{self.path('state.json')}: checkpoint format 1 is not {_STATE_VERSION}; use another output folder"
+            )
 
         def read(folder: Path) -> tuple[Path, dict]:
             state = json.loads((folder / "state.json").read_text())
@@ -427,7 +482,9 @@ class _Store:
         now = json.loads(json.dumps(now))  # tuples -> lists, as saved
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise ValueError(f"{folder} was written with other settings ({', '.join(diff)}): use another output folder or the same settings")
+            raise ValueError(
+                f"{folder} was written with other settings ({', '.join(diff)}): use another output folder or the same settings"
+            )
         self.state, self.loaded = state, folder
         if self.dist.main:  # drop lines logged after the checkpoint
             trim_lines(metrics, state["metrics_lines"])
@@ -444,7 +501,9 @@ class _Store:
                 from safetensors.torch import save_model
 
                 save_model(model, str(folder / "model.safetensors"))
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optimizer.pt")
+                torch.save(
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optimizer.pt"
+                )
             elif (self.state["epoch"] or self.state["batch"]) and self.loaded is not None:
                 for name in ("model.safetensors", "optimizer.pt"):  # mid-phase: the phase's model stays part of it
                     os.link(self.loaded / name, folder / name)
@@ -461,7 +520,15 @@ class _Store:
 
 
 # Settings that may change between an interrupted run and its resumption.
-_RESUME_FREE = {"stop_after_steps", "stop_after_seconds", "progress", "log_every", "checkpoint_every", "device", "save_models"}
+_RESUME_FREE = {
+    "stop_after_steps",
+    "stop_after_seconds",
+    "progress",
+    "log_every",
+    "checkpoint_every",
+    "device",
+    "save_models",
+}
 
 
 def _load_training(store: _Store, model: nn.Module, optimizer, scheduler) -> None:
@@ -524,8 +591,12 @@ class _Run:
         self.base = _prepare_encoder(encoder, cfg.dropout).cpu()
         self.num_labels, self.num_domains = len(data.label_vocab), len(data.domain_vocab)
         self.config_dict = cfg.to_dict()
-        self.config_dict.update(num_labels=self.num_labels, num_domains=self.num_domains,
-                                train_rows=len(data.train), eval_rows=len(data.eval))
+        self.config_dict.update(
+            num_labels=self.num_labels,
+            num_domains=self.num_domains,
+            train_rows=len(data.train),
+            eval_rows=len(data.eval),
+        )
         self.autocast = dist.device.type == "cuda" and cfg.bf16
 
         self.stopped = False
@@ -584,12 +655,30 @@ class _Run:
         done = not self.stopped and len(per_domain) == self.num_domains
         acc = sum(r["accuracy"] for r in per_domain.values()) / max(1, len(per_domain))
         f1 = sum(r["macro_f1"] for r in per_domain.values()) / max(1, len(per_domain))
-        result = TrainResult(self.cfg.method, per_domain, acc, f1, wall, done, self.config_dict,
-                             str(self.dist.device), self.store.state["global_step"], dev_per_domain)
+        result = TrainResult(
+            self.cfg.method,
+            per_domain,
+            acc,
+            f1,
+            wall,
+            done,
+            self.config_dict,
+            str(self.dist.device),
+            self.store.state["global_step"],
+            dev_per_domain,
+        )
         if done and not self.store.state.get("result_logged"):
             self.store.state["result_logged"] = True
-            self.store.log({"event": "result", "method": result.method, "accuracy": result.accuracy, "macro_f1": result.macro_f1,
-                            "wall_time_s": result.wall_time_s, "steps": result.steps})
+            self.store.log(
+                {
+                    "event": "result",
+                    "method": result.method,
+                    "accuracy": result.accuracy,
+                    "macro_f1": result.macro_f1,
+                    "wall_time_s": result.wall_time_s,
+                    "steps": result.steps,
+                }
+            )
             self.store.save(self.config_dict)
         return result
 
@@ -606,10 +695,17 @@ class _Run:
             encoder = copy.deepcopy(self.base).to(self.dist.device)
             with self._autocast():
                 scores = score_dataset(
-                    encoder, self.data.train, self.num_labels, self.num_domains, alpha=self.cfg.alpha,
-                    num_prototypes=self.cfg.num_prototypes, batch_size=max(self.cfg.batch_size, 32),
-                    device=self.dist.device, pad_token_id=self.tokenizer.pad_token_id or 0,
-                    seed=self.cfg.seed, progress=self.cfg.progress and self.dist.main,
+                    encoder,
+                    self.data.train,
+                    self.num_labels,
+                    self.num_domains,
+                    alpha=self.cfg.alpha,
+                    num_prototypes=self.cfg.num_prototypes,
+                    batch_size=max(self.cfg.batch_size, 32),
+                    device=self.dist.device,
+                    pad_token_id=self.tokenizer.pad_token_id or 0,
+                    seed=self.cfg.seed,
+                    progress=self.cfg.progress and self.dist.main,
                 ).scores
             del encoder
             if p is not None and self.dist.main:
@@ -662,8 +758,13 @@ class _Run:
         eval_rows = _rows(self.data.eval)
         torch.manual_seed(_step_seed(cfg.seed, idx, -1))  # the fresh classifier
         if name == "joint":
-            model = Classifier(encoder, self.num_labels, num_heads=self.num_domains if cfg.method == "mtl" else 1,
-                               adv_domains=self.num_domains if cfg.method == "adv" else 0, adv_weight=cfg.adv_weight)
+            model = Classifier(
+                encoder,
+                self.num_labels,
+                num_heads=self.num_domains if cfg.method == "mtl" else 1,
+                adv_domains=self.num_domains if cfg.method == "adv" else 0,
+                adv_weight=cfg.adv_weight,
+            )
             domains = list(range(self.num_domains))
         else:
             k = int(name.split(":")[1])
@@ -678,15 +779,21 @@ class _Run:
             self.store.state["results"][str(k)] = self._evaluate(model, [r for r in eval_rows if r["domains"] == k], k)
             if dev_rows is not None:
                 self.store.state.setdefault("dev_results", {})[str(k)] = self._evaluate(
-                    model, [r for r in dev_rows if r["domains"] == k], k, split="dev")
+                    model, [r for r in dev_rows if r["domains"] == k], k, split="dev"
+                )
         if cfg.save_models and self.store.folder is not None and self.dist.main:
             from safetensors.torch import save_model
 
             (self.store.folder / "models").mkdir(exist_ok=True)
-            atomic_path(self.store.folder / "models" / f"{name.replace(':', '_')}.safetensors", lambda tmp: save_model(model, tmp))
+            atomic_path(
+                self.store.folder / "models" / f"{name.replace(':', '_')}.safetensors",
+                lambda tmp: save_model(model, tmp),
+            )
 
     # -- loops ---------------------------------------------------------------------------------
-    def _train(self, idx: int, name: str, model: nn.Module, rows: list[dict], epochs: int, lr: float, corrupt: bool = False) -> None:
+    def _train(
+        self, idx: int, name: str, model: nn.Module, rows: list[dict], epochs: int, lr: float, corrupt: bool = False
+    ) -> None:
         cfg, dist, store = self.cfg, self.dist, self.store
         model.to(dist.device)
         lengths = [len(r["input_ids"]) for r in rows]
@@ -696,7 +803,9 @@ class _Run:
         # Weight decay on matrices only (not on biases and LayerNorm weights), as BERT does.
         decay = [p for p in model.parameters() if p.ndim >= 2]
         rest = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(max(1, total), cfg.warmup_ratio))
         state = store.state
         resumed = state["phase"] == idx and (state["epoch"] > 0 or state["batch"] > 0)
@@ -706,12 +815,20 @@ class _Run:
         if dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            wrapped = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+            wrapped = DistributedDataParallel(
+                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            )
         from tqdm.auto import tqdm
 
         label = f"{METHOD_NAMES[cfg.method]} {name if not name.startswith('domain:') else self.data.domain_vocab.values[int(name[7:])]}"
-        bar = tqdm(total=total, initial=state["epoch"] * per_epoch + state["batch"], desc=label, unit="step",
-                   disable=not (cfg.progress and dist.main), dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=state["epoch"] * per_epoch + state["batch"],
+            desc=label,
+            unit="step",
+            disable=not (cfg.progress and dist.main),
+            dynamic_ncols=True,
+        )
         phase_step = state["epoch"] * per_epoch + state["batch"]
         first_bad = torch.full((), -1, dtype=torch.long, device=dist.device)  # first step with a non-finite loss
 
@@ -720,7 +837,8 @@ class _Run:
                 step = int(first_bad.item())
                 raise FloatingPointError(
                     f"{label}: the loss is not finite at step {step if step > 0 else '(on another rank)'} of this phase; "
-                    "the last checkpoint is left as it was. Lower --lr / --mft-lr or check the data and options")
+                    "the last checkpoint is left as it was. Lower --lr / --mft-lr or check the data and options"
+                )
 
         for epoch in range(state["epoch"], epochs):
             batches = _global_batches(lengths, cfg, seed, epoch, dist.world)
@@ -751,12 +869,18 @@ class _Run:
                     out = wrapped(batch)
                 # Remembered on the device (no host read per step) and checked where the loop reads
                 # the host anyway: before every log line and checkpoint, so none holds a NaN step.
-                first_bad = torch.where(~torch.isfinite(out["loss"].detach()) & (first_bad < 0), phase_step + 1, first_bad)
+                first_bad = torch.where(
+                    ~torch.isfinite(out["loss"].detach()) & (first_bad < 0), phase_step + 1, first_bad
+                )
                 # Every loss here is a mean over this rank's rows: rescale so that DDP's average of
                 # the ranks' gradients is the gradient of the mean over the global batch.
                 scale = n_local * dist.world / n_global
                 (out["loss"] * scale).backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    if cfg.max_grad_norm > 0
+                    else None
+                )
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -766,8 +890,15 @@ class _Run:
                 if cfg.log_every and (phase_step % cfg.log_every == 0 or phase_step == total):
                     check_finite()
                     logs = {k: dist.sum(v.detach().float() * n_local / n_global).item() for k, v in out.items()}
-                    record = {"event": "step", "phase": name, "epoch": epoch, "step": phase_step,
-                              "global_step": state["global_step"], "lr": scheduler.get_last_lr()[0], **logs}
+                    record = {
+                        "event": "step",
+                        "phase": name,
+                        "epoch": epoch,
+                        "step": phase_step,
+                        "global_step": state["global_step"],
+                        "lr": scheduler.get_last_lr()[0],
+                        **logs,
+                    }
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
                     store.log(record)
@@ -867,12 +998,30 @@ def _default_data(source, eval_source, columns, tokenizer, cfg: TrainConfig) -> 
         from .synthetic import synthetic_dataset
 
         source, columns = synthetic_dataset(), Columns()
-    return load_data(source, tokenizer, columns, eval_source=eval_source, max_length=cfg.max_length,
-                     pair_join=cfg.pair_join, few_shot=cfg.few_shot, seed=cfg.seed)
+    return load_data(
+        source,
+        tokenizer,
+        columns,
+        eval_source=eval_source,
+        max_length=cfg.max_length,
+        pair_join=cfg.pair_join,
+        few_shot=cfg.few_shot,
+        seed=cfg.seed,
+    )
 
 
-def compare(methods: Sequence[str], config: TrainConfig | None = None, *, data: TrainData | None = None, source=None,
-            eval_source=None, columns: Columns = Columns(), backbone=None, output_dir=None, **overrides) -> dict[str, TrainResult]:
+def compare(
+    methods: Sequence[str],
+    config: TrainConfig | None = None,
+    *,
+    data: TrainData | None = None,
+    source=None,
+    eval_source=None,
+    columns: Columns = Columns(),
+    backbone=None,
+    output_dir=None,
+    **overrides,
+) -> dict[str, TrainResult]:
     """:func:`train` for each method on the same data (tokenised once); output_dir/<method> each."""
     cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
     encoder, tokenizer = _load_encoder(backbone)
@@ -912,22 +1061,23 @@ def format_table(results: dict[str, TrainResult], metric: str = "accuracy") -> s
     for r in results.values():
         domains += [d for d in r.per_domain if d not in domains]
     head = ["domain", *[METHOD_NAMES[m] for m in methods]]
-    rows = [[d, *[f"{100 * results[m].per_domain[d][metric]:.1f}" if d in results[m].per_domain else "-" for m in methods]] for d in domains]
+    rows = [
+        [d, *[f"{100 * results[m].per_domain[d][metric]:.1f}" if d in results[m].per_domain else "-" for m in methods]]
+        for d in domains
+    ]
     rows.append(["Average", *[f"{100 * getattr(results[m], metric):.1f}" for m in methods]])
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
-    fmt = lambda row: "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
+    fmt = lambda row: (
+        "| "
+        + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        + " |"
+    )
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt(head), sep, *map(fmt, rows)])
 
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
-
-
-
-
-
 
 
 def _check_encoder(encoder, cfg: TrainConfig, tokenising: bool = True) -> None:
@@ -940,11 +1090,6 @@ def _check_encoder(encoder, cfg: TrainConfig, tokenising: bool = True) -> None:
     depth = encoder.config.num_hidden_layers
     if cfg.layers and max(cfg.layers) > depth:
         raise ValueError(f"--layers {','.join(map(str, cfg.layers))}: the encoder has {depth} layers")
-
-
-
-
-
 
 
 if __name__ == "__main__":  # ``python -m fastmft.trainer`` (e.g. under torchrun): ``fastmft train``

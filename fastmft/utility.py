@@ -28,6 +28,7 @@ is the caller's choice: dropout at theta and theta' follows it).
 parameters in place, evaluate): the reference the tests compare against and the baseline of
 benchmarks/bench_utility.py.
 """
+
 from __future__ import annotations
 
 import copy
@@ -117,8 +118,11 @@ class TaskUtilityScorer:
         self._tables: list[tuple[int, nn.Embedding]] = []
         if sparse_embeddings:
             index = {id(named[n]): i for i, n in enumerate(names)}
-            self._tables = [(index[id(m.weight)], m) for m in model.modules()
-                            if isinstance(m, nn.Embedding) and m.max_norm is None and id(m.weight) in index]
+            self._tables = [
+                (index[id(m.weight)], m)
+                for m in model.modules()
+                if isinstance(m, nn.Embedding) and m.max_norm is None and id(m.weight) in index
+            ]
         # index -> (parameter, its data_ptr and version when theta' was written, rows that differ)
         self._dirty_rows: dict[int, tuple[Tensor, int, int, Tensor]] = {}
 
@@ -157,8 +161,13 @@ class TaskUtilityScorer:
                 self._dirty_rows.pop(i, None)  # the dense step below rewrites the whole table
         dense = [i for i in range(len(params)) if i not in sparse]
         try:
-            inner_step([params[i] for i in dense], [grads[i] for i in dense], self.lr,
-                       out=[self.flat.views[i] for i in dense], check_finite=check)
+            inner_step(
+                [params[i] for i in dense],
+                [grads[i] for i in dense],
+                self.lr,
+                out=[self.flat.views[i] for i in dense],
+                check_finite=check,
+            )
         except NonFiniteError:
             nonfinite = True
         if nonfinite:

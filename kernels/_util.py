@@ -11,6 +11,7 @@ with NaN (floats) or a sentinel (integers) before the launch, so a test fails if
 an element unwritten. Outputs that kernels accumulate into with atomics are zero-initialised by
 contract and are not poisoned.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -25,6 +25,7 @@ saving lse would cost a [H, N] buffer plus its write.
 Offsets: row and class indices are int64 before they multiply a stride (a strided view's
 index * stride can pass 2**31 elements).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -48,8 +49,9 @@ def _row_lse(x_ptr, stride_n, stride_c, rows, in_n, C, BLOCK_N: tl.constexpr, BL
     for c0 in range(0, C, BLOCK_C):
         cols = (c0 + arange_c).to(tl.int64)
         in_c = cols < C
-        x = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_c, mask=in_n[:, None] & in_c[None, :],
-                    other=0.0)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_n + cols[None, :] * stride_c, mask=in_n[:, None] & in_c[None, :], other=0.0
+        )
         x = tl.where(in_c[None, :], x.to(tl.float32), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
@@ -59,12 +61,22 @@ def _row_lse(x_ptr, stride_n, stride_c, rows, in_n, C, BLOCK_N: tl.constexpr, BL
 
 @triton.jit
 def _mhce_fwd_kernel(
-    logit_ptrs, strides_n, strides_c, num_classes,  # per head h: logits [N, C_h], its strides, C_h
-    target_ptrs, strides_target,  # per head h: targets [N] (integer, in [0, C_h) or ignore_index)
-    weight_ptr, stride_weight,  # sample weights t [N] (read only when HAS_W)
-    part_ptr, cnt_ptr,  # [P, H] float32 partial sums of t * CE, [P, H] int32 kept counts
-    N, ignore_index,
-    H: tl.constexpr, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    logit_ptrs,
+    strides_n,
+    strides_c,
+    num_classes,  # per head h: logits [N, C_h], its strides, C_h
+    target_ptrs,
+    strides_target,  # per head h: targets [N] (integer, in [0, C_h) or ignore_index)
+    weight_ptr,
+    stride_weight,  # sample weights t [N] (read only when HAS_W)
+    part_ptr,
+    cnt_ptr,  # [P, H] float32 partial sums of t * CE, [P, H] int32 kept counts
+    N,
+    ignore_index,
+    H: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,10 +98,15 @@ def _mhce_fwd_kernel(
 
 @triton.jit
 def _mhce_finalize_kernel(
-    part_ptr, cnt_ptr, head_weights,  # partials [P, H] (contiguous); head weights: tuple of H floats
-    loss_ptr, scale_ptr,  # loss [] float32; scale [H] float32 = w_h / max(kept_h, 1)
+    part_ptr,
+    cnt_ptr,
+    head_weights,  # partials [P, H] (contiguous); head weights: tuple of H floats
+    loss_ptr,
+    scale_ptr,  # loss [] float32; scale [H] float32 = w_h / max(kept_h, 1)
     P,
-    H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    H: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     hh = tl.arange(0, BLOCK_H)
     in_h = hh < H
@@ -111,12 +128,25 @@ def _mhce_finalize_kernel(
 
 @triton.jit
 def _mhce_bwd_kernel(
-    logit_ptrs, strides_n, strides_c, num_classes, target_ptrs, strides_target,  # as in the forward
+    logit_ptrs,
+    strides_n,
+    strides_c,
+    num_classes,
+    target_ptrs,
+    strides_target,  # as in the forward
     grad_logit_ptrs,  # per head h: gradient output [N, C_h], contiguous, the logits' dtype
-    weight_ptr, stride_weight, grad_weight_ptr,  # sample weights t [N] and their gradient [N] (contiguous)
-    scale_ptr, grad_loss_ptr,  # per-head scales s_h [H] float32 and the incoming gradient g (scalar)
-    N, ignore_index,
-    H: tl.constexpr, HAS_W: tl.constexpr, NEED_GW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    weight_ptr,
+    stride_weight,
+    grad_weight_ptr,  # sample weights t [N] and their gradient [N] (contiguous)
+    scale_ptr,
+    grad_loss_ptr,  # per-head scales s_h [H] float32 and the incoming gradient g (scalar)
+    N,
+    ignore_index,
+    H: tl.constexpr,
+    HAS_W: tl.constexpr,
+    NEED_GW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,8 +171,9 @@ def _mhce_bwd_kernel(
             cols = (c0 + arange_c).to(tl.int64)
             in_c = cols < C
             m2 = in_n[:, None] & in_c[None, :]
-            x = tl.load(x_ptr + rows[:, None] * strides_n[h] + cols[None, :] * strides_c[h], mask=m2,
-                        other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rows[:, None] * strides_n[h] + cols[None, :] * strides_c[h], mask=m2, other=0.0).to(
+                tl.float32
+            )
             d = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
             gx = tl.where(kept[:, None], coef[:, None] * d, 0.0)  # ignored rows: exactly 0
             tl.store(gx_ptr + rows[:, None] * C + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=m2)
@@ -198,8 +229,13 @@ def _check(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], samp
     return _util.check_device(_OP, *tensors)
 
 
-def forward(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], sample_weight: torch.Tensor | None,
-            head_weight: Sequence[float], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(
+    logits: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    sample_weight: torch.Tensor | None,
+    head_weight: Sequence[float],
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [] float32, scale [H] float32 = w_h / max(kept_h, 1)) in two launches."""
     device = _check(logits, targets, sample_weight, head_weight)
     N, H = logits[0].shape[0], len(logits)
@@ -212,23 +248,46 @@ def forward(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], sam
     w = sample_weight if sample_weight is not None else part
     with _util.on_device(device):
         _mhce_fwd_kernel[(P,)](
-            tuple(logits), tuple(x.stride(0) for x in logits), tuple(x.stride(1) for x in logits),
+            tuple(logits),
+            tuple(x.stride(0) for x in logits),
+            tuple(x.stride(1) for x in logits),
             tuple(x.shape[1] for x in logits),
-            tuple(targets), tuple(y.stride(0) for y in targets),
-            w, w.stride(0),
-            part, cnt,
-            N, int(ignore_index),
-            H=H, HAS_W=sample_weight is not None, **cfg,
+            tuple(targets),
+            tuple(y.stride(0) for y in targets),
+            w,
+            w.stride(0),
+            part,
+            cnt,
+            N,
+            int(ignore_index),
+            H=H,
+            HAS_W=sample_weight is not None,
+            **cfg,
         )
         _mhce_finalize_kernel[(1,)](
-            part, cnt, tuple(float(v) for v in head_weight), loss, scale, P,
-            H=H, BLOCK_H=_util.fit(H, FINALIZE_BLOCK_H), BLOCK_P=FINALIZE_BLOCK_P, num_warps=NUM_WARPS,
+            part,
+            cnt,
+            tuple(float(v) for v in head_weight),
+            loss,
+            scale,
+            P,
+            H=H,
+            BLOCK_H=_util.fit(H, FINALIZE_BLOCK_H),
+            BLOCK_P=FINALIZE_BLOCK_P,
+            num_warps=NUM_WARPS,
         )
     return loss, scale
 
 
-def backward(grad_loss: torch.Tensor, logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-             sample_weight: torch.Tensor | None, scale: torch.Tensor, ignore_index: int, need_grad_weight: bool):
+def backward(
+    grad_loss: torch.Tensor,
+    logits: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    sample_weight: torch.Tensor | None,
+    scale: torch.Tensor,
+    ignore_index: int,
+    need_grad_weight: bool,
+):
     """Gradients of every head's logits (fresh contiguous tensors in the logits' dtypes) and of
     sample_weight (or None), in one launch."""
     device = _check(logits, targets, sample_weight, [1.0] * len(logits))
@@ -244,13 +303,23 @@ def backward(grad_loss: torch.Tensor, logits: Sequence[torch.Tensor], targets: S
     gw = grad_w if grad_w is not None else scale
     with _util.on_device(device):
         _mhce_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            tuple(logits), tuple(x.stride(0) for x in logits), tuple(x.stride(1) for x in logits),
+            tuple(logits),
+            tuple(x.stride(0) for x in logits),
+            tuple(x.stride(1) for x in logits),
             tuple(x.shape[1] for x in logits),
-            tuple(targets), tuple(y.stride(0) for y in targets),
+            tuple(targets),
+            tuple(y.stride(0) for y in targets),
             tuple(grads),
-            w, w.stride(0), gw,
-            scale, grad_loss.reshape(()).to(torch.float32),
-            N, int(ignore_index),
-            H=H, HAS_W=sample_weight is not None, NEED_GW=need_gw, **cfg,
+            w,
+            w.stride(0),
+            gw,
+            scale,
+            grad_loss.reshape(()).to(torch.float32),
+            N,
+            int(ignore_index),
+            H=H,
+            HAS_W=sample_weight is not None,
+            NEED_GW=need_gw,
+            **cfg,
         )
     return grads, grad_w

@@ -14,6 +14,7 @@ grad / count at valid positions and 0 elsewhere into fresh contiguous tensors.
 Offsets: every index that is multiplied by a stride is int64 first, since index * stride of a
 strided view can pass 2**31 elements (a [16, 768] view with stride(1) = 2**22 reaches 3.2e9).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -56,12 +57,22 @@ def _valid_tokens(mask_ptr, stride_mask_b, stride_mask_t, b, offs_t, T, SKIP_CLS
 
 @triton.jit
 def _pool_fwd_kernel(
-    layer_ptrs, strides_b, strides_t, strides_d,  # L pointers to [B, T, D] and their strides
-    mask_ptr, stride_mask_b, stride_mask_t,  # attention mask [B, T] (any integer dtype, bool as uint8)
+    layer_ptrs,
+    strides_b,
+    strides_t,
+    strides_d,  # L pointers to [B, T, D] and their strides
+    mask_ptr,
+    stride_mask_b,
+    stride_mask_t,  # attention mask [B, T] (any integer dtype, bool as uint8)
     out_ptr,  # pooled [L, B, D], contiguous, the layers' dtype
     count_ptr,  # [B] float32 valid-token counts (written by the programs of D-block 0)
-    B, T, D,
-    L: tl.constexpr, SKIP_CLS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    B,
+    T,
+    D,
+    L: tl.constexpr,
+    SKIP_CLS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -99,10 +110,18 @@ def _pool_fwd_kernel(
 def _pool_bwd_kernel(
     grad_layer_ptrs,  # L output pointers, each [B, T, D] contiguous, the layers' dtype
     grad_ptr,  # gradient of the pooled output [L, B, D], contiguous
-    mask_ptr, stride_mask_b, stride_mask_t,
+    mask_ptr,
+    stride_mask_b,
+    stride_mask_t,
     count_ptr,  # [B] float32 valid-token counts from the forward
-    B, T, D, num_t_blocks,
-    L: tl.constexpr, SKIP_CLS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    B,
+    T,
+    D,
+    num_t_blocks,
+    L: tl.constexpr,
+    SKIP_CLS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // num_t_blocks).to(tl.int64)
@@ -129,7 +148,9 @@ def _check(layers: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.device:
     for i, h in enumerate(layers):
         _util.check_dtype(_OP, f"hidden_states[{i}]", h)
         if h.dim() != 3 or h.shape != shape or h.dtype != dtype:
-            raise ValueError(f"{_OP}: hidden_states[{i}] is {tuple(h.shape)} {h.dtype}, expected {tuple(shape)} {dtype}")
+            raise ValueError(
+                f"{_OP}: hidden_states[{i}] is {tuple(h.shape)} {h.dtype}, expected {tuple(shape)} {dtype}"
+            )
     if mask.dim() != 2 or tuple(mask.shape) != tuple(shape[:2]):
         raise ValueError(f"{_OP}: attention_mask is {tuple(mask.shape)}, expected {tuple(shape[:2])}")
     return _util.check_device(_OP, *layers, mask)
@@ -151,19 +172,33 @@ def pool_forward(layers: Sequence[torch.Tensor], attention_mask: torch.Tensor, s
     cfg = tile(T, D)
     with _util.on_device(device):
         _pool_fwd_kernel[(B, triton.cdiv(D, cfg["BLOCK_D"]))](
-            tuple(layers), tuple(h.stride(0) for h in layers), tuple(h.stride(1) for h in layers),
+            tuple(layers),
+            tuple(h.stride(0) for h in layers),
+            tuple(h.stride(1) for h in layers),
             tuple(h.stride(2) for h in layers),
-            mask, mask.stride(0), mask.stride(1),
+            mask,
+            mask.stride(0),
+            mask.stride(1),
             out,
             counts,
-            B, T, D,
-            L=L, SKIP_CLS=bool(skip_cls), **cfg,
+            B,
+            T,
+            D,
+            L=L,
+            SKIP_CLS=bool(skip_cls),
+            **cfg,
         )
     return out, counts
 
 
-def pool_backward(grad_out: torch.Tensor, attention_mask: torch.Tensor, counts: torch.Tensor, skip_cls: bool,
-                  T: int, dtype: torch.dtype) -> list[torch.Tensor]:
+def pool_backward(
+    grad_out: torch.Tensor,
+    attention_mask: torch.Tensor,
+    counts: torch.Tensor,
+    skip_cls: bool,
+    T: int,
+    dtype: torch.dtype,
+) -> list[torch.Tensor]:
     """Gradients [B, T, D] (contiguous, ``dtype``) of each of the L layers, in one launch."""
     L, B, D = grad_out.shape
     device = _util.check_device(_OP, grad_out, attention_mask, counts)
@@ -178,9 +213,16 @@ def pool_backward(grad_out: torch.Tensor, attention_mask: torch.Tensor, counts: 
         _pool_bwd_kernel[(B * num_t_blocks, triton.cdiv(D, cfg["BLOCK_D"]))](
             tuple(grads),
             grad_out,
-            mask, mask.stride(0), mask.stride(1),
+            mask,
+            mask.stride(0),
+            mask.stride(1),
             counts,
-            B, T, D, num_t_blocks,
-            L=L, SKIP_CLS=bool(skip_cls), **cfg,
+            B,
+            T,
+            D,
+            num_t_blocks,
+            L=L,
+            SKIP_CLS=bool(skip_cls),
+            **cfg,
         )
     return grads

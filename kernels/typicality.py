@@ -23,6 +23,7 @@ every cell's sums in its column block, not only to its own cell's.
 Offsets: every index multiplied by a stride is int64 first (index * stride of a strided view can
 pass 2**31 elements).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,13 +48,16 @@ NUM_WARPS = 4
 
 def typicality_tile(D: int, K: int) -> dict:
     block_d = _util.fit(D, TYPICALITY_BLOCK_D)
-    return dict(BLOCK_N=TYPICALITY_ROWS[block_d], BLOCK_D=block_d, BLOCK_K=_util.fit(K, TYPICALITY_BLOCK_K),
-                num_warps=NUM_WARPS)
+    return dict(
+        BLOCK_N=TYPICALITY_ROWS[block_d], BLOCK_D=block_d, BLOCK_K=_util.fit(K, TYPICALITY_BLOCK_K), num_warps=NUM_WARPS
+    )
 
 
 def typicality_tiles() -> list[dict]:
-    return [dict(BLOCK_N=TYPICALITY_ROWS[d], BLOCK_D=d, BLOCK_K=k, num_warps=NUM_WARPS)
-            for d, k in itertools.product(TYPICALITY_BLOCK_D, TYPICALITY_BLOCK_K)]
+    return [
+        dict(BLOCK_N=TYPICALITY_ROWS[d], BLOCK_D=d, BLOCK_K=k, num_warps=NUM_WARPS)
+        for d, k in itertools.product(TYPICALITY_BLOCK_D, TYPICALITY_BLOCK_K)
+    ]
 
 
 # Tile table of the prototype sums: a [BLOCK_C, BLOCK_N] one-hot times a [BLOCK_N, BLOCK_D] slab.
@@ -67,25 +71,42 @@ SUMS_BLOCK_N = 64
 
 def sums_tile(D: int, C: int, dtype: torch.dtype) -> dict:
     block_c = _util.fit(C, SUMS_BLOCK_C)
-    return dict(BLOCK_N=SUMS_BLOCK_N, BLOCK_D=_util.fit(D, SUMS_BLOCK_D), BLOCK_C=block_c,
-                NATIVE_DOT=dtype in (torch.float16, torch.bfloat16), num_warps=SUMS_WARPS[block_c])
+    return dict(
+        BLOCK_N=SUMS_BLOCK_N,
+        BLOCK_D=_util.fit(D, SUMS_BLOCK_D),
+        BLOCK_C=block_c,
+        NATIVE_DOT=dtype in (torch.float16, torch.bfloat16),
+        num_warps=SUMS_WARPS[block_c],
+    )
 
 
 def sums_tiles() -> list[dict]:
-    return [dict(BLOCK_N=SUMS_BLOCK_N, BLOCK_D=d, BLOCK_C=c, NATIVE_DOT=native, num_warps=SUMS_WARPS[c])
-            for d, c, native in itertools.product(SUMS_BLOCK_D, SUMS_BLOCK_C, (False, True))]
+    return [
+        dict(BLOCK_N=SUMS_BLOCK_N, BLOCK_D=d, BLOCK_C=c, NATIVE_DOT=native, num_warps=SUMS_WARPS[c])
+        for d, c, native in itertools.product(SUMS_BLOCK_D, SUMS_BLOCK_C, (False, True))
+    ]
 
 
 @triton.jit
 def _typicality_kernel(
-    x_ptr, stride_x_n, stride_x_d,  # embeddings [N, D], any strides, float32/float16/bfloat16
-    labels_ptr, stride_labels,  # [N] integer class of each row, in [0, M)
-    domains_ptr, stride_domains,  # [N] integer domain of each row, in [0, K)
+    x_ptr,
+    stride_x_n,
+    stride_x_d,  # embeddings [N, D], any strides, float32/float16/bfloat16
+    labels_ptr,
+    stride_labels,  # [N] integer class of each row, in [0, M)
+    domains_ptr,
+    stride_domains,  # [N] integer domain of each row, in [0, K)
     unit_ptr,  # unit centres [K, M, D] float32, contiguous
     present_ptr,  # [K, M] int8, contiguous: 1 where the (k, m) cell has rows
     out_ptr,  # t [N] float32
-    N, D, K, M, alpha,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    N,
+    D,
+    K,
+    M,
+    alpha,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,7 +122,9 @@ def _typicality_kernel(
         offs_d = (d0 + arange_d).to(tl.int64)
         m2 = in_n[:, None] & (offs_d < D)[None, :]
         x = tl.load(
-            x_ptr + rows[:, None] * stride_x_n + offs_d[None, :] * stride_x_d, mask=m2, other=0.0,
+            x_ptr + rows[:, None] * stride_x_n + offs_d[None, :] * stride_x_d,
+            mask=m2,
+            other=0.0,
             eviction_policy="evict_first",
         ).to(tl.float32)
         new_scale = tl.maximum(scale, tl.max(tl.abs(x), axis=1))
@@ -113,8 +136,9 @@ def _typicality_kernel(
         scale = new_scale
         for k in range(K):
             # The centre table is small (K * M * D floats) and read by every program: keep it cached.
-            c = tl.load(unit_ptr + (k * M + y)[:, None] * D + offs_d[None, :], mask=m2, other=0.0,
-                        eviction_policy="evict_last")
+            c = tl.load(
+                unit_ptr + (k * M + y)[:, None] * D + offs_d[None, :], mask=m2, other=0.0, eviction_policy="evict_last"
+            )
             dots = tl.where(kk[None, :] == k, dots + tl.sum(xs * c, axis=1)[:, None], dots)
     # |x| = scale * sqrt(sq), so max(|x|, eps) / scale = max(sqrt(sq), eps / scale); an all-zero
     # row has scale 0, eps / 0 = inf and cosines 0.
@@ -130,12 +154,21 @@ def _typicality_kernel(
 
 @triton.jit
 def _prototype_sums_kernel(
-    x_ptr, stride_x_n, stride_x_d,  # embeddings [N, D], any strides
-    cells_ptr, stride_cells,  # [N] integer cell of each row (domain * M + label), in [0, C)
+    x_ptr,
+    stride_x_n,
+    stride_x_d,  # embeddings [N, D], any strides
+    cells_ptr,
+    stride_cells,  # [N] integer cell of each row (domain * M + label), in [0, C)
     sums_ptr,  # [C, D] float32, zero-initialised, contiguous
     counts_ptr,  # [C] int64, zero-initialised
-    N, D, C, rows_per_prog,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    N,
+    D,
+    C,
+    rows_per_prog,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -153,8 +186,10 @@ def _prototype_sums_kernel(
         cell = tl.load(cells_ptr + rows * stride_cells, mask=in_n, other=-1)
         onehot = cc[:, None] == cell[None, :]  # [BLOCK_C, BLOCK_N]
         x = tl.load(
-            x_ptr + rows[:, None] * stride_x_n + offs_d[None, :] * stride_x_d, mask=in_n[:, None] & in_d[None, :],
-            other=0.0, eviction_policy="evict_first",
+            x_ptr + rows[:, None] * stride_x_n + offs_d[None, :] * stride_x_d,
+            mask=in_n[:, None] & in_d[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
         )
         if NATIVE_DOT:
             # 16-bit inputs: 0/1 times a 16-bit value is exact, accumulation is float32.
@@ -168,8 +203,14 @@ def _prototype_sums_kernel(
         tl.atomic_add(counts_ptr + cc, cnt.to(tl.int64), mask=in_c)
 
 
-def typicality(embeddings: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor, unit_centers: torch.Tensor,
-               cell_present: torch.Tensor, alpha: float) -> torch.Tensor:
+def typicality(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    domains: torch.Tensor,
+    unit_centers: torch.Tensor,
+    cell_present: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
     """t [N] float32. unit_centers [K, M, D] float32 (rows already divided by max(|c|, 1e-8));
     cell_present [K, M] bool. labels/domains must hold in-range indices (checked by the caller)."""
     op = "typicality"
@@ -193,10 +234,21 @@ def typicality(embeddings: torch.Tensor, labels: torch.Tensor, domains: torch.Te
     cfg = typicality_tile(D, K)
     with _util.on_device(device):
         _typicality_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            embeddings, embeddings.stride(0), embeddings.stride(1),
-            labels, labels.stride(0), domains, domains.stride(0),
-            u, present, out,
-            N, D, K, M, float(alpha),
+            embeddings,
+            embeddings.stride(0),
+            embeddings.stride(1),
+            labels,
+            labels.stride(0),
+            domains,
+            domains.stride(0),
+            u,
+            present,
+            out,
+            N,
+            D,
+            K,
+            M,
+            float(alpha),
             **cfg,
         )
     return out
@@ -230,10 +282,17 @@ def prototype_sums(embeddings: torch.Tensor, cells: torch.Tensor, num_cells: int
     n_chunks = triton.cdiv(N, rows_per_prog)
     with _util.on_device(device):
         _prototype_sums_kernel[(n_d, n_chunks, n_c)](
-            embeddings, embeddings.stride(0), embeddings.stride(1),
-            cells, cells.stride(0),
-            sums, counts,
-            N, D, C, rows_per_prog,
+            embeddings,
+            embeddings.stride(0),
+            embeddings.stride(1),
+            cells,
+            cells.stride(0),
+            sums,
+            counts,
+            N,
+            D,
+            C,
+            rows_per_prog,
             **cfg,
         )
     return sums, counts

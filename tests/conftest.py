@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
 @pytest.fixture
 def rng():
     """A fresh, seeded-at-random generator per test; the seed is printed on failure."""

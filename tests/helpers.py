@@ -1,5 +1,6 @@
 """Shared test helpers: the per-dtype tolerance table, the comparison against float64, and the
 device the kernel tests run on."""
+
 import os
 
 import torch
@@ -40,8 +41,9 @@ def assert_flag_contract(device):
     for p in (torch.tensor([1.0, inf]), torch.tensor([[1.0, inf], [1.0, 1.0]]).t()):
         p = p.to(device)  # .to keeps the transposed strides: the second one stays non-contiguous
         for check in (True, False):
-            flag = torch.ops.fastmft_C.inner_step_([p], [torch.ones_like(p)], [torch.empty_like(p)], 0.1, check,
-                                                   [1, 1, 3, 3])
+            flag = torch.ops.fastmft_C.inner_step_(
+                [p], [torch.ones_like(p)], [torch.empty_like(p)], 0.1, check, [1, 1, 3, 3]
+            )
             assert flag.dtype == torch.bool and flag.dim() == 0 and flag.device == p.device
             assert bool(flag) == check
 
@@ -66,13 +68,22 @@ def tiny_bert(folder, words=(), *, layers=2, hidden=16, seed=0):
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     PreTrainedTokenizerFast(
-        tokenizer_object=wordpiece, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        tokenizer_object=wordpiece,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     ).save_pretrained(folder)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=128,  # the commands' default --max-length
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,  # the commands' default --max-length
     )
     BertModel(config).save_pretrained(folder)
     return folder

@@ -1,5 +1,6 @@
 """The float64 oracles: one per op, written from the formulas of docs/design.md, independent of
 fastmft's code. Every test of an op (reference backend or kernel) compares against these."""
+
 import torch
 
 

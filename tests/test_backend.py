@@ -1,4 +1,5 @@
 """Backend selection: environment variable, context manager, and clear errors."""
+
 import os
 import subprocess
 import sys

@@ -1,5 +1,6 @@
 """The benchmark harness: the quick suite writes complete rows, the report renders, the baseline
 computes the same loss as fastmft, and every benchmark module's quick cases still run."""
+
 from __future__ import annotations
 
 import importlib
@@ -91,11 +92,16 @@ def test_plot_without_results_says_how_to_get_them(tmp_path, capsys):
 
 
 def test_default_results_dir_is_untracked_and_record_is_explicit(monkeypatch):
-    out = subprocess.run(["git", "check-ignore", "-q", str(harness.LOCAL_RESULTS_DIR / harness.RESULTS_FILE)],
-                         cwd=harness.RESULTS_DIR, capture_output=True)
+    out = subprocess.run(
+        ["git", "check-ignore", "-q", str(harness.LOCAL_RESULTS_DIR / harness.RESULTS_FILE)],
+        cwd=harness.RESULTS_DIR,
+        capture_output=True,
+    )
     assert out.returncode == 0, "runs/bench/ must be gitignored"
     seen = []
-    monkeypatch.setattr(bench_run, "run", lambda scale, only, device, results_dir, write: seen.append(results_dir) or [])
+    monkeypatch.setattr(
+        bench_run, "run", lambda scale, only, device, results_dir, write: seen.append(results_dir) or []
+    )
     assert bench_run.main(["--quick"]) == 0 and bench_run.main(["--quick", "--record"]) == 0
     assert seen == [harness.LOCAL_RESULTS_DIR, harness.RESULTS_DIR]
     with pytest.raises(SystemExit):
@@ -161,34 +167,52 @@ def test_peak_memory_counts_temporaries_on_cpu():
 def test_goal_status_reads_gpu_rows():
     assert all(s == plot.NOT_ON_GPU for _, s, _ in plot.goal_status([]))
     row = dict.fromkeys(harness.ROW_FIELDS)
-    row.update(device="cuda", kind="case", status="ok", op="masked_mean_pool", mode="fwd", provider="fastmft-triton",
-               size={"L": 3, "B": 256, "T": 512, "D": 768, "dtype": "bfloat16"}, size_label="L=3 B=256 T=512 D=768 dtype=bf16",
-               pct_copy_bw=90.0, speedup_vs={"torch-eager": 2.5, "torch-compile": 1.2})
+    row.update(
+        device="cuda",
+        kind="case",
+        status="ok",
+        op="masked_mean_pool",
+        mode="fwd",
+        provider="fastmft-triton",
+        size={"L": 3, "B": 256, "T": 512, "D": 768, "dtype": "bfloat16"},
+        size_label="L=3 B=256 T=512 D=768 dtype=bf16",
+        pct_copy_bw=90.0,
+        speedup_vs={"torch-eager": 2.5, "torch-compile": 1.2},
+    )
     status = dict((g, s) for g, s, _ in plot.goal_status([row]))
     assert status[plot.GPU_GOALS[0]["name"]] == "met"
     row["pct_copy_bw"] = 70.0
     status = dict((g, s) for g, s, _ in plot.goal_status([row]))
     assert status[plot.GPU_GOALS[0]["name"]] == "NOT met"
     assert status[plot.GPU_GOALS[1]["name"]] == "no matching GPU row"
-    ce = dict(row, op="multi_head_cross_entropy", mode="fwd+bwd", size={"N": 128, "heads": 4, "dtype": "bfloat16"},
-              size_label="N=128 heads=4 dtype=bfloat16", speedup_vs={"torch-eager": 3.4}, device_launches=3)
+    ce = dict(
+        row,
+        op="multi_head_cross_entropy",
+        mode="fwd+bwd",
+        size={"N": 128, "heads": 4, "dtype": "bfloat16"},
+        size_label="N=128 heads=4 dtype=bfloat16",
+        speedup_vs={"torch-eager": 3.4},
+        device_launches=3,
+    )
     goal = next(g for g in plot.GPU_GOALS if "MFT-sized" in g["name"])
-    (status, evidence), = [(s, e) for g, s, e in plot.goal_status([ce]) if g == goal["name"]]
+    ((status, evidence),) = [(s, e) for g, s, e in plot.goal_status([ce]) if g == goal["name"]]
     assert status == "met" and "3.40x vs torch-eager" in evidence and "3 device launches" in evidence
 
 
 def test_hf_baseline_computes_the_same_loss_as_fastmft():
     """The end-to-end comparison is only fair if both providers compute the same loss; dynamic
     padding (fastmft) and max-length padding (baseline) must agree too."""
-    import fastmft
     from transformers import BertConfig, BertModel
 
+    import fastmft
     from benchmarks.baselines.hf_mft import HFMFTLoss, pad_batch
     from benchmarks.bench_mft_step import MODELS, make_batches
 
     cfg = MODELS["tiny"]
     torch.manual_seed(0)
-    encoder = BertModel(BertConfig(**cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), add_pooling_layer=False).eval()
+    encoder = BertModel(
+        BertConfig(**cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), add_pooling_layer=False
+    ).eval()
     layers = fastmft.skip_layers(cfg["num_hidden_layers"])
     ours = fastmft.MFTLoss(cfg["hidden_size"], 3, 4, layers=layers)
     base = HFMFTLoss(cfg["hidden_size"], 3, 4, layers=layers)
@@ -227,12 +251,28 @@ def test_every_benchmark_module_quick_cases_run(name, one_thread):
 
 def test_score_section_keeps_the_newest_row_per_provider_and_relates_them(tmp_path):
     def row(provider, rows_per_s, date, note):
-        return {"provider": provider, "rows": 100, "wall_s": 100 / rows_per_s, "rows_per_s": rows_per_s,
-                "peak_rss_bytes": 300 << 20, "data": "d.jsonl[:100]", "model": "tiny", "max_length": 64,
-                "batch_size": 8, "device": "cpu", "threads": 1, "date": date, "note": note}
+        return {
+            "provider": provider,
+            "rows": 100,
+            "wall_s": 100 / rows_per_s,
+            "rows_per_s": rows_per_s,
+            "peak_rss_bytes": 300 << 20,
+            "data": "d.jsonl[:100]",
+            "model": "tiny",
+            "max_length": 64,
+            "batch_size": 8,
+            "device": "cpu",
+            "threads": 1,
+            "date": date,
+            "note": note,
+        }
 
-    rows = [row("fastmft-score", 40.0, "2026-01-01T00:00", "first"), row("peer", 10.0, "2026-01-01T00:01", "first"),
-            row("naive", 8.0, "2026-01-01T00:02", "first"), row("peer", 20.0, "2026-01-01T00:03", "peer rerun")]
+    rows = [
+        row("fastmft-score", 40.0, "2026-01-01T00:00", "first"),
+        row("peer", 10.0, "2026-01-01T00:01", "first"),
+        row("naive", 8.0, "2026-01-01T00:02", "first"),
+        row("peer", 20.0, "2026-01-01T00:03", "peer rerun"),
+    ]
     path = tmp_path / "score.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = "\n".join(plot.score_section(path))

@@ -3,6 +3,7 @@ moments (a subprocess killed after a random delay, not at an injected point), re
 finish: the outputs are bit-identical to an uninterrupted run and no log line appears twice.
 
 FASTMFT_CHAOS_KILLS sets the kills per command (default 2, to stay within the CI budget); the random seed is printed."""
+
 import json
 import os
 import random
@@ -86,12 +87,30 @@ def _lines(path: Path, drop=()) -> list[dict]:
 
 def test_score_killed_at_random_resumes_bit_identically(setup, tmp_path, chaos_rng):
     _, bert, _, big = setup
-    common = ["score", str(big), "--backbone", str(bert), "--max-length", "32", "--batch-size", "32",
-              "--chunk-rows", "256", "--threads", "1", "--no-progress", "--report"]
+    common = [
+        "score",
+        str(big),
+        "--backbone",
+        str(bert),
+        "--max-length",
+        "32",
+        "--batch-size",
+        "32",
+        "--chunk-rows",
+        "256",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--report",
+    ]
     _in_process([*common, str(tmp_path / "ref.json"), "-o", str(tmp_path / "ref.parquet")])
     out = tmp_path / "out.parquet"
-    codes = _killed_then_finished([*common, str(tmp_path / "out.json"), "-o", str(out)],
-                                  Path(str(out) + ".score-cache") / "manifest.json", chaos_rng, window=4.0)
+    codes = _killed_then_finished(
+        [*common, str(tmp_path / "out.json"), "-o", str(out)],
+        Path(str(out) + ".score-cache") / "manifest.json",
+        chaos_rng,
+        window=4.0,
+    )
     print("killed runs' return codes", codes)
     assert out.read_bytes() == (tmp_path / "ref.parquet").read_bytes()
     assert (tmp_path / "out.json").read_text() == (tmp_path / "ref.json").read_text()
@@ -100,9 +119,28 @@ def test_score_killed_at_random_resumes_bit_identically(setup, tmp_path, chaos_r
 
 def test_train_killed_at_random_resumes_bit_identically(setup, tmp_path, chaos_rng):
     _, bert, data, _ = setup
-    common = ["train", "--data", str(data), "--backbone", str(bert), "--method", "full", "--epochs", "1",
-              "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "1", "--save-models", "--threads", "1",
-              "--no-progress", "--output-dir"]
+    common = [
+        "train",
+        "--data",
+        str(data),
+        "--backbone",
+        str(bert),
+        "--method",
+        "full",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--save-models",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--output-dir",
+    ]
     _in_process([*common, str(tmp_path / "ref")])
     out = tmp_path / "out"
     codes = _killed_then_finished([*common, str(out)], out, chaos_rng, window=6.0)
@@ -116,8 +154,27 @@ def test_train_killed_at_random_resumes_bit_identically(setup, tmp_path, chaos_r
 
 def test_select_killed_at_random_resumes_bit_identically(setup, tmp_path, chaos_rng):
     _, bert, data, _ = setup
-    common = ["select", "--data", str(data), "--backbone", str(bert), "--sources", "mlm,domains", "--episodes", "12",
-              "--m", "1", "--n", "2", "--batch-size", "8", "--max-length", "32", "--no-progress", "--output-dir"]
+    common = [
+        "select",
+        "--data",
+        str(data),
+        "--backbone",
+        str(bert),
+        "--sources",
+        "mlm,domains",
+        "--episodes",
+        "12",
+        "--m",
+        "1",
+        "--n",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "32",
+        "--no-progress",
+        "--output-dir",
+    ]
     _in_process([*common, str(tmp_path / "ref")])
     out = tmp_path / "out"
     codes = _killed_then_finished([*common, str(out)], out, chaos_rng, window=5.0)

@@ -1,4 +1,5 @@
 """The command line on small data and a tiny local backbone."""
+
 import json
 
 import pytest
@@ -16,8 +17,22 @@ def test_demo_data_then_typicality(tmp_path, capsys):
     words = " ".join(r["text"] for r in rows).replace(".", " ").replace(",", " ").split()
     folder = tiny_bert(tmp_path / "bert", words)
     out = tmp_path / "scores.jsonl"
-    code = main(["typicality", "--data", str(data), "--backbone", str(folder), "--id-column", "id",
-                 "--top", "2", "--output", str(out), "--no-progress"])
+    code = main(
+        [
+            "typicality",
+            "--data",
+            str(data),
+            "--backbone",
+            str(folder),
+            "--id-column",
+            "id",
+            "--top",
+            "2",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "== domain books: 8 rows" in printed and printed.count("most typical") == 2

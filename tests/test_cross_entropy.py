@@ -1,4 +1,5 @@
 """multi_head_cross_entropy (reference backend) against a float64 loop written from DESIGN.md."""
+
 import math
 
 import pytest
@@ -91,11 +92,29 @@ def test_gradient_formula(rng):
     [
         ([torch.randn(4, 3)], [torch.tensor([0, 1, 3, 0])], {}, ValueError, r"targets\[0\] holds 3"),
         ([torch.randn(4, 3)], [torch.tensor([0, 1, -5, 0])], {}, ValueError, r"holds -5.*or -100 to ignore"),
-        ([torch.randn(4, 3), torch.randn(5, 2)], [torch.zeros(4, dtype=torch.long)] * 2, {}, ValueError, r"logits\[1\] has 5 rows"),
+        (
+            [torch.randn(4, 3), torch.randn(5, 2)],
+            [torch.zeros(4, dtype=torch.long)] * 2,
+            {},
+            ValueError,
+            r"logits\[1\] has 5 rows",
+        ),
         ([torch.randn(4, 3)], [torch.zeros(4, dtype=torch.long)] * 2, {}, ValueError, "1 heads but targets has 2"),
         ([torch.randn(4, 3)], [torch.zeros(4)], {}, TypeError, "must be an integer tensor"),
-        ([torch.randn(4, 3)], [torch.zeros(4, dtype=torch.long)], dict(sample_weight=torch.ones(3)), ValueError, "sample_weight has 3"),
-        ([torch.randn(4, 3)], [torch.zeros(4, dtype=torch.long)], dict(head_weight=[1.0, 2.0]), ValueError, "head_weight has 2"),
+        (
+            [torch.randn(4, 3)],
+            [torch.zeros(4, dtype=torch.long)],
+            dict(sample_weight=torch.ones(3)),
+            ValueError,
+            "sample_weight has 3",
+        ),
+        (
+            [torch.randn(4, 3)],
+            [torch.zeros(4, dtype=torch.long)],
+            dict(head_weight=[1.0, 2.0]),
+            ValueError,
+            "head_weight has 2",
+        ),
         ([], [], {}, ValueError, "logits is empty"),
         (torch.randn(4, 3), [torch.zeros(4, dtype=torch.long)], {}, TypeError, "both be sequences"),
     ],

@@ -1,5 +1,6 @@
 """Data layer: loading with user-named columns, vocabularies, tokenisation, collate, sampler,
 and the synthetic corpus."""
+
 import json
 import re
 
@@ -77,7 +78,12 @@ def test_vocab_and_label_encoding():
 def test_bad_rows_are_named(change, match):
     rows = [dict(r, **change.get(i, {})) for i, r in enumerate(ROWS)]
     with pytest.raises(ValueError, match=re.escape(match)):
-        encode_labels(datasets.Dataset.from_list(rows), COLUMNS, Vocab(["neg", "pos"], "label"), Vocab(["books", "kitchen"], "domain"))
+        encode_labels(
+            datasets.Dataset.from_list(rows),
+            COLUMNS,
+            Vocab(["neg", "pos"], "label"),
+            Vocab(["books", "kitchen"], "domain"),
+        )
 
 
 def test_missing_column_is_named():
@@ -96,7 +102,7 @@ def test_tokenize_pairs_and_collate(tmp_path):
     assert ds[0]["input_ids"] == tok("good pan", "yes")["input_ids"]
     batch = Collator(tok.pad_token_id)([ds[0], ds[2]])
     assert batch["input_ids"].shape == (2, 6) and batch["attention_mask"].sum(1).tolist() == [ds[0]["length"], 6]
-    assert batch["input_ids"][0, ds[0]["length"]:].eq(tok.pad_token_id).all()
+    assert batch["input_ids"][0, ds[0]["length"] :].eq(tok.pad_token_id).all()
     assert batch["labels"].tolist() == [1, 1] and batch["domains"].dtype == torch.long
 
 
@@ -111,7 +117,9 @@ def test_length_bucket_sampler():
     assert list(sampler) != batches
     # Bucketing pays: padded tokens per batch are far below random batching's.
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    assert padded < 0.7 * sum(len(b) * max(lengths[i] for i in b) for b in torch.arange(1000).split(16) for b in [b.tolist()])
+    assert padded < 0.7 * sum(
+        len(b) * max(lengths[i] for i in b) for b in torch.arange(1000).split(16) for b in [b.tolist()]
+    )
     ranks = [list(LengthBucketSampler(lengths, 16, seed=3, num_replicas=3, rank=r)) for r in range(3)]
     assert len({len(r) for r in ranks}) == 1
     assert set(i for r in ranks for b in r for i in b) == set(range(1000))

@@ -3,6 +3,7 @@
 The first test that needs the extension builds it just in time (about 15-40 s on 2 cores, once per
 source/torch version: later runs load it from the cache).
 """
+
 import os
 import subprocess
 import sys
@@ -121,7 +122,12 @@ def test_reduced_precision_is_fp32_math_one_rounding(compiled, dtype, rng):
 
 def test_non_contiguous(compiled, rng):
     base = torch.randn(64, 48, generator=rng)
-    ps = [base.t(), base[::2, 1:], torch.randn(5, 7, generator=rng), torch.randn(3, 4, 5, generator=rng).permute(2, 0, 1)]
+    ps = [
+        base.t(),
+        base[::2, 1:],
+        torch.randn(5, 7, generator=rng),
+        torch.randn(3, 4, 5, generator=rng).permute(2, 0, 1),
+    ]
     gs = [torch.randn(p.shape, generator=rng) for p in ps]
     gs[2] = torch.randn(7, 5, generator=rng).t()  # a non-contiguous grad of a contiguous param
     lr = 0.3
@@ -275,8 +281,17 @@ def test_cuda_source_compiles_for_sm90(tmp_path):
     (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
     (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
     obj = tmp_path / "inner_step_cuda.o"
-    cmd = [nvcc, "-c", *_C.CUDA_FLAGS, "-arch=sm_90", *[f"-I{p}" for p in include_paths()], f"-I{stub}",
-           str(_C.sources_dir() / "inner_step_cuda.cu"), "-o", str(obj)]
+    cmd = [
+        nvcc,
+        "-c",
+        *_C.CUDA_FLAGS,
+        "-arch=sm_90",
+        *[f"-I{p}" for p in include_paths()],
+        f"-I{stub}",
+        str(_C.sources_dir() / "inner_step_cuda.cu"),
+        "-o",
+        str(obj),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     assert obj.stat().st_size > 0
@@ -284,8 +299,9 @@ def test_cuda_source_compiles_for_sm90(tmp_path):
 
 def _run(code: str, **env) -> str:
     full_env = {**os.environ, **env}
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

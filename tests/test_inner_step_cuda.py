@@ -3,6 +3,7 @@
 Skipped, with the reason, where torch has no CUDA device: the CUDA sources are built only against
 a CUDA build of torch (a CPU-only torch cannot link them).
 """
+
 import pytest
 import torch
 
@@ -14,8 +15,10 @@ from fastmft.ops.inner_step import NonFiniteError
 from .helpers import TOLERANCES, assert_flag_contract
 
 if torch.version.cuda is None:
-    pytest.skip(f"torch {torch.__version__} is a CPU-only build: the CUDA kernel of fastmft._C is not built",
-                allow_module_level=True)
+    pytest.skip(
+        f"torch {torch.__version__} is a CPU-only build: the CUDA kernel of fastmft._C is not built",
+        allow_module_level=True,
+    )
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the CUDA kernel of fastmft._C cannot run here", allow_module_level=True)
 
@@ -74,7 +77,7 @@ def test_matches_reference(compiled, dtype, use_out):
 
 def test_unaligned_views_and_non_contiguous(compiled):
     flat = torch.randn(10_001, device=DEV)
-    ps = [flat[1:4001], flat[4001:4001 + 77], flat[5000:9000].view(40, 100).t()]
+    ps = [flat[1:4001], flat[4001 : 4001 + 77], flat[5000:9000].view(40, 100).t()]
     gs = [torch.randn(p.shape, device=DEV) for p in ps]
     want = reference.inner_step(ps, gs, 0.1, None)
     out_buf = torch.empty(10_003, device=DEV)

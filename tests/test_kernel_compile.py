@@ -3,6 +3,7 @@ like the compiler (globals, dtypes, tl.dot shapes, tuple arguments, layouts), so
 goes through Triton's real pipeline down to a cubin (ptxas runs on the CPU). Launches are turned
 into compile-only warmups through a stand-in driver; nothing runs. Skipped where this Triton's
 internals differ from what the stand-in expects (a compile error still fails)."""
+
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent(
-    r'''
+    r"""
     import re, sys
     import torch
     try:
@@ -68,7 +69,7 @@ SCRIPT = textwrap.dedent(
     assert any(vector("st", p) for p in compiled["_pool_bwd_kernel"]), "pool backward stores are not vectorised"
     assert any(vector("ld", p) for p in compiled["_typicality_kernel"]), "typicality loads are not vectorised"
     print("COMPILED", sorted(compiled))
-    '''
+    """
 )
 
 
@@ -80,8 +81,13 @@ def test_kernels_compile_for_sm90():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"cannot drive Triton's compiler without a GPU here: {proc.stdout.strip()}")
     names = {
-        "_pool_fwd_kernel", "_pool_bwd_kernel", "_typicality_kernel", "_prototype_sums_kernel",
-        "_mhce_fwd_kernel", "_mhce_finalize_kernel", "_mhce_bwd_kernel",
+        "_pool_fwd_kernel",
+        "_pool_bwd_kernel",
+        "_typicality_kernel",
+        "_prototype_sums_kernel",
+        "_mhce_fwd_kernel",
+        "_mhce_finalize_kernel",
+        "_mhce_bwd_kernel",
     }
     assert all(n in proc.stdout for n in names), proc.stdout
 
@@ -91,14 +97,30 @@ def test_no_register_spills_at_benchmark_configurations():
     (benchmarks/kernel_resources.py): registers and shared memory are reported, a spill fails."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--compile-only"], env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernel_resources", "--compile-only"],
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    print("\n".join(f"{r['kernel']:24} {r['dtype']:9} regs {r['registers']:3} smem {r['shared']:6} "
-                    f"spill {r['spill_stores']} {r['config']}" for r in rows))
-    assert {r["kernel"] for r in rows} >= {"_pool_fwd_kernel", "_pool_bwd_kernel", "_typicality_kernel",
-                                           "_prototype_sums_kernel", "_mhce_fwd_kernel", "_mhce_bwd_kernel"}
+    print(
+        "\n".join(
+            f"{r['kernel']:24} {r['dtype']:9} regs {r['registers']:3} smem {r['shared']:6} "
+            f"spill {r['spill_stores']} {r['config']}"
+            for r in rows
+        )
+    )
+    assert {r["kernel"] for r in rows} >= {
+        "_pool_fwd_kernel",
+        "_pool_bwd_kernel",
+        "_typicality_kernel",
+        "_prototype_sums_kernel",
+        "_mhce_fwd_kernel",
+        "_mhce_bwd_kernel",
+    }
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled

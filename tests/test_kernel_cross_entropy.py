@@ -1,12 +1,15 @@
 """Triton weighted multi-head cross-entropy (interpreter) against a float64 formula."""
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastmft
 from fastmft.kernels import _util
+from tests.helpers import DEVICE
+from tests.helpers import assert_kernel_close as assert_close
 from tests.oracles import mhce64
-from tests.helpers import DEVICE, assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -14,8 +17,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(_util, "POISON", True)
-
-
 
 
 def _worst(dtypes):
@@ -61,7 +62,9 @@ def test_mhce_forward_backward_vs_float64(
     hw = [float(v) for v in torch.rand(H, generator=g).to(DEVICE) * 2] if head_weights else None
     before = [x.detach().clone() for x in logits]
     with fastmft.use_backend("triton"):
-        loss = fastmft.multi_head_cross_entropy(logits, targets, sample_weight=sw, head_weight=hw, ignore_index=ignore_index)
+        loss = fastmft.multi_head_cross_entropy(
+            logits, targets, sample_weight=sw, head_weight=hw, ignore_index=ignore_index
+        )
     assert type(loss.grad_fn).__name__.startswith("_MultiHeadCrossEntropy")
     assert loss.dtype == torch.float32 and loss.shape == ()
     ref_logits = [x.detach().double().requires_grad_() for x in logits]
@@ -102,6 +105,8 @@ def test_mhce_float64_and_empty_use_the_reference(rng):
     y = torch.randint(0, 3, (6,), generator=rng).to(DEVICE)
     with fastmft.use_backend("triton"):
         loss = fastmft.multi_head_cross_entropy([x], [y])
-        empty = fastmft.multi_head_cross_entropy([torch.randn(0, 3, device=DEVICE)], [torch.zeros(0, dtype=torch.int64, device=DEVICE)])
+        empty = fastmft.multi_head_cross_entropy(
+            [torch.randn(0, 3, device=DEVICE)], [torch.zeros(0, dtype=torch.int64, device=DEVICE)]
+        )
     torch.testing.assert_close(loss, mhce64([x], [y], None, None, -100).float())
     assert float(empty) == 0.0

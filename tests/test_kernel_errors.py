@@ -1,4 +1,5 @@
 """Bad input to the Triton backend fails with a clear error before any kernel is launched."""
+
 import os
 import subprocess
 import sys
@@ -63,14 +64,20 @@ def test_mismatched_shapes_and_dtypes(no_launch):
         with pytest.raises(TypeError, match="hidden_states"):
             fastmft.masked_mean_pool(torch.ones(2, 5, 4, dtype=torch.int32), torch.ones(2, 5))
         with pytest.raises(ValueError, match="rows"):
-            fastmft.multi_head_cross_entropy([torch.randn(4, 3), torch.randn(5, 3)], [torch.zeros(4, dtype=torch.int64)] * 2)
+            fastmft.multi_head_cross_entropy(
+                [torch.randn(4, 3), torch.randn(5, 3)], [torch.zeros(4, dtype=torch.int64)] * 2
+            )
         with pytest.raises(ValueError, match="sample_weight"):
-            fastmft.multi_head_cross_entropy([torch.randn(4, 3)], [torch.zeros(4, dtype=torch.int64)], sample_weight=torch.ones(3))
+            fastmft.multi_head_cross_entropy(
+                [torch.randn(4, 3)], [torch.zeros(4, dtype=torch.int64)], sample_weight=torch.ones(3)
+            )
         with pytest.raises(TypeError, match="integer"):
             fastmft.multi_head_cross_entropy([torch.randn(4, 3)], [torch.zeros(4)])
         protos = fastmft.Prototypes(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.int64))
         with pytest.raises(ValueError, match="dim"):
-            fastmft.typicality(torch.randn(4, 7), torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), protos)
+            fastmft.typicality(
+                torch.randn(4, 7), torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), protos
+            )
 
 
 def test_launch_helpers_reject_unsupported_dtypes():
@@ -80,7 +87,9 @@ def test_launch_helpers_reject_unsupported_dtypes():
     with pytest.raises(TypeError, match="float64"):
         ktyp.prototype_sums(torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.int64), 1)
     with pytest.raises(TypeError, match="float64"):
-        cross_entropy.forward([torch.randn(3, 2, dtype=torch.float64)], [torch.zeros(3, dtype=torch.int64)], None, [1.0], -100)
+        cross_entropy.forward(
+            [torch.randn(3, 2, dtype=torch.float64)], [torch.zeros(3, dtype=torch.int64)], None, [1.0], -100
+        )
 
 
 def test_cpu_tensors_without_interpreter_fail_clearly():

@@ -1,6 +1,7 @@
 """What the GPU runs, executed here: every tile configuration a GPU can pick, 64-bit offsets of
 strided views over large storage, launches on the tensors' device, the accumulator's dispatch
 device, and the host reads an MFT step makes. Each compares with the float64 oracles."""
+
 import warnings
 
 import pytest
@@ -9,9 +10,11 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 import fastmft
+from fastmft.kernels import _util, cross_entropy, pooling
+from fastmft.kernels import typicality as kt
 from fastmft.ops import _checks
-from fastmft.kernels import _util, cross_entropy, pooling, typicality as kt
-from tests.helpers import DEVICE, assert_kernel_close as assert_close
+from tests.helpers import DEVICE
+from tests.helpers import assert_kernel_close as assert_close
 from tests.oracles import mhce64, pool64, prototypes64, typicality64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -39,6 +42,7 @@ def _randn(*shape, g, dtype=torch.float32):
 
 
 # --- every tile configuration of every kernel, on small shapes --------------------------------
+
 
 @pytest.mark.parametrize("cfg", pooling.all_tiles(), ids=str)
 def test_pool_every_tile(cfg, rng):
@@ -186,6 +190,7 @@ def test_cross_entropy_large_strides(rng):
 
 # --- typicality of rows whose squares overflow float32 ----------------------------------------
 
+
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_typicality_huge_rows(backend_name, rng):
     x = _randn(40, 24, g=rng)
@@ -201,6 +206,7 @@ def test_typicality_huge_rows(backend_name, rng):
 
 
 # --- launches on the tensors' device ----------------------------------------------------------
+
 
 def test_every_launch_is_guarded_by_the_tensors_device(monkeypatch, rng):
     """Triton launches on the *current* CUDA device: each launch must sit inside
@@ -232,8 +238,15 @@ def test_every_launch_is_guarded_by_the_tensors_device(monkeypatch, rng):
         fastmft.typicality(e.detach(), y, y, protos)
         fastmft.multi_head_cross_entropy([e], [y]).backward()
     names = {name for name, _ in launches}
-    assert names == {"_pool_fwd_kernel", "_pool_bwd_kernel", "_prototype_sums_kernel", "_typicality_kernel",
-                     "_mhce_fwd_kernel", "_mhce_finalize_kernel", "_mhce_bwd_kernel"}
+    assert names == {
+        "_pool_fwd_kernel",
+        "_pool_bwd_kernel",
+        "_prototype_sums_kernel",
+        "_typicality_kernel",
+        "_mhce_fwd_kernel",
+        "_mhce_finalize_kernel",
+        "_mhce_bwd_kernel",
+    }
     assert all(d > 0 for _, d in launches), [n for n, d in launches if d == 0]
     assert all(dev == x.device for dev in guarded)
 
@@ -265,6 +278,7 @@ def test_accumulator_sums_on_the_embeddings_device(monkeypatch, rng):
 
 
 # --- host reads of one MFT step ---------------------------------------------------------------
+
 
 def test_mft_loss_forward_reads_the_host_once(monkeypatch, rng):
     reads = []
@@ -304,6 +318,11 @@ def test_out_of_range_index_never_reaches_a_kernel(monkeypatch, rng):
     with fastmft.use_backend("triton"), pytest.raises(ValueError, match="labels holds 2"):
         mft(hidden, mask, labels, torch.zeros(B, dtype=torch.long, device=DEVICE))
     with fastmft.use_backend("triton"), pytest.raises(ValueError, match="corrupted holds 3"):
-        mft(hidden, mask, labels.clamp_max(1), torch.zeros(B, dtype=torch.long, device=DEVICE),
-            corrupted=torch.tensor([0, 1, 3, 0], device=DEVICE))
+        mft(
+            hidden,
+            mask,
+            labels.clamp_max(1),
+            torch.zeros(B, dtype=torch.long, device=DEVICE),
+            corrupted=torch.tensor([0, 1, 3, 0], device=DEVICE),
+        )
     assert launched == []

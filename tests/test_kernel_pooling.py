@@ -1,13 +1,16 @@
 """Triton masked mean pooling (interpreter) against a float64 reference, forward and backward."""
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastmft
-from fastmft.ops import triton as triton_ops
 from fastmft.kernels import _util
+from fastmft.ops import triton as triton_ops
+from tests.helpers import DEVICE
+from tests.helpers import assert_kernel_close as assert_close
 from tests.oracles import pool64
-from tests.helpers import DEVICE, assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MASK_DTYPES = [torch.bool, torch.int64, torch.int32, torch.uint8, torch.float32, torch.float16]
@@ -17,8 +20,6 @@ MASK_DTYPES = [torch.bool, torch.int64, torch.int32, torch.uint8, torch.float32,
 def poison(monkeypatch):
     """Every kernel output starts as NaN: an element the kernel forgets to write fails the test."""
     monkeypatch.setattr(_util, "POISON", True)
-
-
 
 
 def _layers(L, B, T, D, dtype, layout, g):

@@ -1,13 +1,16 @@
 """Triton typicality and prototype sums (interpreter) against float64 formulas."""
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastmft
-from fastmft.ops import triton as triton_ops
 from fastmft.kernels import _util
+from fastmft.ops import triton as triton_ops
+from tests.helpers import DEVICE
+from tests.helpers import assert_kernel_close as assert_close
 from tests.oracles import prototypes64, typicality64
-from tests.helpers import DEVICE, assert_kernel_close as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -23,10 +26,6 @@ def _embeddings(N, D, dtype, layout, g):
     if layout == "strided":
         return torch.randn(N, 2 * D, generator=g).to(DEVICE).to(dtype)[:, ::2]
     return torch.randn(D, N, generator=g).to(DEVICE).to(dtype).t()  # column-major
-
-
-
-
 
 
 @settings(max_examples=15, deadline=None)
@@ -54,7 +53,9 @@ def test_prototypes_and_typicality_vs_float64(N, D, K, M, dtype, index_dtype, la
     assert_close(protos.centers, centers64, dtype)
     if drop_cells:  # degenerate cells: empty (k', y) cells, including a row's own cell
         gone = torch.rand(K, M, generator=g).to(DEVICE) < 0.4
-        protos = fastmft.Prototypes(protos.centers.masked_fill(gone[..., None], 0.0), protos.counts.masked_fill(gone, 0))
+        protos = fastmft.Prototypes(
+            protos.centers.masked_fill(gone[..., None], 0.0), protos.counts.masked_fill(gone, 0)
+        )
     with fastmft.use_backend("triton"):
         t = fastmft.typicality(x, y, k, protos, alpha=alpha)
     assert t.dtype == torch.float32 and t.shape == (N,)

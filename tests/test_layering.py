@@ -1,6 +1,7 @@
 """The package's layers import only downward, and nothing imports in a cycle (docs/design.md,
 "Layers"). Read from the source with ast, so it covers imports inside functions too; only a
 module's ``if __name__ == "__main__":`` block (a script entry point) may call the command line."""
+
 import ast
 from pathlib import Path
 
@@ -53,8 +54,12 @@ def layer(module: str) -> int:
 
 
 def _is_main_guard(node) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Name)
-            and node.test.left.id == "__name__")
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
 
 
 def imports(module: str, path: Path) -> set[str]:
@@ -98,7 +103,7 @@ def test_no_import_cycles():
 
     def visit(m):
         if m in stack:
-            cycles.append(stack[stack.index(m):] + [m])
+            cycles.append(stack[stack.index(m) :] + [m])
             return
         if m in seen:
             return

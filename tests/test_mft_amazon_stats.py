@@ -1,4 +1,5 @@
 """The MFT experiment's analysis: exact McNemar and the two-level bootstrap, against direct computations."""
+
 import math
 
 import numpy as np
@@ -32,6 +33,8 @@ def test_bootstrap_interval():
 def test_cells_and_groups():
     assert Cell.parse("mixft_fs5_seed3") == Cell("mixft", 3, 5) and Cell("full", 0).name == "full_seed0"
     primary = expand("primary")
-    assert [c.name for c in primary[:4]] == ["full_seed0", "mixft_seed0", "full_seed1", "mixft_seed1"] and len(primary) == 10
+    assert [c.name for c in primary[:4]] == ["full_seed0", "mixft_seed0", "full_seed1", "mixft_seed1"] and len(
+        primary
+    ) == 10
     assert len(expand("all")) == len(set(expand("all"))) == 10 + 45 + 15 + 5 + 6 + 15
     assert Cell.parse("full_fs5m_seed1") == Cell("full", 1, 5, True) == expand("fewshot5m")[3]

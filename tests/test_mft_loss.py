@@ -1,4 +1,5 @@
 """MFTLoss against the paper's formula written out in float64, and shuffle_domains."""
+
 import pytest
 import torch
 import torch.nn.functional as F

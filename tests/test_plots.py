@@ -1,5 +1,6 @@
 """--plot of ``fastmft typicality`` and ``fastmft score``: a PNG of the typicality per domain, and
 without matplotlib a clear error before any scoring."""
+
 import json
 import sys
 
@@ -17,7 +18,12 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("plots")
     data = root / "demo.jsonl"
     main(["demo-data", str(data), "--per-domain", "8", "--domains", "2"])
-    words = " ".join(json.loads(line)["text"] for line in data.read_text().splitlines()).replace(".", " ").replace(",", " ").split()
+    words = (
+        " ".join(json.loads(line)["text"] for line in data.read_text().splitlines())
+        .replace(".", " ")
+        .replace(",", " ")
+        .split()
+    )
     return data, tiny_bert(root / "bert", words)
 
 
@@ -35,8 +41,26 @@ def test_score_plot(demo, tmp_path, capsys):
     data, bert = demo
     png = tmp_path / "score.png"
     out = tmp_path / "scores.parquet"
-    assert main(["score", str(data), "-o", str(out), "--backbone", str(bert), "--max-length", "32", "--threads", "1",
-                 "--no-progress", "--plot", str(png)]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(data),
+                "-o",
+                str(out),
+                "--backbone",
+                str(bert),
+                "--max-length",
+                "32",
+                "--threads",
+                "1",
+                "--no-progress",
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
     assert f"plot: {png}" in capsys.readouterr().out
 
@@ -46,8 +70,11 @@ def test_missing_matplotlib_is_a_clear_error_before_scoring(demo, tmp_path, caps
     data, bert = demo
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = tmp_path / "out"
-    argv = (["typicality", "--data", str(data), "--output", str(out)] if command == "typicality"
-            else ["score", str(data), "-o", str(out)])
+    argv = (
+        ["typicality", "--data", str(data), "--output", str(out)]
+        if command == "typicality"
+        else ["score", str(data), "-o", str(out)]
+    )
     assert main(argv + ["--backbone", str(bert), "--no-progress", "--plot", str(tmp_path / "x.png")]) == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing was scored or written"

@@ -1,4 +1,5 @@
 """masked_mean_pool (reference backend) against a float64 loop written from the definition."""
+
 import pytest
 import torch
 

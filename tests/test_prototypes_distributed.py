@@ -1,4 +1,5 @@
 """PrototypeAccumulator.all_reduce across 2 gloo processes equals one process over all rows."""
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -1,4 +1,5 @@
 """The foreach reference of inner_step and FlatParams against theta - lr * grad in float64."""
+
 import pytest
 import torch
 
@@ -27,7 +28,11 @@ def test_inner_step_formula(dtype, rng):
 
 
 def test_flat_params_views_share_one_buffer_per_dtype(rng):
-    tensors = {"a": torch.randn(3, generator=rng), "b": torch.randn(2, 2, generator=rng).T, "c": torch.zeros(4, dtype=torch.float16)}
+    tensors = {
+        "a": torch.randn(3, generator=rng),
+        "b": torch.randn(2, 2, generator=rng).T,
+        "c": torch.zeros(4, dtype=torch.float16),
+    }
     flat = fastmft.FlatParams(tensors)
     assert len(flat.buffers) == 2
     assert flat.buffers[(torch.float32, torch.device("cpu"))].numel() == 7

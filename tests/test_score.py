@@ -5,6 +5,7 @@ cached embeddings; every input format gives the same output; resume after a cras
 an uninterrupted run (in-process crashes at every crash point, and a real kill -9 of a subprocess);
 2 gloo processes equal 1 process; rejects add up; held memory does not grow with the row count.
 """
+
 import csv
 import json
 import os
@@ -38,7 +39,7 @@ def corpus(tmp_path_factory):
     words = " ".join(r["text"] for r in rows).replace(".", " ").replace(",", " ").split()
     bert = tiny_bert(root / "bert", words)
     lines = []
-    for i, r in enumerate(rows):
+    for r in rows:
         if len(lines) in BAD:
             kind = BAD[len(lines)]
             bad = dict(r, id=f"bad-{len(lines)}")
@@ -73,8 +74,17 @@ def config(corpus, tmp_path, name="out", **kw):
     _, bert, _, path = corpus
     kw.setdefault("inputs", [str(path)])
     kw.setdefault("domain_values", ["books", "electronics", "kitchen"])
-    return ScoreConfig(output=str(tmp_path / f"{name}.parquet"), backbone=str(bert), max_length=32, batch_size=8,
-                       chunk_rows=16, progress=False, threads=1, id_column="id", **kw)
+    return ScoreConfig(
+        output=str(tmp_path / f"{name}.parquet"),
+        backbone=str(bert),
+        max_length=32,
+        batch_size=8,
+        chunk_rows=16,
+        progress=False,
+        threads=1,
+        id_column="id",
+        **kw,
+    )
 
 
 def read(path):
@@ -91,8 +101,13 @@ def test_scores_equal_float64_reference_and_rejects_add_up(corpus, tmp_path, mon
     assert out["id"] == [r["id"] for r in rows]  # every accepted row once, in input order
     rejects = [json.loads(x) for x in Path(cfg.rejects_path()).read_text().splitlines()]
     assert [r["line"] for r in rejects] == [i + 1 for i in sorted(BAD)]
-    assert [r["reason"] for r in rejects] == ["undecodable line", "missing text ('text')", "missing label ('label')",
-                                              "unknown domain 'garden'", "missing domain ('domain')"]
+    assert [r["reason"] for r in rejects] == [
+        "undecodable line",
+        "missing text ('text')",
+        "missing label ('label')",
+        "unknown domain 'garden'",
+        "missing domain ('domain')",
+    ]
     assert sum(s.reasons.values()) == 5
 
     # the cached embeddings are the unpadded single-row embeddings, rounded to fp16
@@ -104,14 +119,23 @@ def test_scores_equal_float64_reference_and_rejects_add_up(corpus, tmp_path, mon
     chunks = sorted(cache.glob("chunk-*.emb.npy"))
     emb = torch.from_numpy(np.concatenate([np.load(p) for p in chunks])).double()
     with torch.no_grad():
-        ref = torch.stack([model(**tok(r["text"], truncation=True, max_length=32, return_tensors="pt")).last_hidden_state[0].double().mean(0)
-                           for r in rows])
+        ref = torch.stack(
+            [
+                model(**tok(r["text"], truncation=True, max_length=32, return_tensors="pt"))
+                .last_hidden_state[0]
+                .double()
+                .mean(0)
+                for r in rows
+            ]
+        )
     assert_close(emb, ref, torch.float16)
     # the scores are the float64 reference typicality of those cached embeddings
     labels = torch.tensor([["negative", "positive"].index(r["label"]) for r in rows])
     domains = torch.tensor([["books", "electronics", "kitchen"].index(r["domain"]) for r in rows])
     centers, counts = prototypes64(emb, labels, domains, 2, 3)
-    assert_close(torch.tensor(out["typicality"]), typicality64(emb, labels, domains, centers, counts, 0.3), torch.float32)
+    assert_close(
+        torch.tensor(out["typicality"]), typicality64(emb, labels, domains, centers, counts, 0.3), torch.float32
+    )
     assert out["label"] == [r["label"] for r in rows] and out["domain"] == [r["domain"] for r in rows]
     report = json.loads(Path(cfg.report).read_text())
     best = max(range(len(rows)), key=lambda i: out["typicality"][i] if rows[i]["domain"] == "books" else -9)
@@ -134,12 +158,21 @@ def test_text_pairs_are_encoded_as_pairs(corpus, tmp_path, monkeypatch):
     path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
     cfg = config(corpus, tmp_path, inputs=[str(path)], text_pair_column="hypothesis", keep_cache=True)
     assert score_files(cfg).scored == 20
-    emb = torch.from_numpy(np.concatenate([np.load(p) for p in sorted(cfg.cache_path().glob("chunk-*.emb.npy"))])).double()
+    emb = torch.from_numpy(
+        np.concatenate([np.load(p) for p in sorted(cfg.cache_path().glob("chunk-*.emb.npy"))])
+    ).double()
     model = AutoModel.from_pretrained(bert, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(bert, local_files_only=True)
     with torch.no_grad():
-        ref = torch.stack([model(**tok(r["text"], r["hypothesis"], truncation=True, max_length=32, return_tensors="pt"))
-                           .last_hidden_state[0].double().mean(0) for r in pairs])
+        ref = torch.stack(
+            [
+                model(**tok(r["text"], r["hypothesis"], truncation=True, max_length=32, return_tensors="pt"))
+                .last_hidden_state[0]
+                .double()
+                .mean(0)
+                for r in pairs
+            ]
+        )
     assert_close(emb, ref, torch.float16)
 
 
@@ -227,9 +260,26 @@ def _cli(args, env=None, **kw):
 
 def _cli_args(corpus, out):
     _, bert, _, path = corpus
-    return [str(path), "--output", str(out), "--backbone", str(bert), "--max-length", "32", "--batch-size", "8",
-            "--chunk-rows", "16", "--id-column", "id", "--threads", "1", "--no-progress",
-            "--domain-values", "books,electronics,kitchen"]
+    return [
+        str(path),
+        "--output",
+        str(out),
+        "--backbone",
+        str(bert),
+        "--max-length",
+        "32",
+        "--batch-size",
+        "8",
+        "--chunk-rows",
+        "16",
+        "--id-column",
+        "id",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--domain-values",
+        "books,electronics,kitchen",
+    ]
 
 
 def test_kill9_resume_and_two_gloo_processes(corpus, tmp_path):
@@ -249,8 +299,18 @@ def test_kill9_resume_and_two_gloo_processes(corpus, tmp_path):
     assert read(out) == want
 
     out2 = tmp_path / "two.parquet"
-    two = _cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmft.score",
-                *_cli_args(corpus, out2)])
+    two = _cli(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fastmft.score",
+            *_cli_args(corpus, out2),
+        ]
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     got = read(out2)
     assert {k: v for k, v in got.items() if k != "typicality"} == {k: v for k, v in want.items() if k != "typicality"}
@@ -275,8 +335,17 @@ def _held_memory(corpus, tmp_path, n_rows, name):
         for i in range(n_rows):
             r = rows[i % len(rows)]
             f.write(json.dumps({"id": f"r{i}", "text": r["text"], "label": r["label"], "domain": r["domain"]}) + "\n")
-    cfg = ScoreConfig([str(path)], str(tmp_path / f"{name}.parquet"), backbone=str(bert), max_length=32,
-                      batch_size=64, chunk_rows=256, progress=False, threads=1, id_column="id")
+    cfg = ScoreConfig(
+        [str(path)],
+        str(tmp_path / f"{name}.parquet"),
+        backbone=str(bert),
+        max_length=32,
+        batch_size=64,
+        chunk_rows=256,
+        progress=False,
+        threads=1,
+        id_column="id",
+    )
     tracemalloc.start()
     try:
         s = score_files(cfg)
@@ -305,8 +374,21 @@ def test_register_cli_parses_into_a_config():
     parser = argparse.ArgumentParser(prog="fastmft")
     sub = parser.add_subparsers(dest="command", required=True)
     score_cli.register_cli(sub, "score")
-    args = parser.parse_args(["score", "a.jsonl", "shards/*.parquet", "-o", "out.parquet", "--label-values", "neg, pos",
-                              "--prototypes", "3", "--strict", "--no-progress"])
+    args = parser.parse_args(
+        [
+            "score",
+            "a.jsonl",
+            "shards/*.parquet",
+            "-o",
+            "out.parquet",
+            "--label-values",
+            "neg, pos",
+            "--prototypes",
+            "3",
+            "--strict",
+            "--no-progress",
+        ]
+    )
     cfg = score_cli.config_from_args(args)
     assert args.command == "score" and args.func is score_cli._command
     assert cfg.inputs == ["a.jsonl", "shards/*.parquet"] and cfg.label_values == ["neg", "pos"]
@@ -367,10 +449,13 @@ def test_an_output_path_that_is_an_input_is_refused(corpus, tmp_path, option):
 def test_only_its_own_temporary_files_are_removed(corpus, tmp_path):
     path = _small(corpus, tmp_path)
     cfg = config(corpus, tmp_path, inputs=[str(path)])
-    mine = [tmp_path / "out.parquet.tmp", tmp_path / "out.parquet.tmp.backup", tmp_path / "out.parquet.rejects.jsonl.tmp1"]
+    mine = [
+        tmp_path / "out.parquet.tmp",
+        tmp_path / "out.parquet.tmp.backup",
+        tmp_path / "out.parquet.rejects.jsonl.tmp1",
+    ]
     for f in mine:
         f.write_text("keep me")
-    seen = {"n": 0}
 
     def hook(name):  # a kill in the merge, after the temporary outputs exist
         if name == "merge":
@@ -487,16 +572,19 @@ def test_bom_default_text_ids_and_a_rerun_summary(corpus, tmp_path):
     assert again.already_complete and "already complete (the first run took" in again.text()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--output", "{tmp}"], "is a folder"),
-    (["--output", "{file}/x.parquet"], "is a file, not a folder"),
-    (["--output", "{locked}/x.parquet"], "is not writable"),
-    (["--max-length", "129"], "--max-length 129 is more than the model's 128 positions"),
-    (["--prototypes", "2", "--temperature", "nan"], "--temperature must be a finite number > 0"),
-    (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
-    (["--device", "cuda"], "--device 'cuda': this torch build or machine has no CUDA device"),
-    (["--threads", "-1"], "--threads must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--output", "{tmp}"], "is a folder"),
+        (["--output", "{file}/x.parquet"], "is a file, not a folder"),
+        (["--output", "{locked}/x.parquet"], "is not writable"),
+        (["--max-length", "129"], "--max-length 129 is more than the model's 128 positions"),
+        (["--prototypes", "2", "--temperature", "nan"], "--temperature must be a finite number > 0"),
+        (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
+        (["--device", "cuda"], "--device 'cuda': this torch build or machine has no CUDA device"),
+        (["--threads", "-1"], "--threads must be an integer >= 1"),
+    ],
+)
 def test_bad_options_are_one_line_errors(corpus, tmp_path, capsys, args, message):
     from fastmft.cli import main
 

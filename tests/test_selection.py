@@ -1,5 +1,6 @@
 """Meta-learned task selection: the known-answer case, agnostic mode, repeatability, utilities
 against the deepcopy computation, resume, and the self-supervised tasks' batches."""
+
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -30,9 +31,23 @@ def build(corpus, seed, *, sources=("A", "B"), targets=("target",), **kwargs):
     g = torch.Generator().manual_seed(seed)
     tasks = {
         "A": ClassificationTask("A", ids(train), labels(train), 2, head="sentiment", batch_size=32),
-        "B": ClassificationTask("B", ids(train), torch.randint(0, 2, (len(train),), generator=g).tolist(), 2, head="sentiment", batch_size=32),
+        "B": ClassificationTask(
+            "B",
+            ids(train),
+            torch.randint(0, 2, (len(train),), generator=g).tolist(),
+            2,
+            head="sentiment",
+            batch_size=32,
+        ),
         "target": ClassificationTask("target", ids(dev), labels(dev), 2, head="sentiment", batch_size=32),
-        "mlm": MaskedLMTask("mlm", ids(rows), mask_id=tok.mask_token_id, vocab_size=len(tok), special_ids=tok.all_special_ids, batch_size=8),
+        "mlm": MaskedLMTask(
+            "mlm",
+            ids(rows),
+            mask_id=tok.mask_token_id,
+            vocab_size=len(tok),
+            special_ids=tok.all_special_ids,
+            batch_size=8,
+        ),
         "shuffle": TokenShuffleTask("shuffle", ids(rows), special_ids=tok.all_special_ids, batch_size=8),
     }
     model = MultiTaskModel(encoder, list(tasks.values()))
@@ -107,7 +122,7 @@ def test_self_supervised_batches(corpus):
     chosen = batch["labels"] != -100
     assert (batch["input_ids"][chosen] == tok.mask_token_id).float().mean() > 0.5
     batch = tasks["shuffle"].sample(g)
-    labels, ids = batch["labels"], batch["input_ids"]
+    labels = batch["labels"]
     assert set(labels.unique().tolist()) <= {-100, 0, 1} and (labels == 1).any()
     assert (labels[:, 0] == -100).all()  # [CLS] never takes part
     assert ((labels == 1).sum(1) != 1).all()  # a permutation never moves exactly one token
@@ -129,8 +144,26 @@ def test_cli_runs_and_resumes(corpus, tmp_path, capsys):
     rows, folder, _ = corpus
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({k: r[k] for k in ("text", "label", "domain", "split")}) + "\n" for r in rows))
-    args = ["select", "--data", str(data), "--backbone", str(folder), "--sources", "mlm,shuffle,domains", "--episodes", "2",
-            "--m", "1", "--n", "1", "--batch-size", "4", "--output-dir", str(tmp_path / "run"), "--no-progress"]
+    args = [
+        "select",
+        "--data",
+        str(data),
+        "--backbone",
+        str(folder),
+        "--sources",
+        "mlm,shuffle,domains",
+        "--episodes",
+        "2",
+        "--m",
+        "1",
+        "--n",
+        "1",
+        "--batch-size",
+        "4",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "sources ['mlm', 'shuffle', 'cls:books'], targets ['target:electronics']" in out
@@ -171,6 +204,7 @@ def test_a_kill_around_the_checkpoint_resumes_exactly_without_duplicate_log_line
         def half(folder):
             write(folder)
             raise KeyboardInterrupt("killed mid-write")
+
         return real_save(self, half)
 
     monkeypatch.setattr(_atomic.CheckpointDir, "save", dying_save)
@@ -214,8 +248,12 @@ def test_self_supervised_sources_read_training_rows_only(corpus):
     from fastmft.selection import build_tasks
 
     rows, _, tok = corpus
-    data = prepare(datasets.Dataset.from_list([{k: r[k] for k in ("text", "label", "domain", "split")} for r in rows]),
-                   tok, Columns(), max_length=32)
+    data = prepare(
+        datasets.Dataset.from_list([{k: r[k] for k in ("text", "label", "domain", "split")} for r in rows]),
+        tok,
+        Columns(),
+        max_length=32,
+    )
     ds = data.dataset
     train_ids = [ids for ids, s in zip(ds["input_ids"], ds["split"]) if s == "train"]
     assert 0 < len(train_ids) < len(ds)

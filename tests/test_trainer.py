@@ -1,6 +1,7 @@
 """The MFT trainer on a tiny BERT and the synthetic corpus: every method end to end, the MFT heads,
 typicality weights in the loss, corrupted domain labels, resume, DDP on 2 gloo processes, data
 errors, pairs and few-shot."""
+
 import json
 import os
 import re
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from fastmft import trainer
-from fastmft.cli import main as cli_main
 from fastmft.backbone import load_backbone
+from fastmft.cli import main as cli_main
 from fastmft.data import Columns
 from fastmft.ops.nn import skip_layers
 from fastmft.synthetic import synthetic_corpus
@@ -180,13 +181,47 @@ def test_resume_equals_uninterrupted(data, backbone, tmp_path):
 def test_ddp_two_gloo_processes_match_single_process(corpus, backbone, tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in corpus))
-    args = ["--data", str(path), "--backbone", str(backbone[0]), "--method", "full", "--mft-epochs", "1",
-            "--epochs", "1", "--batch-size", "8", "--dropout", "0", "--log-every", "1", "--no-progress", "--threads", "1"]
+    args = [
+        "--data",
+        str(path),
+        "--backbone",
+        str(backbone[0]),
+        "--method",
+        "full",
+        "--mft-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--dropout",
+        "0",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmft.trainer",
-         *args, "--output-dir", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fastmft.trainer",
+            *args,
+            "--output-dir",
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     threads = torch.get_num_threads()
@@ -196,7 +231,9 @@ def test_ddp_two_gloo_processes_match_single_process(corpus, backbone, tmp_path)
         torch.set_num_threads(threads)
     a, b = _steps(tmp_path / "one"), _steps(tmp_path / "ddp")
     assert len(a) == len(b) == 3 + 2 * 2
-    torch.testing.assert_close(torch.tensor([s["loss"] for s in b]), torch.tensor([s["loss"] for s in a]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([s["loss"] for s in b]), torch.tensor([s["loss"] for s in a]), rtol=1e-4, atol=1e-5
+    )
     assert "MFT(Full)" in ddp.stdout and "Average" in ddp.stdout
 
 
@@ -233,8 +270,25 @@ def test_bad_datasets_give_clear_errors(corpus, backbone):
 def test_cli_prints_the_comparison_table(corpus, backbone, tmp_path, capsys):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in corpus))
-    code = cli_main(["train", "--data", str(path), "--backbone", str(backbone[0]), "--method", "full,s",
-                         "--batch-size", "8", "--epochs", "1", "--no-progress", "--output-dir", str(tmp_path / "o"), "--json"])
+    code = cli_main(
+        [
+            "train",
+            "--data",
+            str(path),
+            "--backbone",
+            str(backbone[0]),
+            "--method",
+            "full,s",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--json",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert re.search(r"\| domain\s+\| MFT\(Full\) \| BERT\(S\) \|", out) and "| Average" in out and "| books" in out
@@ -248,8 +302,15 @@ def test_pairs_word_pairs_and_few_shot(backbone, tmp_path):
     rows = []
     for i in range(24):
         d, y = ("books", "electronics")[i % 2], ("yes", "no")[(i // 2) % 2]
-        rows.append({"premise": f"novel story {i % 3}", "hypothesis": "great plot" if y == "yes" else "boring plot",
-                     "label": y, "domain": d, "split": "test" if i >= 16 else "train"})
+        rows.append(
+            {
+                "premise": f"novel story {i % 3}",
+                "hypothesis": "great plot" if y == "yes" else "boring plot",
+                "label": y,
+                "domain": d,
+                "split": "test" if i >= 16 else "train",
+            }
+        )
     columns = Columns(text="premise", text_pair="hypothesis")
     pairs = trainer.load_data(datasets.Dataset.from_list(rows), tok, columns)
     assert 1 in pairs.train[0]["token_type_ids"]  # the tokenizer's pair encoding
@@ -265,7 +326,10 @@ def test_pairs_word_pairs_and_few_shot(backbone, tmp_path):
     assert Counter(zip(few.train["domains"], few.train["labels"])) == {(k, y): 2 for k in (0, 1) for y in (0, 1)}
     again = trainer.load_data(datasets.Dataset.from_list(rows), tok, columns, few_shot=0.5, seed=1)
     assert few.train["premise"] == again.train["premise"]
-    assert trainer.few_shot_rows([0] * 10, [0] * 10, 0.05, 0) and len(trainer.few_shot_rows([0] * 10, [0] * 10, 0.05, 0)) == 1
+    assert (
+        trainer.few_shot_rows([0] * 10, [0] * 10, 0.05, 0)
+        and len(trainer.few_shot_rows([0] * 10, [0] * 10, 0.05, 0)) == 1
+    )
 
 
 def test_schedule_warms_up_then_decays_linearly():
@@ -356,25 +420,31 @@ def test_a_kill_before_the_first_checkpoint_logs_no_step_twice(data, backbone, t
 
 def test_a_non_finite_loss_stops_training_naming_the_step(data, backbone, monkeypatch):
     real = trainer.Classifier.forward
-    monkeypatch.setattr(trainer.Classifier, "forward", lambda self, batch: {
-        k: v * float("nan") if k == "loss" else v for k, v in real(self, batch).items()})
+    monkeypatch.setattr(
+        trainer.Classifier,
+        "forward",
+        lambda self, batch: {k: v * float("nan") if k == "loss" else v for k, v in real(self, batch).items()},
+    )
     with pytest.raises(FloatingPointError, match="loss is not finite at step 1 of this phase"):
         _run(data, backbone, method="s")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--lam", "nan"], "lam (--lam) must be a finite number >= 0"),
-    (["--alpha", "1.5"], "alpha (--alpha) must be a finite number in [0, 1]"),
-    (["--lr", "-1"], "lr (--lr) must be a finite number > 0"),
-    (["--prototypes", "0"], "num_prototypes (--prototypes) must be an integer >= 1"),
-    (["--layers", "1.5"], "--layers must be comma-separated integers"),
-    (["--layers", "9"], "--layers 9: the encoder has 3 layers"),
-    (["--method", ","], "--method ',' names no method"),
-    (["--output-dir", "{file}"], "is a file, not a folder"),
-    (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
-    (["--threads", "-1"], "argument --threads: must be an integer >= 1"),
-    (["--max-length", "129"], "--max-length 129 is more than the model's 128 positions"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--lam", "nan"], "lam (--lam) must be a finite number >= 0"),
+        (["--alpha", "1.5"], "alpha (--alpha) must be a finite number in [0, 1]"),
+        (["--lr", "-1"], "lr (--lr) must be a finite number > 0"),
+        (["--prototypes", "0"], "num_prototypes (--prototypes) must be an integer >= 1"),
+        (["--layers", "1.5"], "--layers must be comma-separated integers"),
+        (["--layers", "9"], "--layers 9: the encoder has 3 layers"),
+        (["--method", ","], "--method ',' names no method"),
+        (["--output-dir", "{file}"], "is a file, not a folder"),
+        (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
+        (["--threads", "-1"], "argument --threads: must be an integer >= 1"),
+        (["--max-length", "129"], "--max-length 129 is more than the model's 128 positions"),
+    ],
+)
 def test_bad_options_are_one_line_errors(corpus, backbone, tmp_path, capsys, args, message):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in corpus))

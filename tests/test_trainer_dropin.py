@@ -1,5 +1,6 @@
 """Drop-in: transformers.Trainer trains a tiny BERT whose loss is fastmft's MFTLoss, with every
 fused op running through the Triton backend (here in the interpreter)."""
+
 import pytest
 import torch
 
@@ -17,7 +18,11 @@ class TinyMFTModel(torch.nn.Module):
     def __init__(self, num_labels=3, num_domains=2):
         super().__init__()
         config = transformers.BertConfig(
-            vocab_size=64, hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+            vocab_size=64,
+            hidden_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=32,
             max_position_embeddings=32,
         )
         self.encoder = transformers.BertModel(config, add_pooling_layer=False)
@@ -50,8 +55,11 @@ class ToyData(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {
-            "input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i],
-            "domains": self.domains[i], "typicality": self.typicality[i],
+            "input_ids": self.ids[i],
+            "attention_mask": self.mask[i],
+            "labels": self.labels[i],
+            "domains": self.domains[i],
+            "typicality": self.typicality[i],
         }
 
 
@@ -70,9 +78,17 @@ def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeyp
     model = TinyMFTModel()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=DEVICE.type == "cpu", report_to=[], max_steps=3, per_device_train_batch_size=8,
-        learning_rate=1e-2, logging_steps=1, save_strategy="no", remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        use_cpu=DEVICE.type == "cpu",
+        report_to=[],
+        max_steps=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     trainer = MFTTrainer(model=model, args=args, train_dataset=ToyData())
     result = trainer.train()
@@ -81,8 +97,12 @@ def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeyp
     # 3 steps: one pooling launch and two cross-entropy calls (label + domain loss) per step.
     assert calls == {"masked_mean_pool": 3, "multi_head_cross_entropy": 6}
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n].to(p.device))}
-    for head in ("mft.label_head.weight", "mft.domain_heads.0.weight", "mft.domain_embedding.weight",
-                 "encoder.encoder.layer.0.attention.self.query.weight"):
+    for head in (
+        "mft.label_head.weight",
+        "mft.domain_heads.0.weight",
+        "mft.domain_embedding.weight",
+        "encoder.encoder.layer.0.attention.self.query.weight",
+    ):
         assert head in changed, f"{head} did not train"
 
 
@@ -108,7 +128,11 @@ def test_mft_loss_triton_matches_torch(dtype):
         with fastmft.use_backend(name):
             out = loss_fn(tuple(hidden), mask, labels, domains, typicality=typ, corrupted=corrupted)
         out.loss.backward()
-        results[name] = (out.loss.detach(), [h.grad.clone() for h in hidden[1:]], loss_fn.label_head.weight.grad.clone())
+        results[name] = (
+            out.loss.detach(),
+            [h.grad.clone() for h in hidden[1:]],
+            loss_fn.label_head.weight.grad.clone(),
+        )
     (l0, g0, w0), (l1, g1, w1) = results["torch"], results["triton"]
     assert_close(l1, l0, dtype)
     assert_close(w1, w0, dtype)

@@ -1,4 +1,5 @@
 """Prototypes and typicality (reference backend) against float64 loops written from DESIGN.md."""
+
 import math
 
 import pytest
@@ -179,9 +180,7 @@ def test_typicality_bad_input(change, error, match):
     args.update(prototypes=protos, alpha=0.5)
     args.update(change)
     with pytest.raises(error, match=match):
-        fastmft.typicality(
-            args["embeddings"], args["labels"], args["domains"], args["prototypes"], alpha=args["alpha"]
-        )
+        fastmft.typicality(args["embeddings"], args["labels"], args["domains"], args["prototypes"], alpha=args["alpha"])
 
 
 def test_class_prototypes_bad_input():

@@ -1,4 +1,5 @@
 """fastmft.utility.TaskUtilityScorer against the slow deepcopy-based computation, on a tiny BERT."""
+
 import gc
 import math
 import os
@@ -18,16 +19,26 @@ VOCAB, LABELS = 100, 3
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=37, max_position_embeddings=64, num_labels=LABELS)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=LABELS,
+    )
     return BertForSequenceClassification(cfg).eval()  # eval: no dropout, deterministic
 
 
 def batch(gen, n=4, t=12):
     mask = torch.ones(n, t, dtype=torch.long)
-    mask[0, t // 2:] = 0
-    return dict(input_ids=torch.randint(0, VOCAB, (n, t), generator=gen), attention_mask=mask,
-                labels=torch.randint(0, LABELS, (n,), generator=gen))
+    mask[0, t // 2 :] = 0
+    return dict(
+        input_ids=torch.randint(0, VOCAB, (n, t), generator=gen),
+        attention_mask=mask,
+        labels=torch.randint(0, LABELS, (n,), generator=gen),
+    )
 
 
 def snapshot(model):
@@ -80,8 +91,15 @@ def test_row_sparse_tables_across_steps_and_updates(model):
     """theta' of an embedding table after a sequence of steps on other rows, and after the model's
     parameters changed in place in between (the selector trains between episodes)."""
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=20, max_position_embeddings=64, num_labels=LABELS)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        max_position_embeddings=64,
+        num_labels=LABELS,
+    )
     model = BertForSequenceClassification(cfg).eval()
     gen = torch.Generator().manual_seed(9)
     scorer = TaskUtilityScorer(model, None, lr=0.5)
@@ -109,8 +127,14 @@ def test_tied_embedding_takes_the_dense_step():
     from transformers import BertForMaskedLM
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=20, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        max_position_embeddings=64,
+    )
     model = BertForMaskedLM(cfg).eval()
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     gen = torch.Generator().manual_seed(10)
@@ -155,7 +179,9 @@ def test_no_leaked_graph_and_flat_memory(model):
     for _ in range(3):
         assert scorer.utility(sources, targets) == first  # deterministic, no state carried over
     gc.collect()
-    assert len(losses) == 4 * 2 * (1 + 2) and all(r() is None for r in losses), "a loss (and its graph) outlived the call"
+    assert len(losses) == 4 * 2 * (1 + 2) and all(r() is None for r in losses), (
+        "a loss (and its graph) outlived the call"
+    )
     assert [b.data_ptr() for b in scorer.flat.buffers.values()] == ptrs
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     loss = scorer.target_loss(targets)
@@ -165,8 +191,15 @@ def test_no_leaked_graph_and_flat_memory(model):
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
 def test_rss_flat_across_calls():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=64, num_labels=LABELS)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        num_labels=LABELS,
+    )
     model = BertForSequenceClassification(cfg).eval()
     gen = torch.Generator().manual_seed(5)
     sources, targets = [batch(gen)], [batch(gen)]

@@ -8,6 +8,7 @@ one op per layer and per head. It computes the same L = L_TLC + lam * L_SDC as
 between the two and the benchmark compares like with like (tests/test_benchmarks.py checks the
 two losses agree).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 
 
 class HFMFTLoss(nn.Module):
-    def __init__(self, hidden_size: int, num_labels: int, num_domains: int, layers: Sequence[int] = (4, 8, 12), lam: float = 0.1):
+    def __init__(
+        self, hidden_size: int, num_labels: int, num_domains: int, layers: Sequence[int] = (4, 8, 12), lam: float = 0.1
+    ):
         super().__init__()
         self.layers = tuple(int(l) for l in layers)
         self.lam = float(lam)
@@ -26,8 +29,15 @@ class HFMFTLoss(nn.Module):
         self.domain_heads = nn.ModuleList(nn.Linear(hidden_size, num_domains) for _ in self.layers)
         self.domain_embedding = nn.Embedding(num_domains, hidden_size)
 
-    def forward(self, hidden_states: Sequence[Tensor], attention_mask: Tensor, labels: Tensor, domains: Tensor,
-                typicality: Tensor | None = None, corrupted: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self,
+        hidden_states: Sequence[Tensor],
+        attention_mask: Tensor,
+        labels: Tensor,
+        domains: Tensor,
+        typicality: Tensor | None = None,
+        corrupted: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (loss, label_loss, domain_loss)."""
         n = labels.shape[0]
         t = typicality if typicality is not None else torch.ones(n, device=labels.device)

@@ -4,6 +4,7 @@ corpora), ``select`` (meta-learned task selection) and ``demo-data`` (the embedd
 
 Each command lives in its own module here and declares its options once. Only the command being
 run is imported (with torch and friends): ``fastmft --help`` imports none of them."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,10 @@ COMMANDS = {
     "train": ("train", "Meta Fine-Tuning and the paper's baselines; prints per-domain accuracy"),
     "typicality": ("typicality", "score typicality per instance and show the most and least typical per domain"),
     "score": ("score", "streaming, resumable, multi-process typicality scoring of large corpora into Parquet"),
-    "select": ("select", "meta-learned task selection: score source tasks by the target loss after one inner step, "
-                         "train the best"),
+    "select": (
+        "select",
+        "meta-learned task selection: score source tasks by the target loss after one inner step, train the best",
+    ),
     "demo-data": ("demo_data", "write the embedded synthetic multi-domain corpus as JSON lines"),
 }
 

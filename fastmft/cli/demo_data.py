@@ -1,4 +1,5 @@
 """``fastmft demo-data``: write the embedded synthetic corpus as JSON lines."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 """Options and argument types that several ``fastmft`` commands share (argparse only: importing
 this module costs nothing)."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,10 @@ def positive_float(text: str) -> float:
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the embedded synthetic corpus)")
+    p.add_argument(
+        "--data",
+        help="JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the embedded synthetic corpus)",
+    )
     p.add_argument("--split", help="keep only rows whose 'split' column equals this")
     add_column_arguments(p)
     p.add_argument("--id-column", help="row identifier to print and save (default: the row number)")

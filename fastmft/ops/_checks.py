@@ -3,6 +3,7 @@
 They run before any implementation (reference or kernel), so a bad index never reaches a kernel,
 where an out-of-bounds read or write would corrupt memory silently.
 """
+
 from __future__ import annotations
 
 import torch

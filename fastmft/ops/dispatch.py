@@ -14,6 +14,7 @@ compiled extension ``fastmft._C`` (C++/OpenMP on CPU, CUDA on GPU): under ``auto
 device the extension is available for; ``torch`` always runs the reference. :func:`which` says
 which implementation an op gets.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ NaN policy: the ops do not hide non-finite values. A NaN or Inf in a *valid* pos
 ``hidden_states``, in an embedding or in a logit propagates to the result; values at padded
 positions of ``masked_mean_pool`` are excluded exactly and never reach it.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -149,7 +150,11 @@ def _multi_head_cross_entropy(logits, targets, sample_weight, head_weight, ignor
     if head_weight is None:
         weights = [1.0] * len(logits)
     else:
-        weights = head_weight.detach().flatten().tolist() if isinstance(head_weight, Tensor) else [float(w) for w in head_weight]
+        weights = (
+            head_weight.detach().flatten().tolist()
+            if isinstance(head_weight, Tensor)
+            else [float(w) for w in head_weight]
+        )
         if len(weights) != len(logits):
             raise ValueError(f"head_weight has {len(weights)} entries but there are {len(logits)} heads")
     impl = dispatch.resolve("multi_head_cross_entropy", logits[0].device)

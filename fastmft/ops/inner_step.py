@@ -1,5 +1,6 @@
 """The functional inner step theta' = theta - lr * grad (task selection's hot path) and the flat
 parameter buffer it writes into."""
+
 from __future__ import annotations
 
 from typing import Iterable, Iterator, Mapping, Sequence

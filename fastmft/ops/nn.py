@@ -1,4 +1,5 @@
 """Drop-in modules: the MFT loss (typicality-weighted label loss plus skip-layer domain corruption)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,15 +91,19 @@ class MFTLoss(nn.Module):
         _checks.floating("hidden_states[-1]", last)
         _checks.rank("hidden_states[-1]", last, 3, shape_hint="[B, T, D]")
         if last.shape[-1] != self.label_head.in_features:
-            raise ValueError(f"hidden_states[-1] has hidden size {last.shape[-1]}, but this MFTLoss was built with "
-                             f"hidden_size={self.label_head.in_features}")
+            raise ValueError(
+                f"hidden_states[-1] has hidden size {last.shape[-1]}, but this MFTLoss was built with "
+                f"hidden_size={self.label_head.in_features}"
+            )
         # Named by the user's layer numbers: the pooling below would only know list positions.
         for l in sorted(set(self.layers)):
             name = f"hidden_states[{l}] (skip layer {l})"
             _checks.floating(name, hidden_states[l])
             if tuple(hidden_states[l].shape) != tuple(last.shape):
-                raise ValueError(f"{name} has shape {tuple(hidden_states[l].shape)}; every layer must be "
-                                 f"[B, T, D] = {tuple(last.shape)} like hidden_states[-1]")
+                raise ValueError(
+                    f"{name} has shape {tuple(hidden_states[l].shape)}; every layer must be "
+                    f"[B, T, D] = {tuple(last.shape)} like hidden_states[-1]"
+                )
         n = last.shape[0]
         # One host read checks every index of the step; the heads below skip their own checks.
         specs = [("labels", labels, n, self.num_labels, -100), ("domains", domains, n, self.num_domains, None)]
@@ -114,8 +119,12 @@ class MFTLoss(nn.Module):
         domain_vec = self.domain_embedding(domains)
         domain_logits = [head(p + domain_vec) for head, p in zip(self.domain_heads, pooled)]
         domain_loss = _multi_head_cross_entropy(
-            domain_logits, [corrupted] * len(domain_logits), weights, [1.0 / len(domain_logits)] * len(domain_logits),
-            -100, check_targets=False,
+            domain_logits,
+            [corrupted] * len(domain_logits),
+            weights,
+            [1.0 / len(domain_logits)] * len(domain_logits),
+            -100,
+            check_targets=False,
         )
         return MFTLossOutput(label_loss + self.lam * domain_loss, label_loss, domain_loss, logits, domain_logits)
 

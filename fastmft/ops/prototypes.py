@@ -1,5 +1,6 @@
 """Class prototypes per (domain, label) cell: one-shot, streaming, merged across processes, and
 the multi-prototype variant (spherical k-means)."""
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,9 @@ class MultiPrototypes(_Cells):
 
     def __post_init__(self):
         # 0, a negative or a non-finite temperature makes every membership weight NaN or inverted
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
 
 
@@ -106,7 +109,9 @@ class PrototypeAccumulator:
         return Prototypes(centers.float().view(K, M, self.dim), self.counts.clone().view(K, M))
 
 
-def class_prototypes(embeddings: Tensor, labels: Tensor, domains: Tensor, num_labels: int, num_domains: int) -> Prototypes:
+def class_prototypes(
+    embeddings: Tensor, labels: Tensor, domains: Tensor, num_labels: int, num_domains: int
+) -> Prototypes:
     """Mean embedding of each (domain, label) cell: centers [K, M, D] float32, counts [K, M] int64."""
     _checks.positive_int("num_labels", num_labels)
     _checks.positive_int("num_domains", num_domains)

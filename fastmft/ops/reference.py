@@ -4,6 +4,7 @@ Inputs arrive validated and normalised by the public functions (fastmft.ops.func
 nothing here checks arguments again. All sums accumulate in float32 (or wider). Large inputs are
 processed in chunks so that no temporary grows beyond ``_CHUNK_ELEMENTS`` float32 values.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -10,6 +10,7 @@ the reference path) or more than kernels.typicality.MAX_DOMAINS domains; cross-e
 rows or more than kernels.cross_entropy.MAX_HEADS heads. Device policy: CUDA tensors, or CPU tensors through the Triton interpreter;
 anything else raises RuntimeError before a kernel runs.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -68,8 +69,15 @@ def prototype_sums(embeddings: Tensor, cells: Tensor, num_cells: int) -> tuple[T
 
 
 @dispatch.register("typicality", "triton")
-def typicality(embeddings: Tensor, labels: Tensor, domains: Tensor, centers: Tensor, present: Tensor,
-               alpha: float, temperature: float) -> Tensor:
+def typicality(
+    embeddings: Tensor,
+    labels: Tensor,
+    domains: Tensor,
+    centers: Tensor,
+    present: Tensor,
+    alpha: float,
+    temperature: float,
+) -> Tensor:
     """t [N] float32 for J = 1 in one pass over the embeddings; J > 1 and float64 run the reference.
     Not differentiable (typicality is computed once, with the pre-trained encoder)."""
     if centers.shape[2] != 1 or centers.shape[0] > _typ.MAX_DOMAINS or _fallback(embeddings):
@@ -103,8 +111,13 @@ class _MultiHeadCrossEntropy(torch.autograd.Function):
 
 
 @dispatch.register("multi_head_cross_entropy", "triton")
-def multi_head_cross_entropy(logits: Sequence[Tensor], targets: Sequence[Tensor], sample_weight: Tensor | None,
-                             head_weight: Sequence[float], ignore_index: int) -> Tensor:
+def multi_head_cross_entropy(
+    logits: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    sample_weight: Tensor | None,
+    head_weight: Sequence[float],
+    ignore_index: int,
+) -> Tensor:
     """float32 scalar: three launches in all (forward 2, backward 1) whatever the number of heads.
     Gradients go to fresh tensors; the user's logits are never written."""
     logits, targets = list(logits), list(targets)
