@@ -1,4 +1,4 @@
-"""End to end: task-utility scoring for meta-learned task selection (DESIGN.md section 2).
+"""End to end: task-utility scoring for meta-learned task selection (docs/design.md section 2).
 
 One timed call scores 3 source tasks x 2 batches each against 2 target batches:
 u(s) = sum over the source batches of -(sum of the target losses at theta'), theta' one inner

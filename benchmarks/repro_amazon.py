@@ -49,7 +49,7 @@ DEFAULT_WORK = Path(os.environ.get("FASTMFT_CACHE", Path.home() / ".cache" / "fa
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
 METHODS = ("s", "mix", "mtl", "adv", "dc", "tw", "full")
 SEEDS = (0, 1, 2)
-# The paper's Table 3 averages (BERT-base, its own split; DESIGN.md section 1), for reference.
+# The paper's Table 3 averages (BERT-base, its own split; docs/design.md section 2), for reference.
 PAPER = {"s": 88.4, "full": 91.0}
 HYPER = dict(
     mft_epochs=1,

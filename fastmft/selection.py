@@ -1,4 +1,4 @@
-"""Meta-learned task selection for (pre)training (Luo et al.; DESIGN.md section 2).
+"""Meta-learned task selection for (pre)training (Luo et al.; docs/design.md section 2).
 
 Each episode samples M batches of every target task, scores every source task s by
 u(s) = sum over M of its batches tau of -(sum of the target losses at theta'),

@@ -1,4 +1,4 @@
-"""The MFT trainer: Meta Fine-Tuning as the paper runs it (DESIGN.md section 1, Algorithm 1), with
+"""The MFT trainer: Meta Fine-Tuning as the paper runs it (docs/design.md section 2, Algorithm 1), with
 the paper's baselines and ablations under one interface.
 
 Procedure of the MFT methods (``dc``, ``tw``, ``full``):

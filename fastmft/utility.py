@@ -1,4 +1,4 @@
-"""Task utility for meta-learned task selection (DESIGN.md section 2), computed functionally.
+"""Task utility for meta-learned task selection (docs/design.md section 2), computed functionally.
 
 For a source task s and its M sampled batches tau:
     u(s) = sum over tau of -(sum over target batches b of L_b(theta')),  theta' = theta - lr * grad L_tau(theta)

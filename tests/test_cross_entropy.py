@@ -1,4 +1,4 @@
-"""multi_head_cross_entropy (reference backend) against a float64 loop written from DESIGN.md."""
+"""multi_head_cross_entropy (reference backend) against a float64 loop written from docs/design.md."""
 
 import math
 

@@ -9,7 +9,7 @@ from tests.helpers import assert_close
 
 
 def mft_loss64(module, hidden_states, mask, labels, domains, t, corrupted):
-    """L_TLC + lam * L_SDC from DESIGN.md section 1, in float64 with plain tensor ops."""
+    """L_TLC + lam * L_SDC from docs/design.md section 2, in float64 with plain tensor ops."""
     d = lambda x: x.detach().double()  # noqa: E731
     N = labels.shape[0]
     f = d(hidden_states[-1][:, 0])

@@ -1,4 +1,4 @@
-"""Prototypes and typicality (reference backend) against float64 loops written from DESIGN.md."""
+"""Prototypes and typicality (reference backend) against float64 loops written from docs/design.md."""
 
 import math
 

@@ -65,7 +65,7 @@ def typicality(
     *,
     alpha: float = 0.5,
 ) -> Tensor:
-    """Typicality t_i of each instance (DESIGN.md section 1), float32 [N].
+    """Typicality t_i of each instance (docs/design.md section 2), float32 [N].
 
     t_i = alpha * cos(E_i, c[k_i, y_i]) + (1 - alpha) * mean over the other domains k' whose cell
     (k', y_i) is non-empty of cos(E_i, c[k', y_i]); t_i = cos(E_i, c[k_i, y_i]) when there is no

@@ -35,7 +35,7 @@ class MFTLossOutput:
 
 
 class MFTLoss(nn.Module):
-    """L = L_TLC + lam * L_SDC over a Hugging Face encoder's hidden states (DESIGN.md section 1).
+    """L = L_TLC + lam * L_SDC over a Hugging Face encoder's hidden states (docs/design.md section 2).
 
     Added parameters, plain modules on purpose: ``label_head`` (Linear hidden -> num_labels, on the
     last layer's [CLS] state), ``domain_heads`` (one Linear hidden -> num_domains per skip layer,
