@@ -90,7 +90,7 @@ def test_mhce_only_some_heads_need_grad(rng):
     b = torch.randn(20, 4, generator=rng).to(DEVICE)  # constant head
     ya, yb = torch.randint(0, 3, (20,), generator=rng).to(DEVICE), torch.randint(0, 4, (20,), generator=rng).to(DEVICE)
     with fastmft.use_backend("triton"):
-        loss = fastmft.ops.nn.MultiHeadCrossEntropyLoss(head_weight=[0.5, 2.0])([a, b], [ya, yb])
+        loss = fastmft.MultiHeadCrossEntropyLoss(head_weight=[0.5, 2.0])([a, b], [ya, yb])
     loss.backward()
     ar = a.detach().double().requires_grad_()
     ref = mhce64([ar, b], [ya, yb], None, [0.5, 2.0], -100)

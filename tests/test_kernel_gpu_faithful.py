@@ -326,3 +326,28 @@ def test_out_of_range_index_never_reaches_a_kernel(monkeypatch, rng):
             corrupted=torch.tensor([0, 1, 3, 0], device=DEVICE),
         )
     assert launched == []
+
+
+def test_fallback_rules_send_what_the_kernels_do_not_take_to_the_reference(rng, monkeypatch):
+    from fastmft.ops import triton as triton_ops
+
+    launched = []
+    _record_launches(monkeypatch, launched.append)
+    K = kt.MAX_DOMAINS + 1
+    x = _randn(20, 8, g=rng)
+    y = torch.zeros(20, dtype=torch.long, device=DEVICE)
+    k = torch.randint(0, K, (20,), generator=rng).to(DEVICE)
+    centers, counts = prototypes64(x, y, k, 1, K)
+    protos = fastmft.Prototypes(centers.float(), counts)
+    assert triton_ops.fallback_reason("typicality", x, y, k, protos.centers[:, :, None], None, 0.5, 1.0) == (
+        f"more than {kt.MAX_DOMAINS} domains"
+    )
+    with fastmft.use_backend("triton"):
+        t = fastmft.typicality(x, y, k, protos)
+    assert launched == []
+    assert_close(t, typicality64(x, y, k, protos.centers, counts, 0.5), torch.float32)
+    logits = [_randn(4, 2, g=rng) for _ in range(cross_entropy.MAX_HEADS + 1)]
+    assert triton_ops.fallback_reason("multi_head_cross_entropy", logits, None, None, None, -100) == (
+        f"more than {cross_entropy.MAX_HEADS} heads"
+    )
+    assert triton_ops.fallback_reason("multi_head_cross_entropy", logits[:2], None, None, None, -100) is None

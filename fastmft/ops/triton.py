@@ -4,15 +4,14 @@ Each op receives exactly the arguments of its reference in fastmft.ops.reference
 by the public function (indices in range, shapes consistent). Autograd lives here, one
 torch.autograd.Function per differentiable op; the kernels (fastmft.kernels) only launch.
 
-Fallback rules (the reference runs instead of a kernel): float64 inputs (a precision choice the
-kernels would silently give up); typicality with J > 1 prototypes per cell (documented to stay on
-the reference path) or more than kernels.typicality.MAX_DOMAINS domains; cross-entropy with no
-rows or more than kernels.cross_entropy.MAX_HEADS heads. Device policy: CUDA tensors, or CPU tensors through the Triton interpreter;
+When the reference runs instead of a kernel is data: FALLBACKS below, checked by ``_triton``
+before every call. Device policy: CUDA tensors, or CPU tensors through the Triton interpreter;
 anything else raises RuntimeError before a kernel runs.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -25,9 +24,46 @@ from ..kernels import typicality as _typ
 from . import dispatch, reference
 
 
-def _fallback(*tensors: Tensor) -> bool:
-    """True when the reference must run: a dtype the kernels do not take (float64)."""
+def _float64(*tensors: Tensor | None) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+# op -> (why the reference runs, test on the op's arguments). float64 is a precision the kernels
+# would silently give up; J > 1 prototypes per cell are documented to stay on the reference path.
+FALLBACKS = {
+    "masked_mean_pool": (("float64 input", lambda layers, mask, skip_cls: _float64(layers[0])),),
+    "prototype_sums": (("float64 input", lambda emb, cells, num_cells: _float64(emb)),),
+    "typicality": (
+        ("float64 input", lambda emb, *_: _float64(emb)),
+        ("J > 1 prototypes per cell", lambda emb, y, d, centers, *_: centers.shape[2] != 1),
+        (f"more than {_typ.MAX_DOMAINS} domains", lambda emb, y, d, centers, *_: centers.shape[0] > _typ.MAX_DOMAINS),
+    ),
+    "multi_head_cross_entropy": (
+        ("float64 input", lambda logits, targets, weight, *_: _float64(*logits, weight)),
+        ("no rows", lambda logits, *_: logits[0].shape[0] == 0),
+        (f"more than {_ce.MAX_HEADS} heads", lambda logits, *_: len(logits) > _ce.MAX_HEADS),
+    ),
+}
+
+
+def fallback_reason(op: str, *args) -> str | None:
+    """Why ``op`` runs its reference for these arguments, or None when the kernel runs."""
+    return next((reason for reason, applies in FALLBACKS[op] if applies(*args)), None)
+
+
+def _triton(op: str):
+    """Register ``fn`` as the Triton implementation of ``op``, behind the FALLBACKS rules."""
+
+    def wrap(fn):
+        ref = getattr(reference, op)
+
+        @functools.wraps(fn)
+        def impl(*args):
+            return ref(*args) if fallback_reason(op, *args) else fn(*args)
+
+        return dispatch.register(op, "triton")(impl)
+
+    return wrap
 
 
 class _MaskedMeanPool(torch.autograd.Function):
@@ -49,26 +85,22 @@ class _MaskedMeanPool(torch.autograd.Function):
         return (None, None, *grads)
 
 
-@dispatch.register("masked_mean_pool", "triton")
+@_triton("masked_mean_pool")
 def masked_mean_pool(layers: Sequence[Tensor], attention_mask: Tensor, skip_cls: bool) -> Tensor:
     """[L, B, D] in the layers' dtype: one launch forward, one backward, no stacking."""
     layers = list(layers)
-    if _fallback(layers[0]):
-        return reference.masked_mean_pool(layers, attention_mask, skip_cls)
     _util.check_device("masked_mean_pool", *layers, attention_mask)
     return _MaskedMeanPool.apply(attention_mask, bool(skip_cls), *layers)
 
 
-@dispatch.register("prototype_sums", "triton")
+@_triton("prototype_sums")
 def prototype_sums(embeddings: Tensor, cells: Tensor, num_cells: int) -> tuple[Tensor, Tensor]:
     """Per-cell float32 sums [C, D] and int64 counts [C]; not differentiable (statistics)."""
-    if _fallback(embeddings):
-        return reference.prototype_sums(embeddings, cells, num_cells)
     with torch.no_grad():
         return _typ.prototype_sums(embeddings.detach(), cells, num_cells)
 
 
-@dispatch.register("typicality", "triton")
+@_triton("typicality")
 def typicality(
     embeddings: Tensor,
     labels: Tensor,
@@ -78,10 +110,8 @@ def typicality(
     alpha: float,
     temperature: float,
 ) -> Tensor:
-    """t [N] float32 for J = 1 in one pass over the embeddings; J > 1 and float64 run the reference.
-    Not differentiable (typicality is computed once, with the pre-trained encoder)."""
-    if centers.shape[2] != 1 or centers.shape[0] > _typ.MAX_DOMAINS or _fallback(embeddings):
-        return reference.typicality(embeddings, labels, domains, centers, present, alpha, temperature)
+    """t [N] float32 for J = 1 in one pass over the embeddings. Not differentiable (typicality is
+    computed once, with the pre-trained encoder)."""
     _util.check_device("typicality", embeddings, labels, domains, centers, present)
     with torch.no_grad():
         unit = reference.unit_rows(centers[:, :, 0])  # [K, M, D], tiny
@@ -110,7 +140,7 @@ class _MultiHeadCrossEntropy(torch.autograd.Function):
         return (grad_w, None, None, None, *grads, *([None] * H))
 
 
-@dispatch.register("multi_head_cross_entropy", "triton")
+@_triton("multi_head_cross_entropy")
 def multi_head_cross_entropy(
     logits: Sequence[Tensor],
     targets: Sequence[Tensor],
@@ -121,8 +151,6 @@ def multi_head_cross_entropy(
     """float32 scalar: three launches in all (forward 2, backward 1) whatever the number of heads.
     Gradients go to fresh tensors; the user's logits are never written."""
     logits, targets = list(logits), list(targets)
-    if _fallback(*logits, sample_weight) or logits[0].shape[0] == 0 or len(logits) > _ce.MAX_HEADS:
-        return reference.multi_head_cross_entropy(logits, targets, sample_weight, head_weight, ignore_index)
     _util.check_device("multi_head_cross_entropy", *logits, *targets)
     return _MultiHeadCrossEntropy.apply(
         sample_weight, tuple(float(w) for w in head_weight), int(ignore_index), len(logits), *logits, *targets
