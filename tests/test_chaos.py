@@ -45,7 +45,10 @@ def chaos_rng():
 
 
 def _in_process(args):
+    """The uninterrupted reference run, with one torch thread like the subprocesses
+    (OMP_NUM_THREADS=1): another thread count sums in another order."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         assert main(args) == 0
     finally:
