@@ -558,7 +558,11 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
 
     dist = Dist(cfg.device)
     try:
-        return _run(cfg, dist, model, tokenizer, t0)
+        summary = _run(cfg, dist, model, tokenizer, t0)
+        # Every rank done before any rank leaves the group: a rank that tore down its gloo pairs
+        # while its peer still exchanged was seen to abort (1 run in about 8, under load).
+        dist.barrier()
+        return summary
     finally:
         dist.close()
 
