@@ -8,6 +8,7 @@ run is imported (with torch and friends): ``fastmft --help`` imports none of the
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -25,10 +26,23 @@ COMMANDS = {
 }
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (argparse's own formatter shows none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+        if shown and "default" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every command listed and ``command``'s options declared (its module imported)."""
     parser = argparse.ArgumentParser(prog="fastmft", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_Help)
+    )
     for name, (module, help) in COMMANDS.items():
         if name == command:
             importlib.import_module(f"{__name__}.{module}").register_cli(sub, help)

@@ -125,7 +125,6 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
         "score",
         help=help,
         description=score_lib.__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=_command)
