@@ -46,6 +46,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module, help) in COMMANDS.items():
         if name == command:
             importlib.import_module(f"{__name__}.{module}").register_cli(sub, help)
+            for action in sub.choices[name]._actions:  # argparse prints no help line (nor default) without help
+                if action.help is None and action.option_strings and action.default not in (None, False):
+                    action.help = "(default: %(default)s)"
         else:
             sub.add_parser(name, help=help)
     return parser
