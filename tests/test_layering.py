@@ -127,3 +127,13 @@ def test_the_checker_sees_upward_imports_and_cycles(tmp_path):
     fake = tmp_path / "mod.py"
     fake.write_text("from ..cli import main\n\nif __name__ == '__main__':\n    from fastmft.cli import main\n")
     assert imports("fastmft.ops.fake", fake) == {"fastmft.cli"}
+
+
+def test_every_subpackage_is_installed():
+    """pyproject lists the packages a wheel carries: a new subpackage missing there works in an
+    editable install (CI) but is absent from a built one."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastmft").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
