@@ -118,7 +118,7 @@ def collect(compile_only: bool, out: str | None = None) -> list[dict]:
     JITFunction.run = record
     try:
         if compile_only:
-            _stand_in_driver()
+            stand_in_driver()
             from fastmft.kernels import _util
 
             _util.check_device = lambda op, *tensors: tensors[0].device
@@ -131,7 +131,7 @@ def collect(compile_only: bool, out: str | None = None) -> list[dict]:
     return list(rows.values())
 
 
-def _stand_in_driver() -> None:
+def stand_in_driver() -> None:
     """Make Triton compile for sm_90 on a machine without a GPU (warmup launches only)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver

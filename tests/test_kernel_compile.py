@@ -12,25 +12,20 @@ import textwrap
 
 import pytest
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 SCRIPT = textwrap.dedent(
     r"""
     import re, sys
     import torch
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.runtime.driver import driver
         from triton.runtime.jit import JITFunction
         from triton.compiler.errors import CompilationError
+        from benchmarks.kernel_resources import stand_in_driver
+        stand_in_driver()
     except Exception as e:  # internals moved
         print("SKIP", repr(e)); sys.exit(0)
 
-    class StandInDriver:
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_active_torch_device(self): return torch.device("cpu")
-
-    driver.set_active(StandInDriver())
     original_run = JITFunction.run
     compiled = {}
 
@@ -76,7 +71,9 @@ SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"cannot drive Triton's compiler without a GPU here: {proc.stdout.strip()}")
@@ -100,7 +97,7 @@ def test_no_register_spills_at_benchmark_configurations():
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.kernel_resources", "--compile-only"],
         env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=900,
