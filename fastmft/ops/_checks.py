@@ -37,12 +37,6 @@ def _host_read(values: torch.Tensor) -> list:
     return values.tolist()
 
 
-def index(name: str, value, n: int | None, upper: int, *, ignore_index: int | None = None) -> torch.Tensor:
-    """An integer index tensor of shape [n] whose entries lie in [0, upper) (or equal ignore_index)."""
-    indices((name, value, n, upper, ignore_index))
-    return value
-
-
 def index_tensor(name: str, value, n: int | None) -> torch.Tensor:
     """An integer tensor of shape [n] (its values unchecked)."""
     tensor(name, value)
