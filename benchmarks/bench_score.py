@@ -2,7 +2,7 @@
 user would otherwise write, with the same encoder and the same rows.
 
 Providers (one timed call = score every row of the corpus, from the JSONL file to the scores):
-- ``fastmft-score``: :func:`fastmft.score.score_files`, the whole command: streaming reader and
+- ``fastmft-score``: :func:`fastmft.pipelines.score.score_files`, the whole command: streaming reader and
   background tokeniser, length-sorted batches within chunks, one encoder pass into an fp16 on-disk
   cache, prototypes from the cached sums, typicality from the cache, Parquet output (a fresh
   cache every call);
@@ -51,7 +51,7 @@ def model_folder(name: str) -> str | None:
         return _BUILT[name]
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from fastmft.backbone import default_backbone_path
+    from fastmft.runtime.backbone import default_backbone_path
 
     folder = Path(tempfile.mkdtemp(prefix=f"fastmft-bench-{name}-"))
     tok = AutoTokenizer.from_pretrained(str(default_backbone_path()), local_files_only=True)
@@ -80,7 +80,7 @@ def read_rows(path: str, n: int) -> list[dict]:
 
 
 def _load(model_name: str, device):
-    from fastmft.backbone import load_backbone
+    from fastmft.runtime.backbone import load_backbone
 
     model, tok = load_backbone(model_folder(model_name))
     model.eval().to(device)
@@ -188,7 +188,7 @@ def fastmft_pipeline(
     quantize=None,
 ):
     """``fastmft score`` on the first ``n_rows`` rows of ``path`` (the whole file when it has no more)."""
-    from fastmft.score import ScoreConfig, score_files
+    from fastmft.pipelines.score import ScoreConfig, score_files
 
     out = Path(workdir) / "scores.parquet"
     shutil.rmtree(str(out) + ".score-cache", ignore_errors=True)
@@ -213,7 +213,7 @@ def fastmft_pipeline(
 
 def _corpus(rows: int) -> str:
     """A generated corpus in a temporary JSONL file (the synthetic demo data, repeated)."""
-    from fastmft.synthetic import synthetic_corpus
+    from fastmft.data.synthetic import synthetic_corpus
 
     base = synthetic_corpus(64, domains=4, seed=0)
     path = Path(tempfile.mkdtemp(prefix="fastmft-bench-score-")) / f"rows-{rows}.jsonl"

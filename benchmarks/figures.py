@@ -42,7 +42,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def table3(folder: Path, path: Path) -> Path:
-    from fastmft.trainer import METHOD_NAMES, METHODS
+    from fastmft.pipelines.trainer import METHOD_NAMES, METHODS
 
     cells: dict[str, list[dict]] = {}
     for f in sorted(folder.glob("*_seed*.json")):

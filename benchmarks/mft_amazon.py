@@ -143,8 +143,8 @@ def _versions() -> dict:
 def _load(cache: dict, data_dir: Path, tokenizer, fraction: int, seed: int):
     """TrainData with eval = test and dev = dev (the few-shot subset depends on the seed only, so
     the arms of one seed train on the same rows)."""
-    from fastmft import trainer
     from fastmft.data import Columns
+    from fastmft.pipelines import trainer
 
     key = (fraction, seed if fraction < 100 else None)
     if key not in cache:
@@ -241,8 +241,8 @@ def run_cell(
     """Run (or resume) one cell; True when finished and its JSON written."""
     import torch
 
-    from fastmft import trainer
-    from fastmft.backbone import load_backbone
+    from fastmft.pipelines import trainer
+    from fastmft.runtime.backbone import load_backbone
 
     from .harness import device_name
 
@@ -299,7 +299,7 @@ def run_cell(
         )
         base = cache.setdefault("probe_base", {})
         if cell.seed not in base:  # the pre-trained encoder, the probe's reference
-            from fastmft.trainer import _prepare_encoder
+            from fastmft.pipelines.trainer import _prepare_encoder
 
             base[cell.seed] = _probe(
                 _prepare_encoder(encoder, None),

@@ -111,9 +111,9 @@ def run_cell(
     """Run (or resume) one cell; True when finished and its JSON written."""
     import torch
 
-    from fastmft import trainer
-    from fastmft.backbone import load_backbone
     from fastmft.data import Columns
+    from fastmft.pipelines import trainer
+    from fastmft.runtime.backbone import load_backbone
 
     from .harness import device_name
 
@@ -185,7 +185,7 @@ def _mean_std(values: list[float]) -> str:
 
 
 def render(work_dir: Path | None = None) -> str:
-    from fastmft.trainer import METHOD_NAMES
+    from fastmft.pipelines.trainer import METHOD_NAMES
 
     lines = [
         "# Table 3 reproduction: Amazon reviews, test accuracy (%) per domain",

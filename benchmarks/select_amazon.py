@@ -61,7 +61,7 @@ def _evaluate(model, rows_ids, labels, device, pad_id) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from fastmft.selection import pad_ids
+    from fastmft.pipelines.selection import pad_ids
 
     model.eval()
     preds, loss = [], 0.0
@@ -83,9 +83,9 @@ def _evaluate(model, rows_ids, labels, device, pad_id) -> dict:
 def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
     import torch
 
-    from fastmft.backbone import load_backbone
     from fastmft.data import Columns, prepare
-    from fastmft.selection import ClassificationTask, MultiTaskModel, TaskSelector, build_tasks
+    from fastmft.pipelines.selection import ClassificationTask, MultiTaskModel, TaskSelector, build_tasks
+    from fastmft.runtime.backbone import load_backbone
 
     from .harness import device_name
 

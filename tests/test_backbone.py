@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from fastmft import backbone
+from fastmft.runtime import backbone
 from tests.helpers import tiny_bert
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastmft.cli import main
-from fastmft.synthetic import synthetic_corpus
+from fastmft.data.synthetic import synthetic_corpus
 from tests.helpers import tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fastmft.cli import main
-from fastmft.synthetic import synthetic_corpus
+from fastmft.data.synthetic import synthetic_corpus
 from tests.helpers import tiny_bert
 
 

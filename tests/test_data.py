@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastmft.data import Collator, Columns, LengthBucketSampler, Vocab, encode_labels, load_table, prepare
-from fastmft.synthetic import synthetic_corpus
+from fastmft.data.synthetic import synthetic_corpus
 from tests.helpers import tiny_bert
 
 ROWS = [

@@ -15,18 +15,9 @@ LAYERS = {
     "fastmft.kernels": 0,  # Triton only
     "fastmft.ops": 1,  # the math: checks, references, autograd over the kernels, public ops, dispatch
     "fastmft._C": 1,  # the compiled extension's loader
-    "fastmft.data": 2,  # sources, validation, batching
-    "fastmft.synthetic": 2,
-    "fastmft._atomic": 3,  # runtime: files, devices, process group, backbones
-    "fastmft._dist": 3,
-    "fastmft._quiet": 3,
-    "fastmft.backbone": 3,
-    "fastmft.plots": 4,  # pipelines and their figures
-    "fastmft.scoring": 4,
-    "fastmft.score": 4,
-    "fastmft.trainer": 4,
-    "fastmft.selection": 4,
-    "fastmft.utility": 4,
+    "fastmft.data": 2,  # sources, schema and validation, batching, the demo corpus
+    "fastmft.runtime": 3,  # devices, process group, backbones, crash-safe files
+    "fastmft.pipelines": 4,  # orchestration without argparse, and its figures
     "fastmft.cli": 5,  # commands
     "fastmft.__main__": 6,
     "fastmft": 6,  # the package's lazy re-exports
@@ -121,7 +112,7 @@ def test_no_import_cycles():
 
 def test_the_checker_sees_upward_imports_and_cycles(tmp_path):
     """The rules above must be able to fail."""
-    assert layer("fastmft.ops.nn") < layer("fastmft.trainer") < layer("fastmft.cli.train")
+    assert layer("fastmft.ops.nn") < layer("fastmft.pipelines.trainer") < layer("fastmft.cli.train")
     assert "fastmft.ops.functional" in GRAPH["fastmft.ops.nn"]
     assert "fastmft.kernels.typicality" in GRAPH["fastmft.ops.triton"]
     fake = tmp_path / "mod.py"

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fastmft.cli import main
-from fastmft.plots import typicality_histogram
+from fastmft.pipelines.plots import typicality_histogram
 from tests.helpers import tiny_bert
 
 PNG = b"\x89PNG\r\n\x1a\n"

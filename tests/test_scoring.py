@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from fastmft.data import Columns, prepare
-from fastmft.scoring import score_dataset
-from fastmft.synthetic import synthetic_corpus
+from fastmft.data.synthetic import synthetic_corpus
+from fastmft.pipelines.typicality import score_dataset
 from tests.helpers import assert_close, tiny_bert
 from tests.test_typicality import prototypes64, typicality64
 

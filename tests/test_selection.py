@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from fastmft.selection import ClassificationTask, MaskedLMTask, MultiTaskModel, TaskSelector, TokenShuffleTask
-from fastmft.synthetic import synthetic_corpus
-from fastmft.utility import clone_task_utility
+from fastmft.data.synthetic import synthetic_corpus
+from fastmft.pipelines.selection import ClassificationTask, MaskedLMTask, MultiTaskModel, TaskSelector, TokenShuffleTask
+from fastmft.pipelines.utility import clone_task_utility
 from tests.helpers import tiny_bert
 
 
@@ -190,7 +190,7 @@ def _weights(selector):
 def test_a_kill_around_the_checkpoint_resumes_exactly_without_duplicate_log_lines(corpus, tmp_path, monkeypatch, where):
     import json
 
-    from fastmft import _atomic
+    from fastmft.runtime import files as _atomic
 
     straight, _ = build(corpus, 5, **SEL)
     expected = [(e.chosen, e.utilities) for e in straight.run(3, progress=False)]
@@ -248,7 +248,7 @@ def test_self_supervised_sources_read_training_rows_only(corpus):
     import datasets
 
     from fastmft.data import Columns, prepare
-    from fastmft.selection import build_tasks
+    from fastmft.pipelines.selection import build_tasks
 
     rows, _, tok = corpus
     data = prepare(

@@ -13,12 +13,12 @@ import datasets
 import pytest
 import torch
 
-from fastmft import trainer
-from fastmft.backbone import load_backbone
 from fastmft.cli import main as cli_main
 from fastmft.data import Columns
+from fastmft.data.synthetic import synthetic_corpus
 from fastmft.ops.nn import skip_layers
-from fastmft.synthetic import synthetic_corpus
+from fastmft.pipelines import trainer
+from fastmft.runtime.backbone import load_backbone
 from tests.helpers import tiny_bert
 
 PER_DOMAIN, DOMAINS = 16, 2
@@ -213,7 +213,7 @@ def test_ddp_two_gloo_processes_match_single_process(corpus, backbone, tmp_path)
             "--nproc_per_node",
             "2",
             "-m",
-            "fastmft.trainer",
+            "fastmft.pipelines.trainer",
             *args,
             "--output-dir",
             str(tmp_path / "ddp"),

@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-    from .._quiet import quiet_libraries
-    from ..backbone import BackboneNotFound
-    from ..plots import MissingMatplotlib
+    from fastmft.pipelines.plots import MissingMatplotlib
+    from fastmft.runtime.backbone import BackboneNotFound
+    from fastmft.runtime.quiet import quiet_libraries
 
     quiet_libraries()
     try:

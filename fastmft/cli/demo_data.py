@@ -18,7 +18,7 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..synthetic import synthetic_corpus
+    from fastmft.data.synthetic import synthetic_corpus
 
     rows = synthetic_corpus(args.per_domain, domains=args.domains, seed=args.seed)
     out = Path(args.output)

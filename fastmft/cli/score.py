@@ -1,12 +1,12 @@
-"""``fastmft score``: its options and the command (the library code is fastmft.score)."""
+"""``fastmft score``: its options and the command (the library code is fastmft.pipelines.score)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from .. import score as score_lib
-from ..score import ScoreConfig, score_files
+from fastmft.pipelines import score as score_lib
+from fastmft.pipelines.score import ScoreConfig, score_files
 
 
 def _csv_list(text: str) -> list[str]:
@@ -107,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 
 def _command(args: argparse.Namespace) -> int:
-    from .. import plots
+    from fastmft.pipelines import plots
 
     if args.plot:
         plots.require_matplotlib()

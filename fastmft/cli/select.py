@@ -1,4 +1,4 @@
-"""``fastmft select``: its options and the command (the library code is fastmft.selection)."""
+"""``fastmft select``: its options and the command (the library code is fastmft.pipelines.selection)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ from pathlib import Path
 
 import torch
 
-from ..selection import MultiTaskModel, TaskSelector, build_tasks
+from fastmft.pipelines.selection import MultiTaskModel, TaskSelector, build_tasks
 
 
 def _run_cli(args) -> int:
     import collections
 
-    from .._dist import pick_device
-    from ..backbone import check_max_length, load_backbone
+    from fastmft.data.synthetic import synthetic_dataset
+    from fastmft.runtime.backbone import check_max_length, load_backbone
+    from fastmft.runtime.dist import pick_device
+
     from ..data import Columns, prepare
-    from ..synthetic import synthetic_dataset
 
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():

@@ -1,4 +1,4 @@
-"""``fastmft train``: its options and the command (the library code is fastmft.trainer)."""
+"""``fastmft train``: its options and the command (the library code is fastmft.pipelines.trainer)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import Columns
-from ..trainer import (
+from fastmft.pipelines.trainer import (
     METHOD_NAMES,
     METHODS,
     TrainConfig,
@@ -22,10 +21,13 @@ from ..trainer import (
     train,
 )
 
+from ..data import Columns
+
 
 def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     """Add ``train`` to the ``fastmft`` command's subparsers."""
-    from ..synthetic import SYNTHETIC_PER_DOMAIN
+    from fastmft.data.synthetic import SYNTHETIC_PER_DOMAIN
+
     from .options import add_column_arguments, positive_int
 
     p = subparsers.add_parser(
@@ -154,7 +156,7 @@ def _layers_arg(text: str) -> tuple[int, ...]:
 
 def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[str]) -> int:
     t0 = time.perf_counter()
-    from ..backbone import load_backbone
+    from fastmft.runtime.backbone import load_backbone
 
     encoder, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
     _check_encoder(encoder, cfg)
@@ -174,7 +176,7 @@ def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[st
             seed=cfg.seed,
         )
     else:
-        from ..synthetic import synthetic_dataset
+        from fastmft.data.synthetic import synthetic_dataset
 
         data = load_data(
             synthetic_dataset(args.synthetic_per_domain),

@@ -7,7 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..synthetic import SYNTHETIC_PER_DOMAIN
+from fastmft.data.synthetic import SYNTHETIC_PER_DOMAIN
+
 from .options import add_data_arguments, positive_int, shorten
 
 
@@ -47,14 +48,15 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .._dist import pick_device
-    from ..backbone import load_backbone
+    from fastmft.data.synthetic import synthetic_dataset
+    from fastmft.pipelines.typicality import score_dataset
+    from fastmft.runtime.backbone import load_backbone
+    from fastmft.runtime.dist import pick_device
+
     from ..data import Columns, prepare
-    from ..scoring import score_dataset
-    from ..synthetic import synthetic_dataset
 
     if args.plot:
-        from ..plots import require_matplotlib
+        from fastmft.pipelines.plots import require_matplotlib
 
         require_matplotlib()  # before the encoder runs, not after
     torch.manual_seed(args.seed)
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 )
         print(f"\nwrote {len(ds)} scores to {out}")
     if args.plot:
-        from ..plots import typicality_histogram
+        from fastmft.pipelines.plots import typicality_histogram
 
         names = [data.domain_vocab.values[k] for k in domains]
         print(f"wrote the typicality per domain to {typicality_histogram(scores, names, args.plot)}")

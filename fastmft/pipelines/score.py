@@ -18,8 +18,8 @@ encoder run once:
   (per domain: rows, mean typicality, the top/bottom-k rows).
 
 Usage: ``fastmft score data/*.jsonl --output scores.parquet [--label-values neg,pos]
-[--id-column id] [--report report.json] [--prototypes 3]``; the same as ``python -m fastmft.score``
-(what ``torchrun --nproc_per_node N -m fastmft.score ...`` runs), and from Python
+[--id-column id] [--report report.json] [--prototypes 3]``; the same as ``python -m fastmft score``
+(what ``torchrun --nproc_per_node N -m fastmft score ...`` runs), and from Python
 :func:`score_files` with a :class:`ScoreConfig`.
 
 Memory: at most a few chunks (rows, tokens, embeddings) are held at any time, so peak memory does
@@ -80,12 +80,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ._atomic import atomic_json as _atomic_json
-from ._atomic import atomic_write as _atomic_write
+from fastmft.runtime.files import atomic_json as _atomic_json
+from fastmft.runtime.files import atomic_write as _atomic_write
 
 if TYPE_CHECKING:
-    from ._dist import Dist
-    from .data import Vocab
+    from fastmft.data import Vocab
+    from fastmft.runtime.dist import Dist
 
 _TOKENIZE_ROWS = 256  # rows per tokenizer call
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -410,7 +410,7 @@ def _vocab(values: list, name: str) -> Vocab:
     """A vocabulary looked up by string form (CLI values are strings, data values may be numbers)."""
     if not values:
         raise ScoreError(f"no {name} value found in the input")
-    from .data import Vocab
+    from fastmft.data import Vocab
 
     try:
         return Vocab(values, name, key=_key)
@@ -519,10 +519,10 @@ def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
 
     ours = model is None or tokenizer is None
     if ours:
-        from .backbone import load_backbone
+        from fastmft.runtime.backbone import load_backbone
 
         model, tokenizer = load_backbone(cfg.backbone, trust_remote_code=cfg.trust_remote_code)
-    from .backbone import check_max_length
+    from fastmft.runtime.backbone import check_max_length
 
     check_max_length(model, cfg.max_length)
     if not getattr(tokenizer, "is_fast", False):
@@ -554,7 +554,7 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
     _check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from ._dist import Dist
+    from fastmft.runtime.dist import Dist
 
     dist = Dist(cfg.device)
     try:
@@ -654,7 +654,7 @@ def _run_locked(
     # --- pass one: encode the chunks of this rank that are not in the cache yet
     import torch
 
-    from .ops.prototypes import MultiPrototypes, PrototypeAccumulator, Prototypes
+    from fastmft.ops.prototypes import MultiPrototypes, PrototypeAccumulator, Prototypes
 
     todo = {c for c in mine if not _meta_path(cache, c).exists()}
     resumed = len(mine) - len(todo)
@@ -704,7 +704,7 @@ def _run_locked(
         )
 
     # --- pass two (a): score this rank's chunks from the cache only
-    from .ops.functional import typicality
+    from fastmft.ops.functional import typicality
 
     for c in mine:
         path = _scores_path(cache, c)
@@ -760,7 +760,7 @@ def _check_finite(values: np.ndarray, ids, what: str) -> None:
 def _sums_acc(meta: dict, M: int, K: int):
     import torch
 
-    from .ops.prototypes import PrototypeAccumulator
+    from fastmft.ops.prototypes import PrototypeAccumulator
 
     a = PrototypeAccumulator(M, K, int(meta["sums"].shape[1]))
     a.sums = torch.from_numpy(meta["sums"].astype(np.float64))
@@ -992,7 +992,7 @@ def _encode_chunks(
 ):
     import torch
 
-    from .ops.functional import masked_mean_pool
+    from fastmft.ops.functional import masked_mean_pool
 
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
@@ -1076,7 +1076,8 @@ def _multi_prototypes(cfg, cache, n_chunks, M, K, dim) -> dict:
     """Spherical k-means per cell on the cached embeddings, one cell at a time."""
     import torch
 
-    from .ops.prototypes import multi_prototypes
+    from fastmft.data import stream_seed
+    from fastmft.ops.prototypes import multi_prototypes
 
     J = cfg.prototypes
     centers = torch.zeros(K, M, J, dim, dtype=torch.float32)
@@ -1093,7 +1094,7 @@ def _multi_prototypes(cfg, cache, n_chunks, M, K, dim) -> dict:
             continue
         x = torch.from_numpy(np.concatenate(parts))
         zero = torch.zeros(len(x), dtype=torch.long)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cell)
+        g = torch.Generator().manual_seed(stream_seed(cfg.seed, cell))
         mp = multi_prototypes(x, zero, zero, 1, 1, J, temperature=cfg.temperature, generator=g)
         k, m = divmod(cell, M)
         centers[k, m], counts[k, m] = mp.centers[0, 0], mp.counts[0, 0]
@@ -1205,10 +1206,3 @@ def _merge(
 
 # ----------------------------------------------------------------------------------------------
 # Command line
-
-
-if __name__ == "__main__":  # ``python -m fastmft.score`` (e.g. under torchrun): ``fastmft score``
-    from fastmft.cli import main
-
-    argv = sys.argv[1:]
-    sys.exit(main(argv if argv[:1] == ["score"] else ["score", *argv]))

@@ -26,7 +26,7 @@ single-process one.
 
 Python API: :func:`train` (one method), :func:`compare` (several methods on the same data),
 :func:`meta_train` (steps 1-3 alone, returns the meta-learned encoder). CLI: ``fastmft train``
-(:func:`register_cli`), also ``python -m fastmft.trainer`` (e.g. under torchrun).
+(fastmft/cli/train.py), also ``python -m fastmft train`` (e.g. under torchrun).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._atomic import CheckpointDir, atomic_path, atomic_write, trim_lines
-from ._dist import Dist
-from .data import (
+from fastmft.data import (
+    MODEL_INPUTS,
     Collator,
     Columns,
     LengthBucketSampler,
@@ -57,10 +55,13 @@ from .data import (
     check_columns,
     encode_labels,
     load_table,
+    stream_seed,
     tokenize,
 )
-from .ops.functional import shuffle_domains
-from .ops.nn import MFTLoss, skip_layers
+from fastmft.ops.functional import shuffle_domains
+from fastmft.ops.nn import MFTLoss, skip_layers
+from fastmft.runtime.dist import Dist
+from fastmft.runtime.files import CheckpointDir, atomic_path, atomic_write, trim_lines
 
 METHODS = ("s", "mix", "mtl", "adv", "dc", "tw", "full")
 METHOD_NAMES = {
@@ -74,7 +75,6 @@ METHOD_NAMES = {
 }
 MFT_METHODS = ("dc", "tw", "full")
 JOINT_METHODS = ("mix", "mtl", "adv")
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _STATE_VERSION = 2
 
 
@@ -319,7 +319,7 @@ def load_data(
 
 
 def _rows(ds, extra: Sequence[str] = ()) -> list[dict]:
-    wanted = [c for c in (*_MODEL_INPUTS, "labels", "domains", *extra) if c in ds.column_names]
+    wanted = [c for c in (*MODEL_INPUTS, "labels", "domains", *extra) if c in ds.column_names]
     return ds.select_columns(wanted).to_list()
 
 
@@ -344,7 +344,7 @@ def grad_reverse(x: Tensor, coeff: float = 1.0) -> Tensor:
 
 
 def _encode(encoder, batch: dict, hidden_states: bool = False):
-    return encoder(**{k: batch[k] for k in _MODEL_INPUTS if k in batch}, output_hidden_states=hidden_states)
+    return encoder(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, output_hidden_states=hidden_states)
 
 
 def _hidden(encoder) -> int:
@@ -426,7 +426,7 @@ def _prepare_encoder(encoder, dropout: float | None):
 class _Store:
     """The run folder: typicality, meta-learner, metrics, and the checkpoint: state.json (progress,
     results, metrics line count) with the model and optimizer of an unfinished phase, published as
-    one unit (:class:`fastmft._atomic.CheckpointDir`)."""
+    one unit (:class:`fastmft.runtime.files.CheckpointDir`)."""
 
     def __init__(self, folder: str | os.PathLike | None, dist: Dist):
         self.folder = Path(folder) if folder is not None else None
@@ -556,7 +556,7 @@ def _shuffle_within(values: Tensor, groups: Sequence[int], seed: int) -> Tensor:
 
 
 def _step_seed(seed: int, phase: int, step: int) -> int:
-    return (seed * 1_000_003 + phase * 10_007 + step) % (2**63 - 1)
+    return stream_seed(seed, phase, step)
 
 
 def _warmup_linear(total: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -686,7 +686,7 @@ class _Run:
     def _typicality(self) -> Tensor:
         from safetensors.torch import load_file, save_file
 
-        from .scoring import score_dataset
+        from fastmft.pipelines.typicality import score_dataset
 
         p = self.store.path("typicality.safetensors")
         if p is not None and p.is_file():
@@ -956,7 +956,7 @@ def _load_encoder(backbone):
     """(encoder, tokenizer): a (model, tokenizer) pair passes through; else load_backbone."""
     if isinstance(backbone, tuple):
         return backbone
-    from .backbone import load_backbone
+    from fastmft.runtime.backbone import load_backbone
 
     return load_backbone(backbone)
 
@@ -995,7 +995,7 @@ def train(
 
 def _default_data(source, eval_source, columns, tokenizer, cfg: TrainConfig) -> TrainData:
     if source is None:
-        from .synthetic import synthetic_dataset
+        from fastmft.data.synthetic import synthetic_dataset
 
         source, columns = synthetic_dataset(), Columns()
     return load_data(
@@ -1083,17 +1083,10 @@ def format_table(results: dict[str, TrainResult], metric: str = "accuracy") -> s
 def _check_encoder(encoder, cfg: TrainConfig, tokenising: bool = True) -> None:
     """The options that depend on the encoder, before any data is tokenised or encoded
     (max_length only matters when fastmft tokenises the data itself)."""
-    from .backbone import check_max_length
+    from fastmft.runtime.backbone import check_max_length
 
     if tokenising:
         check_max_length(encoder, cfg.max_length)
     depth = encoder.config.num_hidden_layers
     if cfg.layers and max(cfg.layers) > depth:
         raise ValueError(f"--layers {','.join(map(str, cfg.layers))}: the encoder has {depth} layers")
-
-
-if __name__ == "__main__":  # ``python -m fastmft.trainer`` (e.g. under torchrun): ``fastmft train``
-    from fastmft.cli import main
-
-    argv = sys.argv[1:]
-    sys.exit(main(argv if argv[:1] == ["train"] else ["train", *argv]))

@@ -3,7 +3,7 @@
 Each episode samples M batches of every target task, scores every source task s by
 u(s) = sum over M of its batches tau of -(sum of the target losses at theta'),
 theta' = theta - alpha * grad L_tau(theta) (one functional inner step, no graph kept: see
-:class:`fastmft.utility.TaskUtilityScorer`), picks argmax u (a random task with probability
+:class:`fastmft.pipelines.utility.TaskUtilityScorer`), picks argmax u (a random task with probability
 epsilon), and trains N batches of it with the real optimizer. With no targets given the mode is
 downstream-agnostic (T = S).
 
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._atomic import CheckpointDir, trim_lines
-from .utility import TaskUtilityScorer
+from fastmft.pipelines.utility import TaskUtilityScorer
+from fastmft.runtime.files import CheckpointDir, trim_lines
 
 
 def pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -432,7 +432,7 @@ class TaskSelector:
         return history
 
     def save(self, folder: str | Path) -> Path:
-        """One atomic checkpoint in ``folder`` (:class:`fastmft._atomic.CheckpointDir`): model weights
+        """One atomic checkpoint in ``folder`` (:class:`fastmft.runtime.files.CheckpointDir`): model weights
         (safetensors), optimizer and RNG states (tensors only), progress (JSON). Returns its folder."""
         from safetensors.torch import save_model
 

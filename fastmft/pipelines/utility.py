@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .ops.inner_step import FlatParams, NonFiniteError, inner_step
+from fastmft.ops.inner_step import FlatParams, NonFiniteError, inner_step
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -78,7 +78,7 @@ class TaskUtilityScorer:
     :meth:`step`, so do not run the same module's backward from another thread meanwhile.
     ``precondition(i, grad) -> grad``: optional map applied to the gradient of ``self.names[i]``
     (dense, or sparse COO for a row-sparse table) before the step, e.g. the real optimizer's
-    preconditioning (:meth:`fastmft.selection.TaskSelector.adam_precondition`); settable any time.
+    preconditioning (:meth:`fastmft.pipelines.selection.TaskSelector.adam_precondition`); settable any time.
     """
 
     def __init__(

@@ -9,16 +9,14 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from .data import Collator, LengthBucketSampler
-from .ops.functional import masked_mean_pool, typicality
-from .ops.prototypes import (
+from fastmft.data import MODEL_INPUTS, Collator, LengthBucketSampler
+from fastmft.ops.functional import masked_mean_pool, typicality
+from fastmft.ops.prototypes import (
     MultiPrototypes,
     Prototypes,
     class_prototypes,
     multi_prototypes,
 )
-
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
@@ -44,7 +42,7 @@ def embed(
     model.eval()
     sampler = LengthBucketSampler(dataset["length"], batch_size, shuffle=False)
     collate = Collator(pad_token_id)
-    wanted = [c for c in _MODEL_INPUTS if c in dataset.column_names]
+    wanted = [c for c in MODEL_INPUTS if c in dataset.column_names]
     out = torch.empty(len(dataset), model.config.hidden_size, dtype=torch.float32)
     with tqdm(total=len(dataset), desc="embedding", unit="row", disable=not progress) as bar:
         for indices in sampler:

@@ -1,0 +1,149 @@
+"""Tokenising and batching: tokenisation without padding, one padding collate, and a
+length-bucketed batch sampler."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import datasets
+import torch
+from torch.utils.data import Sampler
+
+from .schema import Columns, Vocab, encode_labels
+from .sources import load_table
+
+# The tokenizer outputs a BERT-style encoder takes, in the order the collate pads them.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def stream_seed(seed: int, index: int, step: int | None = None) -> int:
+    """The seed of one random stream derived from a run's ``seed``: ``seed * 1_000_003 + index``,
+    plus ``index * 10_007 + step`` in place of ``index`` when ``step`` is given (a phase and its
+    step), modulo 2^63 - 1. The odd multipliers keep nearby (seed, index) pairs apart."""
+    offset = index if step is None else index * 10_007 + step
+    return (seed * 1_000_003 + offset) % (2**63 - 1)
+
+
+def tokenize(
+    ds: datasets.Dataset, tokenizer, columns: Columns, *, max_length: int = 128, num_proc: int | None = None
+) -> datasets.Dataset:
+    """Tokenise with ``.map(batched=True)``, truncating to ``max_length`` and without padding (the
+    collate pads per batch). Adds input_ids, attention_mask (token_type_ids when the tokenizer
+    makes them) and ``length``."""
+
+    def encode(batch):
+        pair = batch[columns.text_pair] if columns.text_pair else None
+        enc = tokenizer(batch[columns.text], pair, truncation=True, max_length=max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return dict(enc)
+
+    return ds.map(encode, batched=True, num_proc=num_proc, desc="tokenising")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    dataset: datasets.Dataset  # tokenised, with integer labels and domains
+    label_vocab: Vocab
+    domain_vocab: Vocab
+    columns: Columns
+
+
+def prepare(
+    source,
+    tokenizer,
+    columns: Columns = Columns(),
+    *,
+    max_length: int = 128,
+    split: str | None = None,
+    label_vocab: Vocab | None = None,
+    domain_vocab: Vocab | None = None,
+) -> PreparedData:
+    """load_table -> encode_labels -> tokenize, in one call."""
+    ds = load_table(source, split=split)
+    ds, label_vocab, domain_vocab = encode_labels(ds, columns, label_vocab, domain_vocab)
+    return PreparedData(tokenize(ds, tokenizer, columns, max_length=max_length), label_vocab, domain_vocab, columns)
+
+
+class Collator:
+    """Pads a list of tokenised rows to the batch's longest sequence and stacks them as tensors.
+
+    Keeps input_ids, attention_mask, token_type_ids (when present), labels, domains and the
+    optional float column ``typicality``; other columns are dropped."""
+
+    PADDED = MODEL_INPUTS
+    SCALARS = {"labels": torch.long, "domains": torch.long, "typicality": torch.float32, "index": torch.long}
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        batch = {}
+        for key in self.PADDED:
+            if key in rows[0]:
+                pad = self.pad_token_id if key == "input_ids" else 0
+                batch[key] = torch.tensor(
+                    [list(r[key]) + [pad] * (longest - len(r[key])) for r in rows], dtype=torch.long
+                )
+        for key, dtype in self.SCALARS.items():
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=dtype)
+        return batch
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of similar length for throughput, still random: shuffle all indices, cut them into
+    windows of ``window_batches`` batches, sort each window by length, cut into batches, and
+    shuffle the batch order. ``set_epoch`` changes the order deterministically; with
+    ``num_replicas`` > 1 each rank takes every num_replicas-th batch (the batch count is padded by
+    repeating batches so that all ranks get the same number)."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        window_batches: int = 50,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, num_replicas={num_replicas})")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.batch_size, self.window = batch_size, batch_size * max(1, window_batches)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch))
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        batches = []
+        for s in range(0, n, self.window):
+            window = order[s : s + self.window]
+            window = window[torch.argsort(self.lengths[window], stable=True)]
+            batches.extend(window[i : i + self.batch_size].tolist() for i in range(0, len(window), self.batch_size))
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        if self.num_replicas > 1 and batches:
+            per_rank = math.ceil(len(batches) / self.num_replicas)
+            batches = (batches * self.num_replicas)[: per_rank * self.num_replicas][self.rank :: self.num_replicas]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
