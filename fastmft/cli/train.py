@@ -10,16 +10,8 @@ from pathlib import Path
 
 import torch
 
-from fastmft.pipelines.trainer import (
-    METHOD_NAMES,
-    METHODS,
-    TrainConfig,
-    _check_encoder,
-    format_table,
-    load_data,
-    method_key,
-    train,
-)
+from fastmft.pipelines.trainer import METHOD_NAMES, METHODS, TrainConfig, format_table, load_data, method_key, train
+from fastmft.pipelines.trainer.models import check_encoder
 
 from ..data import Columns
 
@@ -159,7 +151,7 @@ def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[st
     from fastmft.runtime.backbone import load_backbone
 
     encoder, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
-    _check_encoder(encoder, cfg)
+    check_encoder(encoder, cfg)
     if args.data:
         columns = Columns(args.text_column, args.label_column, args.domain_column, args.text_pair_column)
         data = load_data(
