@@ -438,7 +438,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step(data, backbone, monkey
         (["--alpha", "1.5"], "alpha (--alpha) must be a finite number in [0, 1]"),
         (["--lr", "-1"], "lr (--lr) must be a finite number > 0"),
         (["--prototypes", "0"], "num_prototypes (--prototypes) must be an integer >= 1"),
-        (["--layers", "1.5"], "--layers must be comma-separated integers"),
+        (["--layers", "1.5"], "argument --layers: must be comma-separated int values, got '1.5'"),
         (["--layers", "9"], "--layers 9: the encoder has 3 layers"),
         (["--method", ","], "--method ',' names no method"),
         (["--output-dir", "{file}"], "is a file, not a folder"),
@@ -457,6 +457,34 @@ def test_bad_options_are_one_line_errors(corpus, backbone, tmp_path, capsys, arg
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
     assert (tmp_path / "file").read_text() == ""
+
+
+def test_cli_options_are_made_from_the_config_fields(capsys):
+    """Every TrainConfig field but method is a ``fastmft train`` option with its help text and
+    default; no option gives the default config, and each option reaches its field."""
+    import dataclasses
+
+    from fastmft.cli import build_parser
+    from fastmft.cli.train import config_from_args
+    from fastmft.pipelines.trainer.config import option_name
+
+    parser = build_parser("train")
+    assert config_from_args(parser.parse_args(["train"]), "full") == trainer.TrainConfig()
+    given = ["--prototypes", "3", "--layers", "1,2", "--no-bf16", "--placebo", "--mft-lr", "1e-4"]
+    cfg = config_from_args(parser.parse_args(["train", *given, "--stop-after-steps", "5", "--seed", "7"]), "s")
+    assert (cfg.num_prototypes, cfg.layers, cfg.bf16, cfg.placebo, cfg.mft_lr) == (3, (1, 2), False, True, 1e-4)
+    assert (cfg.stop_after_steps, cfg.seed, cfg.method) == (5, 7, "s")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(trainer.TrainConfig):
+        if f.name == "method":
+            continue
+        flag = f"--no-{option_name(f.name)}" if f.default is True else f"--{option_name(f.name)}"
+        help = " ".join(f.metadata["help"].split())
+        assert f"{flag} " in shown and help in shown, f.name
+        if f.default is not None and not isinstance(f.default, bool):  # 0 included
+            assert f"{help} (default: {f.default})" in shown, f.name
 
 
 def _nothing():
