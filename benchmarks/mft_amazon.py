@@ -299,10 +299,10 @@ def run_cell(
         )
         base = cache.setdefault("probe_base", {})
         if cell.seed not in base:  # the pre-trained encoder, the probe's reference
-            from fastmft.pipelines.trainer import _prepare_encoder
+            from fastmft.pipelines.trainer.models import prepare_encoder
 
             base[cell.seed] = _probe(
-                _prepare_encoder(encoder, None),
+                prepare_encoder(encoder, None),
                 dataclasses.replace(data, dev=data.eval),
                 hyper["layers"],
                 dev,

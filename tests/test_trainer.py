@@ -18,6 +18,7 @@ from fastmft.data import Columns
 from fastmft.data.synthetic import synthetic_corpus
 from fastmft.ops.nn import skip_layers
 from fastmft.pipelines import trainer
+from fastmft.pipelines.trainer import checkpoint, inputs, loop, metrics, models
 from fastmft.runtime.backbone import load_backbone
 from tests.helpers import tiny_bert
 
@@ -80,10 +81,10 @@ def test_each_method_runs_end_to_end(method, data, backbone, tmp_path):
 
 def test_mft_heads_add_only_expected_parameters_and_are_dropped(data, backbone):
     encoder = backbone[1][0]
-    base = trainer._prepare_encoder(encoder, None)
+    base = models.prepare_encoder(encoder, None)
     H, M, K = base.config.hidden_size, len(data.label_vocab), len(data.domain_vocab)
     layers = skip_layers(base.config.num_hidden_layers)
-    model = trainer.MFTModel(base, M, K, layers, 0.1)
+    model = models.MFTModel(base, M, K, layers, 0.1)
     count = lambda m: sum(p.numel() for p in m.parameters())
     added = {n: p.shape for n, p in model.named_parameters() if not n.startswith("encoder.")}
     expected = {"mft.label_head.weight": (M, H), "mft.label_head.bias": (M,), "mft.domain_embedding.weight": (K, H)}
@@ -102,13 +103,13 @@ def test_mft_heads_add_only_expected_parameters_and_are_dropped(data, backbone):
 def _batch(data, n=6):
     from fastmft.data import Collator
 
-    rows = trainer._rows(data.train)[:: max(1, len(data.train) // n)][:n]
+    rows = inputs.model_rows(data.train)[:: max(1, len(data.train) // n)][:n]
     return Collator()(rows)
 
 
 def test_typicality_weights_reach_the_loss(data, backbone):
     torch.manual_seed(0)
-    model = trainer.MFTModel(trainer._prepare_encoder(backbone[1][0], 0.0), 2, 2, (1, 2, 3), 0.1)
+    model = models.MFTModel(models.prepare_encoder(backbone[1][0], 0.0), 2, 2, (1, 2, 3), 0.1)
     batch = _batch(data)
     n = batch["input_ids"].shape[0]
     batch["corrupted"] = batch["domains"].flip(0)
@@ -143,13 +144,13 @@ def test_stored_typicality_is_what_training_uses(data, backbone, tmp_path):
 
 def test_corrupted_domain_labels_are_a_permutation_of_the_batch(data, backbone, monkeypatch):
     seen = []
-    forward = trainer.MFTModel.forward
+    forward = models.MFTModel.forward
 
     def spy(self, batch):
         seen.append((batch["domains"].clone(), batch["corrupted"].clone()))
         return forward(self, batch)
 
-    monkeypatch.setattr(trainer.MFTModel, "forward", spy)
+    monkeypatch.setattr(models.MFTModel, "forward", spy)
     _run(data, backbone, method="full", mft_epochs=2, epochs=0, batch_size=12)
     assert len(seen) == 4
     for domains, corrupted in seen:
@@ -328,20 +329,20 @@ def test_pairs_word_pairs_and_few_shot(backbone, tmp_path):
     again = trainer.load_data(datasets.Dataset.from_list(rows), tok, columns, few_shot=0.5, seed=1)
     assert few.train["premise"] == again.train["premise"]
     assert (
-        trainer.few_shot_rows([0] * 10, [0] * 10, 0.05, 0)
-        and len(trainer.few_shot_rows([0] * 10, [0] * 10, 0.05, 0)) == 1
+        inputs.few_shot_rows([0] * 10, [0] * 10, 0.05, 0)
+        and len(inputs.few_shot_rows([0] * 10, [0] * 10, 0.05, 0)) == 1
     )
 
 
 def test_schedule_warms_up_then_decays_linearly():
-    f = trainer._warmup_linear(100, 0.1)
+    f = loop.warmup_linear(100, 0.1)
     assert f(0) < f(5) < f(9) <= 1.0 and f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == 0.0
 
 
 def test_metrics():
-    assert trainer.accuracy([0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
+    assert metrics.accuracy([0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
     # classes 0: tp 2 fp 1 fn 0 -> 0.8; class 1: tp 1 fp 0 fn 1 -> 2/3
-    assert trainer.macro_f1([0, 1, 1, 0], [0, 1, 0, 0]) == pytest.approx((0.8 + 2 / 3) / 2)
+    assert metrics.macro_f1([0, 1, 1, 0], [0, 1, 0, 0]) == pytest.approx((0.8 + 2 / 3) / 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,10 +385,10 @@ def test_a_failed_checkpoint_write_resumes_from_the_previous_one(data, backbone,
             raise KeyboardInterrupt("killed mid-checkpoint")
         return real_save(obj, f, *a, **kw)
 
-    monkeypatch.setattr(trainer.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(KeyboardInterrupt):  # checkpoints after steps 1 and 2 of the MFT phase
         _run(data, backbone, out, **{**RESUME_KW, "checkpoint_every": 1})
-    monkeypatch.setattr(trainer.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert _run(data, backbone, out, **RESUME_KW).complete
     _same_as_straight(out, straight)
 
@@ -404,25 +405,25 @@ def test_an_unreadable_checkpoint_falls_back_with_a_message(data, backbone, tmp_
 
 def test_a_kill_before_the_first_checkpoint_logs_no_step_twice(data, backbone, tmp_path, straight, monkeypatch):
     out = tmp_path / "run"
-    real_log = trainer._Store.log
+    real_log = checkpoint.RunStore.log
 
     def log_then_die(self, record):
         real_log(self, record)
         if record.get("global_step") == 1:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(trainer._Store, "log", log_then_die)
+    monkeypatch.setattr(checkpoint.RunStore, "log", log_then_die)
     with pytest.raises(KeyboardInterrupt):
         _run(data, backbone, out, **RESUME_KW)
-    monkeypatch.setattr(trainer._Store, "log", real_log)
+    monkeypatch.setattr(checkpoint.RunStore, "log", real_log)
     assert _run(data, backbone, out, **RESUME_KW).complete
     _same_as_straight(out, straight)
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step(data, backbone, monkeypatch):
-    real = trainer.Classifier.forward
+    real = models.Classifier.forward
     monkeypatch.setattr(
-        trainer.Classifier,
+        models.Classifier,
         "forward",
         lambda self, batch: {k: v * float("nan") if k == "loss" else v for k, v in real(self, batch).items()},
     )
@@ -437,7 +438,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step(data, backbone, monkey
         (["--alpha", "1.5"], "alpha (--alpha) must be a finite number in [0, 1]"),
         (["--lr", "-1"], "lr (--lr) must be a finite number > 0"),
         (["--prototypes", "0"], "num_prototypes (--prototypes) must be an integer >= 1"),
-        (["--layers", "1.5"], "--layers must be comma-separated integers"),
+        (["--layers", "1.5"], "argument --layers: must be comma-separated int values, got '1.5'"),
         (["--layers", "9"], "--layers 9: the encoder has 3 layers"),
         (["--method", ","], "--method ',' names no method"),
         (["--output-dir", "{file}"], "is a file, not a folder"),
@@ -456,6 +457,34 @@ def test_bad_options_are_one_line_errors(corpus, backbone, tmp_path, capsys, arg
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
     assert (tmp_path / "file").read_text() == ""
+
+
+def test_cli_options_are_made_from_the_config_fields(capsys):
+    """Every TrainConfig field but method is a ``fastmft train`` option with its help text and
+    default; no option gives the default config, and each option reaches its field."""
+    import dataclasses
+
+    from fastmft.cli import build_parser
+    from fastmft.cli.train import config_from_args
+    from fastmft.pipelines.trainer.config import option_name
+
+    parser = build_parser("train")
+    assert config_from_args(parser.parse_args(["train"]), "full") == trainer.TrainConfig()
+    given = ["--prototypes", "3", "--layers", "1,2", "--no-bf16", "--placebo", "--mft-lr", "1e-4"]
+    cfg = config_from_args(parser.parse_args(["train", *given, "--stop-after-steps", "5", "--seed", "7"]), "s")
+    assert (cfg.num_prototypes, cfg.layers, cfg.bf16, cfg.placebo, cfg.mft_lr) == (3, (1, 2), False, True, 1e-4)
+    assert (cfg.stop_after_steps, cfg.seed, cfg.method) == (5, 7, "s")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(trainer.TrainConfig):
+        if f.name == "method":
+            continue
+        flag = f"--no-{option_name(f.name)}" if f.default is True else f"--{option_name(f.name)}"
+        help = " ".join(f.metadata["help"].split())
+        assert f"{flag} " in shown and help in shown, f.name
+        if f.default is not None and not isinstance(f.default, bool):  # 0 included
+            assert f"{help} (default: {f.default})" in shown, f.name
 
 
 def _nothing():
@@ -484,9 +513,9 @@ def test_placebo_permutes_typicality_within_each_domain():
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     t = torch.rand(40, generator=g)
     domains = torch.randint(0, 3, (40,), generator=g).tolist()
-    out = trainer._shuffle_within(t, domains, seed=5)
+    out = loop.shuffle_within(t, domains, seed=5)
     assert not torch.equal(out, t)
     for k in set(domains):
         idx = [i for i, d in enumerate(domains) if d == k]
         assert sorted(out[idx].tolist()) == sorted(t[idx].tolist())
-    assert torch.equal(out, trainer._shuffle_within(t, domains, seed=5))
+    assert torch.equal(out, loop.shuffle_within(t, domains, seed=5))

@@ -26,13 +26,17 @@ COMMANDS = {
 }
 
 
+def _has_default(action) -> bool:
+    """An option with a value by default (0 included); a flag's default is its absence."""
+    return bool(action.option_strings) and action.nargs != 0 and action.default not in (None, argparse.SUPPRESS)
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Every option's help ends with its default (argparse's own formatter shows none)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        shown = action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
-        if shown and "default" not in text:
+        if _has_default(action) and "default" not in text:
             text += (" " if text else "") + "(default: %(default)s)"
         return text
 
@@ -47,7 +51,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             importlib.import_module(f"{__name__}.{module}").register_cli(sub, help)
             for action in sub.choices[name]._actions:  # argparse prints no help line (nor default) without help
-                if action.help is None and action.option_strings and action.default not in (None, False):
+                if action.help is None and _has_default(action):
                     action.help = "(default: %(default)s)"
         else:
             sub.add_parser(name, help=help)

@@ -10,10 +10,10 @@ import textwrap
 
 def add_column_arguments(parser) -> None:
     """The column-name options every ``fastmft`` command shares (argparse)."""
-    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-column", default="text", help="column of the text")
     parser.add_argument("--text-pair-column", help="second text of sentence pairs (premise/hypothesis) or word pairs")
-    parser.add_argument("--label-column", default="label")
-    parser.add_argument("--domain-column", default="domain")
+    parser.add_argument("--label-column", default="label", help="column of the class label")
+    parser.add_argument("--domain-column", default="domain", help="column of the domain")
 
 
 def positive_int(text: str) -> int:

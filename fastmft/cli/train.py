@@ -1,27 +1,30 @@
-"""``fastmft train``: its options and the command (the library code is fastmft.pipelines.trainer)."""
+"""``fastmft train``: its options and the command (the library code is fastmft.pipelines.trainer).
+
+The training options are made from the fields of :class:`TrainConfig` (name, type, default and
+help text), and the config is made back from them; the options declared here are the ones that are
+not config fields: the data, the backbone, the output, and --method, which names several methods."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
+import types
+import typing
 from pathlib import Path
 
 import torch
 
-from fastmft.pipelines.trainer import (
-    METHOD_NAMES,
-    METHODS,
-    TrainConfig,
-    _check_encoder,
-    format_table,
-    load_data,
-    method_key,
-    train,
-)
+from fastmft.pipelines.trainer import METHOD_NAMES, METHODS, TrainConfig, format_table, load_data, method_key, train
+from fastmft.pipelines.trainer.config import option_name
+from fastmft.pipelines.trainer.models import check_encoder
 
 from ..data import Columns
+
+# --method takes several methods, one run each, so it is declared with the other options here.
+_NOT_OPTIONS = {"method"}
 
 
 def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
@@ -37,7 +40,7 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
         "Without --data: the embedded synthetic corpus; without --backbone: all-MiniLM-L6-v2.",
     )
     p.add_argument(
-        "--method", default="full", help=f"comma-separated, from {', '.join(METHODS)} (default full); e.g. full,s"
+        "--method", default=TrainConfig.method, help=f"comma-separated, from {', '.join(METHODS)}; e.g. full,s"
     )
     p.add_argument(
         "--data", help="JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the synthetic corpus)"
@@ -45,61 +48,68 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-data", help="evaluation rows (default: the rows of --data whose split column is --eval-split)"
     )
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--eval-split", default="test")
-    p.add_argument("--split-column", default="split")
+    p.add_argument("--train-split", default="train", help="value of the split column that marks training rows")
+    p.add_argument("--eval-split", default="test", help="value of the split column that marks evaluation rows")
+    p.add_argument("--split-column", default="split", help="column that tells training from evaluation rows")
     add_column_arguments(p)
-    p.add_argument(
-        "--pair-join",
-        action="store_true",
-        help="join text and text pair into one text with the tokenizer's separator (word pairs)",
-    )
     p.add_argument(
         "--synthetic-per-domain",
         type=int,
         default=SYNTHETIC_PER_DOMAIN,
-        help=f"rows per domain of the synthetic corpus (default {SYNTHETIC_PER_DOMAIN})",
+        help="rows per domain of the synthetic corpus",
     )
     p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2)")
-    p.add_argument("--trust-remote-code", action="store_true")
-    d = TrainConfig()
-    p.add_argument("--mft-epochs", type=int, default=d.mft_epochs)
-    p.add_argument(
-        "--epochs", type=int, default=d.epochs, help="fine-tuning epochs (per domain, or pooled for mix/mtl/adv)"
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--mft-lr", type=float, help="learning rate of the MFT epochs (default --lr)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--lam", type=float, default=d.lam, help="weight lambda of L_SDC")
-    p.add_argument("--layers", help="skip layers, 1-based, comma-separated (default: thirds of the depth)")
-    p.add_argument("--prototypes", type=int, default=d.num_prototypes)
-    p.add_argument("--adv-weight", type=float, default=d.adv_weight)
-    p.add_argument(
-        "--few-shot", type=float, default=d.few_shot, help="fraction of each domain's training rows, e.g. 0.05"
-    )
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device")
-    p.add_argument("--no-bf16", action="store_true", help="no bfloat16 autocast on CUDA")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the backbone run its own model code")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output-dir", help="metrics.jsonl, checkpoints, result.json per method (an existing run resumes)")
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after this many steps (resume later)")
-    p.add_argument(
-        "--stop-after-seconds", type=float, help="checkpoint and stop once this run took this long (resume later)"
-    )
-    p.add_argument("--save-models", action="store_true")
-    p.add_argument("--metric", choices=("accuracy", "macro_f1"), default="accuracy")
+    p.add_argument("--metric", choices=("accuracy", "macro_f1"), default="accuracy", help="the score of the table")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line per method")
-    p.add_argument("--no-progress", action="store_true")
+    _add_config_options(p.add_argument_group("training options (fastmft.pipelines.trainer.TrainConfig)"))
     p.set_defaults(func=_cli_train)
     return p
+
+
+def _add_config_options(group) -> None:
+    """One option per TrainConfig field: its type, default and help text. A boolean field is a
+    flag: --name sets a False default, --no-name clears a True one. A tuple is a comma list."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _NOT_OPTIONS:
+            continue
+        kind, name, help = _value_type(hints[f.name]), option_name(f.name), f.metadata["help"]
+        if kind is bool:
+            flag, action = (f"--no-{name}", "store_false") if f.default else (f"--{name}", "store_true")
+            group.add_argument(flag, dest=f.name, action=action, help=f"do not {help}" if f.default else help)
+            continue
+        if typing.get_origin(kind) is tuple:
+            kind = _comma_list(typing.get_args(kind)[0])
+        metavar = name.upper().replace("-", "_")
+        group.add_argument(f"--{name}", dest=f.name, type=kind, default=f.default, metavar=metavar, help=help)
+
+
+def _value_type(hint):
+    """The type of a field's values: ``int`` for ``int | None``, the hint itself otherwise."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
+def _comma_list(kind):
+    """argparse type of a comma-separated list of ``kind`` values, as a tuple."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated {kind.__name__} values, got {text!r}") from None
+
+    return parse
+
+
+def config_from_args(args: argparse.Namespace, method: str) -> TrainConfig:
+    """The TrainConfig of the parsed options (each field from its option), for ``method``."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - _NOT_OPTIONS
+    return TrainConfig(method=method, **{name: getattr(args, name) for name in fields})
 
 
 def _cli_train(args: argparse.Namespace) -> int:
@@ -111,47 +121,11 @@ def _cli_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method!r} names no method; choose from {', '.join(METHODS)}")
     if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise ValueError(f"--output-dir {args.output_dir} is a file, not a folder")
-    cfg = TrainConfig(
-        method=methods[0],
-        mft_epochs=args.mft_epochs,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        mft_lr=args.mft_lr,
-        weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm,
-        alpha=args.alpha,
-        lam=args.lam,
-        layers=_layers_arg(args.layers) if args.layers else None,
-        num_prototypes=args.prototypes,
-        adv_weight=args.adv_weight,
-        few_shot=args.few_shot,
-        max_length=args.max_length,
-        pair_join=args.pair_join,
-        dropout=args.dropout,
-        seed=args.seed,
-        device=args.device,
-        bf16=not args.no_bf16,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-        stop_after_steps=args.stop_after_steps,
-        stop_after_seconds=args.stop_after_seconds,
-        save_models=args.save_models,
-        progress=not args.no_progress,
-    )
     try:
-        return _cli_train_body(args, cfg, methods)
+        return _cli_train_body(args, config_from_args(args, methods[0]), methods)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _layers_arg(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"--layers must be comma-separated integers (1-based layer numbers), got {text!r}") from None
 
 
 def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[str]) -> int:
@@ -159,7 +133,7 @@ def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[st
     from fastmft.runtime.backbone import load_backbone
 
     encoder, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
-    _check_encoder(encoder, cfg)
+    check_encoder(encoder, cfg)
     if args.data:
         columns = Columns(args.text_column, args.label_column, args.domain_column, args.text_pair_column)
         data = load_data(
