@@ -95,6 +95,7 @@ from fastmft.runtime.files import atomic_json, atomic_write
 from . import cache as chunks
 from .config import ScoreConfig, ScoreSummary, check_config, check_outputs
 from .core import ScoreError, accumulate, cell_prototypes, check_finite, score_rows
+from .embed import embed_batches, length_batches
 from .merge import merge
 
 if TYPE_CHECKING:
@@ -326,8 +327,6 @@ def _reader(cfg, sources, labels, domains, todo, n_chunks, tokenizer, out: queue
     """Background thread: parse, check and tokenise the chunks in ``todo``, put them on ``out``
     (length-sorted, padded batches ready for the encoder), then None. Exceptions go on the queue."""
     try:
-        from .embed import length_batches
-
         collate = Collator(tokenizer.pad_token_id or 0)
         columns = cfg.columns()
 
@@ -397,8 +396,6 @@ def _reader(cfg, sources, labels, domains, todo, n_chunks, tokenizer, out: queue
 
 def _encode(cfg, sources, labels, domains, todo, n_chunks, dist, model, tokenizer, cache, total_rows) -> None:
     """Pass one: encode the chunks in ``todo`` into the cache."""
-    from .embed import embed_batches
-
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     th = threading.Thread(
