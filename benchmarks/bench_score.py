@@ -2,9 +2,9 @@
 user would otherwise write, with the same encoder and the same rows.
 
 Providers (one timed call = score every row of the corpus, from the JSONL file to the scores):
-- ``fastmft-score``: :func:`fastmft.pipelines.score.score_files`, the whole command: streaming reader and
-  background tokeniser, length-sorted batches within chunks, one encoder pass into an fp16 on-disk
-  cache, prototypes from the cached sums, typicality from the cache, Parquet output (a fresh
+- ``fastmft-score``: :func:`fastmft.pipelines.typicality.score_files`, the whole command: streaming reader and
+  background tokeniser, length-sorted batches within chunks, one encoder pass into a float32 on-disk
+  cache, prototypes from the cached embeddings, typicality from the cache, Parquet output (a fresh
   cache every call);
 - ``naive``: all rows loaded, random order, every batch padded to the max length, two encoder
   passes (prototype sums in the first, typicality in the second);
@@ -188,7 +188,7 @@ def fastmft_pipeline(
     quantize=None,
 ):
     """``fastmft score`` on the first ``n_rows`` rows of ``path`` (the whole file when it has no more)."""
-    from fastmft.pipelines.score import ScoreConfig, score_files
+    from fastmft.pipelines.typicality import ScoreConfig, score_files
 
     out = Path(workdir) / "scores.parquet"
     shutil.rmtree(str(out) + ".score-cache", ignore_errors=True)

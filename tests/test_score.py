@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from fastmft.data import batching
 from fastmft.data.synthetic import synthetic_corpus
-from fastmft.pipelines import score as score_mod
-from fastmft.pipelines.score import ScoreConfig, ScoreError, score_files
+from fastmft.pipelines.typicality import ScoreConfig, ScoreError, score_files
+from fastmft.pipelines.typicality import cache as score_cache
 from tests.helpers import assert_close, tiny_bert
 from tests.test_typicality import prototypes64, typicality64
 
@@ -67,7 +68,7 @@ def one_thread():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-    score_mod.CRASH_HOOK = None
+    score_cache.CRASH_HOOK = None
 
 
 def config(corpus, tmp_path, name="out", **kw):
@@ -93,7 +94,7 @@ def read(path):
 
 def test_scores_equal_float64_reference_and_rejects_add_up(corpus, tmp_path, monkeypatch):
     _, bert, rows, path = corpus
-    monkeypatch.setattr(score_mod, "_TOKENIZE_ROWS", 5)  # several tokenizer calls per 16-row chunk
+    monkeypatch.setattr(batching, "TOKENIZE_ROWS", 5)  # several tokenizer calls per 16-row chunk
     cfg = config(corpus, tmp_path, keep_cache=True, alpha=0.3, report=str(tmp_path / "report.json"), top_k=2)
     s = score_files(cfg)
     out = read(cfg.output)
@@ -152,7 +153,7 @@ def test_text_pairs_are_encoded_as_pairs(corpus, tmp_path, monkeypatch):
     from transformers import AutoModel, AutoTokenizer
 
     _, bert, rows, _ = corpus
-    monkeypatch.setattr(score_mod, "_TOKENIZE_ROWS", 3)
+    monkeypatch.setattr(batching, "TOKENIZE_ROWS", 3)
     pairs = [dict(r, hypothesis=rows[(i + 1) % len(rows)]["text"]) for i, r in enumerate(rows[:20])]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
@@ -242,10 +243,10 @@ def test_resume_after_crash_equals_uninterrupted(corpus, tmp_path, point, n):
             if seen["n"] == n:
                 raise Crash(name)
 
-    score_mod.CRASH_HOOK = hook
+    score_cache.CRASH_HOOK = hook
     with pytest.raises(Crash):
         score_files(cfg)
-    score_mod.CRASH_HOOK = None
+    score_cache.CRASH_HOOK = None
     assert not Path(cfg.output).exists()
     s = score_files(cfg)
     assert s.resumed_chunks >= (1 if point != "batch" or n > 2 else 0)
@@ -462,10 +463,10 @@ def test_only_its_own_temporary_files_are_removed(corpus, tmp_path):
         if name == "merge":
             raise Crash(name)
 
-    score_mod.CRASH_HOOK = hook
+    score_cache.CRASH_HOOK = hook
     with pytest.raises(Crash):
         score_files(cfg)
-    score_mod.CRASH_HOOK = None
+    score_cache.CRASH_HOOK = None
     leftovers = sorted(p.name for p in tmp_path.glob(".out.parquet*.tmp"))
     assert len(leftovers) == 2, leftovers  # the killed run's own temporaries
     s = score_files(cfg)
@@ -479,10 +480,10 @@ def test_resume_notices_a_same_size_edit_with_mtime_kept(corpus, tmp_path):
     path = _small(corpus, tmp_path)
     cfg = config(corpus, tmp_path, inputs=[str(path)])
     cfg.chunk_rows = 4
-    score_mod.CRASH_HOOK = lambda name: (_ for _ in ()).throw(Crash()) if name == "score" else None
+    score_cache.CRASH_HOOK = lambda name: (_ for _ in ()).throw(Crash()) if name == "score" else None
     with pytest.raises(Crash):
         score_files(cfg)
-    score_mod.CRASH_HOOK = None
+    score_cache.CRASH_HOOK = None
     st = path.stat()
     text = path.read_text()
     i = text.index('"label": "positive"')
@@ -504,7 +505,7 @@ def test_a_second_run_on_the_same_cache_gets_a_clear_message(corpus, tmp_path):
                 score_files(cfg)
             second["err"] = err
 
-    score_mod.CRASH_HOOK = hook
+    score_cache.CRASH_HOOK = hook
     assert score_files(cfg).scored == 12 and second
 
 

@@ -250,11 +250,11 @@ def test_bad_datasets_give_clear_errors(corpus, backbone):
     unknown = [dict(r) for r in rows]
     row = next(i for i, r in enumerate(unknown) if r["split"] == "test")
     unknown[row]["label"] = "neutral"
-    with pytest.raises(ValueError, match=r"evaluation data: unknown label 'neutral' in row 0"):
+    with pytest.raises(ValueError, match=r"evaluation data: row 0: unknown label 'neutral'"):
         _bad(unknown, backbone)
     empty_text = [dict(r) for r in rows]
     empty_text[3]["text"] = "  "
-    with pytest.raises(ValueError, match=r"training data: row 3: column 'text' is empty"):
+    with pytest.raises(ValueError, match=r"training data: row 3: missing text \('text'\)"):
         _bad(empty_text, backbone)
     empty_domain = [dict(r) for r in rows]
     empty_domain[5]["domain"] = ""

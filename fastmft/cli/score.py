@@ -1,12 +1,12 @@
-"""``fastmft score``: its options and the command (the library code is fastmft.pipelines.score)."""
+"""``fastmft score``: its options and the command (the library code is the streaming mode of
+fastmft.pipelines.typicality)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from fastmft.pipelines import score as score_lib
-from fastmft.pipelines.score import ScoreConfig, score_files
+from fastmft.pipelines.typicality import ScoreConfig, score_files, stream
 
 
 def _csv_list(text: str) -> list[str]:
@@ -124,7 +124,7 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "score",
         help=help,
-        description=score_lib.__doc__.split("\n\n")[0],
+        description=stream.__doc__.split("\n\n")[0],
     )
     add_arguments(p)
     p.set_defaults(func=_command)

@@ -46,10 +46,12 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from fastmft.data.synthetic import synthetic_dataset
     from fastmft.pipelines.typicality import score_dataset
+    from fastmft.pipelines.typicality.report import DomainReport
     from fastmft.runtime.backbone import load_backbone
     from fastmft.runtime.dist import pick_device
 
@@ -88,18 +90,17 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    scores = result.scores.tolist()
+    scores = result.scores.numpy()
     ids = ds[columns.id] if columns.id else list(range(len(ds)))
     texts, labels, domains = ds[columns.text], ds["labels"], ds["domains"]
+    report = DomainReport(len(data.domain_vocab), args.top)
+    report.add(scores, np.asarray(domains), np.arange(len(ds)), range(len(ds)))
     for k, domain in enumerate(data.domain_vocab.values):
-        rows = sorted((i for i in range(len(ds)) if domains[i] == k), key=lambda i: scores[i], reverse=True)
-        print(
-            f"\n== domain {domain}: {len(rows)} rows, mean typicality {sum(scores[i] for i in rows) / max(len(rows), 1):.3f}"
-        )
-        for title, chosen in (("most typical", rows[: args.top]), ("least typical", rows[::-1][: args.top])):
+        print(f"\n== domain {domain}: {report.rows(k)} rows, mean typicality {report.mean(k) or 0.0:.3f}")
+        for title, chosen in (("most typical", report.most_typical(k)), ("least typical", report.least_typical(k))):
             print(f"  {title}:")
-            for i in chosen:
-                print(f"    {scores[i]:+.3f}  [{data.label_vocab.values[labels[i]]}] {shorten(texts[i])}  ({ids[i]})")
+            for score, i in chosen:
+                print(f"    {score:+.3f}  [{data.label_vocab.values[labels[i]]}] {shorten(texts[i])}  ({ids[i]})")
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                             "id": ids[i],
                             "domain": data.domain_vocab.values[domains[i]],
                             "label": data.label_vocab.values[labels[i]],
-                            "typicality": scores[i],
+                            "typicality": float(scores[i]),
                         }
                     )
                     + "\n"

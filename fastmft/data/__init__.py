@@ -1,21 +1,64 @@
-"""The data layer: input sources, the row schema and its checks, tokenising and batching, and the
-synthetic demo corpus. Its public names are re-exported here."""
+"""The data layer: input sources and streaming readers, the row schema and its one row check,
+tokenising and batching, and the synthetic demo corpus. Its public names are re-exported here."""
 
-from .batching import MODEL_INPUTS, Collator, LengthBucketSampler, PreparedData, prepare, stream_seed, tokenize
-from .schema import Columns, Vocab, check_columns, encode_labels
-from .sources import load_table
+from .batching import (
+    MODEL_INPUTS,
+    Collator,
+    LengthBucketSampler,
+    PreparedData,
+    prepare,
+    stream_seed,
+    tokenize,
+    tokenize_texts,
+)
+from .schema import (
+    CheckedRow,
+    Columns,
+    DataError,
+    Reject,
+    Vocab,
+    check_columns,
+    check_row,
+    encode_labels,
+    usable_value,
+    value_key,
+)
+from .sources import (
+    SAMPLE_ROWS,
+    Source,
+    column_names,
+    count_rows,
+    decode_record,
+    iter_records,
+    load_table,
+    resolve_inputs,
+)
 
 __all__ = [
     "MODEL_INPUTS",
+    "SAMPLE_ROWS",
+    "CheckedRow",
     "Collator",
     "Columns",
+    "DataError",
     "LengthBucketSampler",
     "PreparedData",
+    "Reject",
+    "Source",
     "Vocab",
     "check_columns",
+    "check_row",
+    "column_names",
+    "count_rows",
+    "decode_record",
     "encode_labels",
+    "iter_records",
     "load_table",
     "prepare",
+    "resolve_inputs",
     "stream_seed",
     "tokenize",
+    "tokenize_texts",
+    "usable_value",
+    "value_key",
 ]

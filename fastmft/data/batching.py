@@ -1,5 +1,6 @@
 """Tokenising and batching: tokenisation without padding, one padding collate, and a
-length-bucketed batch sampler."""
+length-bucketed batch sampler (used by the trainer, the in-memory typicality pass and the streaming
+scorer alike)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .sources import load_table
 
 # The tokenizer outputs a BERT-style encoder takes, in the order the collate pads them.
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TOKENIZE_ROWS = 256  # rows per tokenizer call
 
 
 def stream_seed(seed: int, index: int, step: int | None = None) -> int:
@@ -26,18 +28,42 @@ def stream_seed(seed: int, index: int, step: int | None = None) -> int:
     return (seed * 1_000_003 + offset) % (2**63 - 1)
 
 
+def tokenize_texts(
+    tokenizer, texts: list[str], pairs: list[str] | None = None, *, max_length: int, attention_mask: bool = True
+) -> dict[str, list]:
+    """Token ids (and token_type_ids when the tokenizer makes them, attention_mask unless
+    ``attention_mask`` is False) of each text or (text, pair), truncated to ``max_length``,
+    unpadded, plus ``length``. The tokenizer runs on slices of :data:`TOKENIZE_ROWS` rows: its
+    encodings of many rows at once (tokens, offsets, ...) would hold ~40 KB per row."""
+    want_tt = "token_type_ids" in getattr(tokenizer, "model_input_names", ["token_type_ids"])
+    out: dict[str, list] = {"input_ids": []}
+    for s in range(0, len(texts), TOKENIZE_ROWS):
+        enc = tokenizer(
+            texts[s : s + TOKENIZE_ROWS],
+            None if pairs is None else pairs[s : s + TOKENIZE_ROWS],
+            truncation=True,
+            max_length=max_length,
+            return_attention_mask=attention_mask,
+            return_token_type_ids=want_tt,
+        )
+        for key in MODEL_INPUTS:
+            if key in enc:
+                out.setdefault(key, []).extend(enc[key])
+        del enc
+    out["length"] = [len(ids) for ids in out["input_ids"]]
+    return out
+
+
 def tokenize(
     ds: datasets.Dataset, tokenizer, columns: Columns, *, max_length: int = 128, num_proc: int | None = None
 ) -> datasets.Dataset:
-    """Tokenise with ``.map(batched=True)``, truncating to ``max_length`` and without padding (the
-    collate pads per batch). Adds input_ids, attention_mask (token_type_ids when the tokenizer
-    makes them) and ``length``."""
+    """Tokenise with ``.map(batched=True)`` (:func:`tokenize_texts`), truncating to ``max_length``
+    and without padding (the collate pads per batch). Adds input_ids, attention_mask
+    (token_type_ids when the tokenizer makes them) and ``length``."""
 
     def encode(batch):
         pair = batch[columns.text_pair] if columns.text_pair else None
-        enc = tokenizer(batch[columns.text], pair, truncation=True, max_length=max_length)
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        return dict(enc)
+        return tokenize_texts(tokenizer, batch[columns.text], pair, max_length=max_length)
 
     return ds.map(encode, batched=True, num_proc=num_proc, desc="tokenising")
 
@@ -69,8 +95,9 @@ def prepare(
 class Collator:
     """Pads a list of tokenised rows to the batch's longest sequence and stacks them as tensors.
 
-    Keeps input_ids, attention_mask, token_type_ids (when present), labels, domains and the
-    optional float column ``typicality``; other columns are dropped."""
+    Keeps input_ids, attention_mask (1 over each row's ids when the rows carry none),
+    token_type_ids (when present), labels, domains and the optional float column ``typicality``;
+    other columns are dropped."""
 
     PADDED = MODEL_INPUTS
     SCALARS = {"labels": torch.long, "domains": torch.long, "typicality": torch.float32, "index": torch.long}
@@ -87,6 +114,9 @@ class Collator:
                 batch[key] = torch.tensor(
                     [list(r[key]) + [pad] * (longest - len(r[key])) for r in rows], dtype=torch.long
                 )
+        if "attention_mask" not in batch:
+            lengths = torch.tensor([len(r["input_ids"]) for r in rows])
+            batch["attention_mask"] = (torch.arange(longest) < lengths[:, None]).long()
         for key, dtype in self.SCALARS.items():
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=dtype)
@@ -95,8 +125,9 @@ class Collator:
 
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of similar length for throughput, still random: shuffle all indices, cut them into
-    windows of ``window_batches`` batches, sort each window by length, cut into batches, and
-    shuffle the batch order. ``set_epoch`` changes the order deterministically; with
+    windows of ``window_batches`` batches, sort each window by length (``longest_first``: longest
+    first, so that the first batch sizes the allocator's buffers), cut into batches, and shuffle
+    the batch order. ``set_epoch`` changes the order deterministically; with
     ``num_replicas`` > 1 each rank takes every num_replicas-th batch (the batch count is padded by
     repeating batches so that all ranks get the same number)."""
 
@@ -107,6 +138,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         *,
         window_batches: int = 50,
         shuffle: bool = True,
+        longest_first: bool = False,
         drop_last: bool = False,
         seed: int = 0,
         num_replicas: int = 1,
@@ -119,6 +151,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
         self.batch_size, self.window = batch_size, batch_size * max(1, window_batches)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.longest_first = longest_first
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -131,7 +164,8 @@ class LengthBucketSampler(Sampler[list[int]]):
         batches = []
         for s in range(0, n, self.window):
             window = order[s : s + self.window]
-            window = window[torch.argsort(self.lengths[window], stable=True)]
+            key = -self.lengths[window] if self.longest_first else self.lengths[window]
+            window = window[torch.argsort(key, stable=True)]
             batches.extend(window[i : i + self.batch_size].tolist() for i in range(0, len(window), self.batch_size))
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]

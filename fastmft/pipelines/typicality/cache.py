@@ -1,0 +1,157 @@
+"""The chunk cache of the streaming pipeline and its crash safety.
+
+The cache folder (default ``<output>.score-cache/``) is marked as fastmft's and locked while a run
+uses it. A non-empty folder without the marker is refused (it is someone else's), and only
+fastmft's own file names are ever removed. Per chunk c it holds ``chunk-c.emb.npy`` (float32
+embeddings of the accepted rows, memory-mapped when read), ``chunk-c.meta.npz`` (rows, ids,
+labels, domains, input row count, rejects) and, after pass two, ``chunk-c.scores.npy``; besides
+them ``manifest.json`` (the command's key and the first pass's counts), ``prototypes.pt`` and
+``merge-temps.json``. Every file is written to a unique temporary name and renamed into place; a
+chunk counts as encoded once its metadata file exists (renamed last).
+
+Crash injection (tests): FASTMFT_SCORE_CRASH="point:n" kills the process with SIGKILL the n-th time
+``point`` is reached; points: batch, chunk-write, score, merge. ``CRASH_HOOK`` (a callable taking
+the point name) is called first, for in-process tests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fastmft.data import Source
+from fastmft.runtime.files import atomic_write
+
+from .core import ScoreError
+
+CACHE_VERSION = 3  # 2: float32 embeddings, text ids, content-hashed inputs; 3: no per-chunk sums
+
+CRASH_HOOK: Callable[[str], None] | None = None
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    if CRASH_HOOK is not None:
+        CRASH_HOOK(name)
+    spec = os.environ.get("FASTMFT_SCORE_CRASH")
+    if not spec:
+        return
+    point, _, n = spec.partition(":")
+    if point != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] >= int(n or 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fingerprint(sources: Sequence[Source]) -> list:
+    """Each input's path, format and content hash: an edit that keeps size and mtime (``cp -p``)
+    still changes the key, so a resumed run never mixes cached rows of old content."""
+    out = []
+    for s in sources:
+        p = Path(s.path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        h = hashlib.sha256()
+        buf = bytearray(1 << 16)  # one small buffer: the held memory must not grow with the input
+        view = memoryview(buf)
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else "").encode() + b"\0")
+            with open(f, "rb") as fh:
+                while n := fh.readinto(buf):
+                    h.update(view[:n])
+        out.append([str(p.resolve()), s.kind, h.hexdigest()])
+    return out
+
+
+# Every name fastmft writes in a cache folder (and the temporary names atomic_write derives from
+# them): the only files it ever deletes there.
+_MARKER = ".fastmft-score-cache"
+_LOCK = ".lock"
+_OWN_NAME = re.compile(
+    r"^\.?(chunk-\d{7}\.(emb\.npy|meta\.npz|scores\.npy)|prototypes\.pt|manifest\.json|merge-temps\.json)"
+    r"(\.[^/]*\.tmp)?$"
+)
+
+
+def discard_cache(cache: Path) -> None:
+    """Remove this cache's files (never the folder's other content, nor the marker and lock)."""
+    for f in cache.iterdir():
+        if _OWN_NAME.match(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
+
+
+def open_cache(cache: Path):
+    """Create or adopt the cache folder and lock it; returns the open lock file (kept open for the
+    run). A non-empty folder without fastmft's marker is refused: it is someone else's."""
+    import fcntl
+
+    if cache.exists() and not cache.is_dir():
+        raise ScoreError(f"--cache-dir {cache} is a file, not a folder")
+    if cache.is_dir() and not (cache / _MARKER).is_file() and any(cache.iterdir()):
+        raise ScoreError(
+            f"--cache-dir {cache} is a non-empty folder that is not a fastmft score cache; "
+            "fastmft will not write into it or delete from it: pass an empty or new folder"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / _MARKER).touch()
+    lock = open(cache / _LOCK, "a")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ScoreError(
+            f"another fastmft score run is using the cache {cache}; wait for it to finish "
+            "or pass another --output/--cache-dir"
+        ) from None
+    return lock
+
+
+def close_cache(cache: Path, lock, keep: bool) -> None:
+    """After success without --keep-cache: remove the cache's files, then the folder if it is empty."""
+    if not keep:
+        discard_cache(cache)
+        for name in (_MARKER, _LOCK):
+            (cache / name).unlink(missing_ok=True)
+    lock.close()
+    if not keep:
+        try:
+            cache.rmdir()
+        except OSError:  # not empty: something else lives there now
+            pass
+
+
+def emb_path(cache: Path, c: int) -> Path:
+    return cache / f"chunk-{c:07d}.emb.npy"
+
+
+def meta_path(cache: Path, c: int) -> Path:
+    return cache / f"chunk-{c:07d}.meta.npz"
+
+
+def scores_path(cache: Path, c: int) -> Path:
+    return cache / f"chunk-{c:07d}.scores.npy"
+
+
+def load_meta(cache: Path, c: int) -> dict:
+    with np.load(meta_path(cache, c), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_embeddings(cache: Path, c: int, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+    """Float32 embeddings of chunk ``c`` (the ``rows`` of them), read through a memory map."""
+    return np.load(emb_path(cache, c), mmap_mode="r")[rows].astype(np.float32)
+
+
+def write_chunk(cache: Path, c: int, emb: np.ndarray, meta: dict) -> None:
+    """The chunk's embeddings, then its metadata: the chunk is done once the metadata exists."""
+    atomic_write(emb_path(cache, c), lambda f: np.save(f, emb))
+    crash_point("chunk-write")
+    atomic_write(meta_path(cache, c), lambda f: np.savez(f, **meta))

@@ -1,0 +1,152 @@
+"""The options of the streaming pipeline (``fastmft score`` and :func:`score_files`), checked
+before any work, and its summary."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from fastmft.data import Columns, Source
+
+from .core import ScoreError
+
+
+@dataclass
+class ScoreConfig:
+    inputs: list[str]
+    output: str
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    domain_column: str = "domain"
+    id_column: str | None = None
+    label_values: list[str] | None = None
+    domain_values: list[str] | None = None
+    format: str | None = None
+    backbone: str | None = None
+    trust_remote_code: bool = False
+    max_length: int = 256
+    batch_size: int = 64
+    chunk_rows: int = 4096
+    alpha: float = 0.5
+    prototypes: int = 1
+    temperature: float = 0.1
+    seed: int = 0
+    quantize: str | None = None  # None | "int8" (CPU: dynamic int8 quantisation of nn.Linear)
+    cache_dir: str | None = None
+    rejects: str | None = None
+    report: str | None = None
+    top_k: int = 10
+    strict: bool = False
+    restart: bool = False
+    keep_cache: bool = False
+    device: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    # the fields that change the result: they key the cache
+    _KEYED = (
+        "text_column",
+        "text_pair_column",
+        "label_column",
+        "domain_column",
+        "id_column",
+        "label_values",
+        "domain_values",
+        "format",
+        "backbone",
+        "max_length",
+        "batch_size",
+        "chunk_rows",
+        "alpha",
+        "prototypes",
+        "temperature",
+        "seed",
+        "quantize",
+        "strict",
+    )
+
+    def columns(self) -> Columns:
+        return Columns(self.text_column, self.label_column, self.domain_column, self.text_pair_column, self.id_column)
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(str(self.output) + ".score-cache")
+
+    def rejects_path(self) -> Path:
+        return Path(self.rejects) if self.rejects else Path(str(self.output) + ".rejects.jsonl")
+
+
+@dataclass
+class ScoreSummary:
+    rows: int = 0  # input rows (blank JSONL lines excluded)
+    scored: int = 0
+    rejected: int = 0
+    reasons: dict = field(default_factory=dict)
+    labels: list = field(default_factory=list)
+    domains: list = field(default_factory=list)
+    seconds: float = 0.0
+    rows_per_s: float = 0.0
+    output: str = ""
+    rejects: str = ""
+    report: str | None = None
+    resumed_chunks: int = 0
+    already_complete: bool = False  # a rerun of a finished command (--keep-cache): times are the first run's
+
+    def text(self) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) or "none"
+        timing = f"{self.seconds:.1f} s, {self.rows_per_s:.1f} rows/s"
+        return (
+            f"{self.rows} rows: {self.scored} scored, {self.rejected} rejected ({reasons}); "
+            + (f"already complete (the first run took {timing})" if self.already_complete else timing)
+            + (f", {self.resumed_chunks} chunks resumed from the cache" if self.resumed_chunks else "")
+            + f"\nscores: {self.output}"
+            + (f"\nrejects: {self.rejects}" if self.rejected else "")
+            + (f"\nreport: {self.report}" if self.report else "")
+        )
+
+
+def check_config(cfg: ScoreConfig) -> None:
+    """Every option, before any work; each error names its option."""
+    for option, value, low in (
+        ("--batch-size", cfg.batch_size, 1),
+        ("--chunk-rows", cfg.chunk_rows, 1),
+        ("--prototypes", cfg.prototypes, 1),
+        ("--max-length", cfg.max_length, 2),
+        ("--top-k", cfg.top_k, 1),
+        ("--threads", cfg.threads or 1, 1),
+    ):
+        if not isinstance(value, int) or value < low:
+            raise ScoreError(f"{option} must be an integer >= {low}, got {value!r}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ScoreError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        raise ScoreError(f"--temperature must be a finite number > 0, got {cfg.temperature}")
+
+
+def check_outputs(cfg: ScoreConfig, sources: Sequence[Source]) -> None:
+    """Before any work: every output path must be writable and none may be an input."""
+    inputs = [Path(s.path) for s in sources]
+    named = [("--output", Path(cfg.output)), ("--rejects", cfg.rejects_path())]
+    if cfg.report:
+        named.append(("--report", Path(cfg.report)))
+    for option, path in named:
+        if path.is_dir():
+            raise ScoreError(f"{option} {path} is a folder; give a file name")
+        for src in inputs:
+            same = path.exists() and src.exists() and os.path.samefile(path, src)
+            if same or path.resolve() == src.resolve() or src.resolve() in path.resolve().parents:
+                raise ScoreError(f"{option} {path} is an input ({src}); fastmft never overwrites its inputs")
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ScoreError(f"{option} {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ScoreError(f"{option} {path}: the folder {parent} is not writable")
+    cache = cfg.cache_path()
+    for src in inputs:
+        if cache.resolve() == src.resolve() or src.resolve() in cache.resolve().parents:
+            raise ScoreError(f"--cache-dir {cache} is an input or inside one ({src})")
