@@ -96,11 +96,17 @@ class PrototypeAccumulator:
         return self
 
     def all_reduce(self, group=None) -> "PrototypeAccumulator":
-        """Sum the partial sums and counts of every process in ``group`` (torch.distributed)."""
+        """Sum the partial sums and counts of every process in ``group`` (torch.distributed). NCCL
+        reduces CUDA tensors only, so under it the [C, D] sums travel through the current CUDA
+        device and come back to the accumulator's device."""
         import torch.distributed as dist
 
-        dist.all_reduce(self.sums, group=group)
-        dist.all_reduce(self.counts, group=group)
+        nccl = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else self.sums.device
+        for total in (self.sums, self.counts):
+            reduced = total.to(device)
+            dist.all_reduce(reduced, group=group)
+            total.copy_(reduced)
         return self
 
     def result(self) -> Prototypes:

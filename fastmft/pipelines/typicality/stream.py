@@ -13,8 +13,8 @@ encoder run once. :func:`score_files` runs these stages:
   encoder runs under ``torch.inference_mode`` (bf16 on CUDA), the last layer is masked-mean pooled
   (:mod:`.embed`), and the chunk's float32 embeddings go to the on-disk cache (:mod:`.cache`). A
   non-finite embedding or score is an error naming the rows.
-* **prototypes**: a :class:`~fastmft.ops.prototypes.PrototypeAccumulator` on the device is fed
-  each chunk of the cache (all-reduced across ranks), and the prototypes are saved in the cache,
+* **prototypes**: a :class:`~fastmft.ops.prototypes.PrototypeAccumulator` on the CPU is fed
+  each chunk of the cache (deterministic; all-reduced across ranks), and the prototypes are saved in the cache,
   so a resumed pass two uses exactly the same ones.
 * **score** (pass two): typicality per chunk from the cache only.
 * **merge** (rank 0, :mod:`.merge`): the chunks in input order into one Parquet file with columns
@@ -463,13 +463,15 @@ def _encode(cfg, sources, labels, domains, todo, n_chunks, dist, model, tokenize
 
 def _prototypes(cfg: ScoreConfig, dist: Dist, cache: Path, mine: list[int], n_chunks: int, M: int, K: int):
     """The prototypes of all cached chunks, computed once and saved in the cache (every rank reads
-    them back), on the scoring device."""
+    them back). The sums run on the CPU, where the cached embeddings are read: that is
+    deterministic (the GPU kernel's atomics are not), so two runs give the same bits."""
     path = cache / "prototypes.pt"
     device = dist.device
     dim = np.load(chunks.emb_path(cache, 0), mmap_mode="r").shape[1] if n_chunks else 1
     if not dist.broadcast_obj(path.exists() if dist.rank == 0 else None):
         if cfg.prototypes == 1:
-            acc = accumulate(_cached_parts(cache, mine, device), M, K, dim, device)
+            cpu = torch.device("cpu")
+            acc = accumulate(_cached_parts(cache, mine, cpu), M, K, dim, cpu)
             if dist.world > 1:
                 acc.all_reduce()
             p = acc.result()
