@@ -4,7 +4,6 @@ fastmft.pipelines.typicality)."""
 from __future__ import annotations
 
 import argparse
-import os
 
 from fastmft.pipelines.typicality import ScoreConfig, score_files, stream
 
@@ -108,11 +107,12 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 def _command(args: argparse.Namespace) -> int:
     from fastmft.pipelines import plots
+    from fastmft.runtime.dist import is_main_process
 
     if args.plot:
         plots.require_matplotlib()
     summary = score_files(config_from_args(args))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(summary.text())
         if args.plot:
             print(f"plot: {plots.score_output_histogram(summary.output, args.plot)}")

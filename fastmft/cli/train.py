@@ -20,6 +20,7 @@ import torch
 from fastmft.pipelines.trainer import METHOD_NAMES, METHODS, TrainConfig, format_table, load_data, method_key, train
 from fastmft.pipelines.trainer.config import option_name
 from fastmft.pipelines.trainer.models import check_encoder
+from fastmft.runtime.dist import is_main_process
 
 from ..data import Columns
 
@@ -160,7 +161,7 @@ def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[st
             few_shot=cfg.few_shot,
             seed=cfg.seed,
         )
-    dist_main = int(os.environ.get("RANK", "0")) == 0
+    dist_main = is_main_process()
     if dist_main:
         print(
             f"{len(data.train)} training and {len(data.eval)} evaluation rows, {len(data.domain_vocab)} domains "

@@ -15,6 +15,12 @@ from torch import Tensor
 TIMEOUT = datetime.timedelta(hours=12)
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of torchrun's group (or the only process), before or
+    without joining the group: the one that prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def pick_device(name: str | None) -> torch.device:
     """``name`` as given; ``"cuda"`` without an index (or None with CUDA present) is cuda:LOCAL_RANK.
     A name torch does not know, or a CUDA device this machine lacks, is a ValueError naming --device."""
