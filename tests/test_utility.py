@@ -1,4 +1,4 @@
-"""fastmft.pipelines.utility.TaskUtilityScorer against the slow deepcopy-based computation, on a tiny BERT."""
+"""fastmft.pipelines.selection.utility.TaskUtilityScorer against the slow deepcopy-based computation, on a tiny BERT."""
 
 import gc
 import math
@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import fastmft
 from fastmft.ops.inner_step import NonFiniteError
-from fastmft.pipelines.utility import TaskUtilityScorer, clone_task_utility, hf_loss
+from fastmft.pipelines.selection import TaskUtilityScorer, clone_task_utility, hf_loss
 from tests.oracles import inner_step64
 
 VOCAB, LABELS = 100, 3
