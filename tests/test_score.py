@@ -290,9 +290,7 @@ def test_kill9_resume_and_two_gloo_processes(corpus, tmp_path):
     want = read(full.output)
 
     out = tmp_path / "killed.parquet"
-    killed = _cli(
-        ["-m", "fastmft.pipelines.score", *_cli_args(corpus, out)], env={"FASTMFT_SCORE_CRASH": "chunk-write:3"}
-    )
+    killed = _cli(["-m", "fastmft", "score", *_cli_args(corpus, out)], env={"FASTMFT_SCORE_CRASH": "chunk-write:3"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not out.exists() and len(list(Path(str(out) + ".score-cache").glob("chunk-*.meta.npz"))) == 2
     # the same command, resumed in this process (the cache key is the command's, not the process's)
@@ -309,7 +307,8 @@ def test_kill9_resume_and_two_gloo_processes(corpus, tmp_path):
             "--nproc_per_node",
             "2",
             "-m",
-            "fastmft.pipelines.score",
+            "fastmft",
+            "score",
             *_cli_args(corpus, out2),
         ]
     )
