@@ -10,12 +10,12 @@ when it is installed, else a BertConfig of the same shapes (timing depends on sh
 quick scale a 2-layer hidden-64 BERT. Eval mode (no dropout), fp32, random token ids.
 
 Providers (same model, same batches, equal results: checked once before timing):
-- ``fastmft``: :class:`fastmft.pipelines.utility.TaskUtilityScorer`: torch.autograd.grad at theta,
+- ``fastmft``: :class:`fastmft.pipelines.selection.utility.TaskUtilityScorer`: torch.autograd.grad at theta,
   fastmft.ops.inner_step into one persistent FlatParams (the compiled extension where available),
   target losses by torch.func.functional_call under inference mode;
 - ``fastmft-foreach``: the same scorer with the inner step forced to torch's foreach ops
   (``use_backend("torch")``), isolating the compiled step's share;
-- ``clone-update``: :func:`fastmft.pipelines.utility.clone_task_utility`: deepcopy the module per source
+- ``clone-update``: :func:`fastmft.pipelines.selection.utility.clone_task_utility`: deepcopy the module per source
   batch, update its parameters in place, evaluate under no_grad (learn2learn-style cloning).
 Goal (issue 4): fastmft >= 1.3x clone-update.
 """
@@ -122,7 +122,7 @@ def sizes(scale: str, device: torch.device) -> list[tuple[int, int]]:
 
 def cases(scale: str, device: torch.device) -> Iterable[Case]:
     import fastmft
-    from fastmft.pipelines.utility import TaskUtilityScorer, clone_task_utility
+    from fastmft.pipelines.selection import TaskUtilityScorer, clone_task_utility
 
     model, name, vocab = build_model(scale, device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -61,7 +61,7 @@ def _evaluate(model, rows_ids, labels, device, pad_id) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from fastmft.pipelines.selection import pad_ids
+    from fastmft.data.batching import pad_ids
 
     model.eval()
     preds, loss = [], 0.0

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .ops import dispatch
+from .ops import _checks, dispatch
 
 _LOCK = threading.RLock()
 _state: dict = {"tried": False, "cpu": False, "cuda": False, "error": None, "cuda_error": None, "path": None}
@@ -345,48 +345,36 @@ def inner_step_(
     )
 
 
-@dispatch.register_compiled("inner_step")
+def _several_devices(params, *_) -> bool:
+    return any(p.device != params[0].device for p in params)
+
+
+# Parameters spread over several devices are not one fused pass: the reference steps them.
+@dispatch.register("inner_step", "compiled", fallbacks=(("parameters on several devices", _several_devices),))
 def inner_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor | None],
     lr: float,
     out: Sequence[Tensor] | None,
-    *,
     check_finite: bool = False,
 ) -> list[Tensor]:
-    """The compiled implementation of fastmft.inner_step (same contract as the reference); with
+    """The compiled implementation of fastmft.inner_step (the reference's contract); with
     ``check_finite`` the flag computed in the same pass raises fastmft.NonFiniteError."""
-    device = params[0].device
-    if any(p.device != device for p in params):  # tensors on several devices: not one fused pass
-        from .ops import reference
-
-        result = reference.inner_step(params, grads, lr, out)
-        if check_finite and not all(bool(torch.isfinite(t).all()) for t in result):
-            from .ops.inner_step import NonFiniteError
-
-            raise NonFiniteError("fastmft.inner_step: theta - lr * grad has a non-finite value (inf or NaN)")
-        return result
     with torch.no_grad():
-        flag = False
         if out is None:
             stepped = [i for i, g in enumerate(grads) if g is not None]
             result = [p.detach() for p in params]
+            flag = False
             if stepped:
                 outs = [torch.empty(params[i].shape, dtype=params[i].dtype, device=params[i].device) for i in stepped]
                 flag = inner_step_([params[i] for i in stepped], [grads[i] for i in stepped], outs, lr, check_finite)
                 for i, o in zip(stepped, outs):
                     result[i] = o
             # the op saw only the stepped tensors; a parameter with a None grad is a result as well
-            if check_finite and len(stepped) < len(params) and not bool(flag):
-                flag = not all(bool(torch.isfinite(p).all()) for p, g in zip(params, grads) if g is None)
+            unstepped = [p for p, g in zip(params, grads) if g is None]
         else:
             flag = inner_step_(params, grads, out, lr, check_finite)
-            result = list(out)
-    if check_finite and bool(flag):
-        from .ops.inner_step import NonFiniteError
-
-        raise NonFiniteError("fastmft.inner_step: theta - lr * grad has a non-finite value (inf or NaN)")
+            result, unstepped = list(out), []
+    if check_finite:
+        _checks.finite("fastmft.inner_step: theta - lr * grad", unstepped, flag=flag)
     return result
-
-
-inner_step.checks_finite = True

@@ -30,7 +30,23 @@ def test_env_and_context_manager(monkeypatch):
 
 def test_auto_runs_the_reference_on_cpu():
     with fastmft.use_backend("auto"):
-        assert dispatch.resolve("typicality", torch.device("cpu")) is dispatch._registry[("typicality", "torch")]
+        assert dispatch.which("typicality", "cpu") == "torch"
+        assert dispatch.resolve("typicality", torch.device("cpu")).kind == "torch"
+
+
+def test_dispatch_loads_the_backends_itself():
+    """Resolving an op needs no public module imported first: dispatch imports the references."""
+    code = (
+        "import sys, torch\n"
+        "from fastmft.ops import dispatch\n"
+        "ops = ('masked_mean_pool', 'prototype_sums', 'typicality', 'multi_head_cross_entropy', 'inner_step')\n"
+        "with dispatch.use_backend('torch'):\n"
+        "    print(*{dispatch.resolve(op, torch.device('cpu')).kind for op in ops})\n"
+        "print(*sorted(m for m in sys.modules if m in ('fastmft.ops.functional', 'fastmft.ops.prototypes')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["torch", ""]
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():

@@ -400,6 +400,8 @@ def test_bitwise_in_other_modes(compiled, env):
 def test_tensors_on_several_devices_fall_back_to_the_reference(compiled):
     ps = [torch.ones(3), torch.ones(3, device="meta")]
     gs = [torch.ones(3), torch.ones(3, device="meta")]
+    reason = dispatch.fallback_reason("inner_step", "compiled", ps, gs, 0.5, None, False)
+    assert reason == "parameters on several devices"
     got = fastmft.inner_step(ps, gs, 0.5)
     assert got[0].tolist() == [0.5, 0.5, 0.5] and got[1].device.type == "meta"
 

@@ -329,7 +329,7 @@ def test_out_of_range_index_never_reaches_a_kernel(monkeypatch, rng):
 
 
 def test_fallback_rules_send_what_the_kernels_do_not_take_to_the_reference(rng, monkeypatch):
-    from fastmft.ops import triton as triton_ops
+    from fastmft.ops import dispatch
 
     launched = []
     _record_launches(monkeypatch, launched.append)
@@ -339,7 +339,7 @@ def test_fallback_rules_send_what_the_kernels_do_not_take_to_the_reference(rng, 
     k = torch.randint(0, K, (20,), generator=rng).to(DEVICE)
     centers, counts = prototypes64(x, y, k, 1, K)
     protos = fastmft.Prototypes(centers.float(), counts)
-    assert triton_ops.fallback_reason("typicality", x, y, k, protos.centers[:, :, None], None, 0.5, 1.0) == (
+    assert dispatch.fallback_reason("typicality", "triton", x, y, k, protos.centers[:, :, None], None, 0.5, 1.0) == (
         f"more than {kt.MAX_DOMAINS} domains"
     )
     with fastmft.use_backend("triton"):
@@ -347,7 +347,7 @@ def test_fallback_rules_send_what_the_kernels_do_not_take_to_the_reference(rng, 
     assert launched == []
     assert_close(t, typicality64(x, y, k, protos.centers, counts, 0.5), torch.float32)
     logits = [_randn(4, 2, g=rng) for _ in range(cross_entropy.MAX_HEADS + 1)]
-    assert triton_ops.fallback_reason("multi_head_cross_entropy", logits, None, None, None, -100) == (
+    assert dispatch.fallback_reason("multi_head_cross_entropy", "triton", logits, None, None, None, -100) == (
         f"more than {cross_entropy.MAX_HEADS} heads"
     )
-    assert triton_ops.fallback_reason("multi_head_cross_entropy", logits[:2], None, None, None, -100) is None
+    assert dispatch.fallback_reason("multi_head_cross_entropy", "triton", logits[:2], None, None, None, -100) is None

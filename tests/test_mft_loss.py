@@ -1,31 +1,11 @@
-"""MFTLoss against the paper's formula written out in float64, and shuffle_domains."""
+"""MFTLoss against the float64 oracle of the paper's formula, and shuffle_domains."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastmft
 from tests.helpers import assert_close
-
-
-def mft_loss64(module, hidden_states, mask, labels, domains, t, corrupted):
-    """L_TLC + lam * L_SDC from docs/design.md section 2, in float64 with plain tensor ops."""
-    d = lambda x: x.detach().double()  # noqa: E731
-    N = labels.shape[0]
-    f = d(hidden_states[-1][:, 0])
-    label_logits = f @ d(module.label_head.weight).T + d(module.label_head.bias)
-    tlc = (t.double() * F.cross_entropy(label_logits, labels, reduction="none")).sum() / N
-    valid = mask.bool().clone()
-    valid[:, 0] = False
-    sdc = 0.0
-    for head, layer in zip(module.domain_heads, module.layers):
-        h = d(hidden_states[layer])
-        pooled = (h * valid[:, :, None]).sum(1) / valid.sum(1).clamp_min(1)[:, None]
-        feature = pooled + d(module.domain_embedding.weight)[domains]
-        logits = feature @ d(head.weight).T + d(head.bias)
-        sdc = sdc + (t.double() * F.cross_entropy(logits, corrupted, reduction="none")).sum() / N
-    sdc = sdc / len(module.layers)
-    return tlc + module.lam * sdc, tlc, sdc
+from tests.oracles import mft_loss64
 
 
 def batch(N, T, D, layers, rng):
@@ -130,7 +110,7 @@ def test_multi_prototypes_refuse_a_bad_temperature(temperature):
 
 def test_negative_typicality_contributes_nothing(rng):
     """t < 0 is clamped at 0 (the formula with max(t, 0)): its row adds nothing to the loss and
-    gets zero gradient, against the float64 reference on the clamped weights."""
+    gets zero gradient, against the float64 oracle (which weights rows by max(t, 0))."""
     module = fastmft.MFTLoss(hidden_size=8, num_labels=3, num_domains=3, layers=(1, 2), lam=0.5)
     hs, mask = batch(9, 6, 8, 2, rng)
     hs = tuple(h.requires_grad_() for h in hs)
@@ -141,7 +121,7 @@ def test_negative_typicality_contributes_nothing(rng):
     t.requires_grad_()
     corrupted = fastmft.shuffle_domains(domains, rng)
     out = module(hs, mask, labels, domains, typicality=t, corrupted=corrupted)
-    loss, tlc, sdc = mft_loss64(module, hs, mask, labels, domains, t.detach().clamp_min(0), corrupted)
+    loss, tlc, sdc = mft_loss64(module, hs, mask, labels, domains, t, corrupted)
     assert_close(out.label_loss, tlc, torch.float32)
     assert_close(out.domain_loss, sdc, torch.float32)
     assert_close(out.loss, loss, torch.float32)

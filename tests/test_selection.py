@@ -6,8 +6,14 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from fastmft.data.synthetic import synthetic_corpus
-from fastmft.pipelines.selection import ClassificationTask, MaskedLMTask, MultiTaskModel, TaskSelector, TokenShuffleTask
-from fastmft.pipelines.utility import clone_task_utility
+from fastmft.pipelines.selection import (
+    ClassificationTask,
+    MaskedLMTask,
+    MultiTaskModel,
+    TaskSelector,
+    TokenShuffleTask,
+    clone_task_utility,
+)
 from tests.helpers import tiny_bert
 
 

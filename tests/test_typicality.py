@@ -1,40 +1,11 @@
-"""Prototypes and typicality (reference backend) against float64 loops written from docs/design.md."""
-
-import math
+"""Prototypes and typicality (reference backend) against the float64 oracles."""
 
 import pytest
 import torch
 
 import fastmft
 from tests.helpers import assert_close
-
-
-def cos64(a, b):
-    a, b = a.double(), b.double()
-    return float(a @ b) / (max(float(a.norm()), 1e-8) * max(float(b.norm()), 1e-8))
-
-
-def prototypes64(e, y, d, M, K):
-    centers = torch.zeros(K, M, e.shape[1], dtype=torch.float64)
-    counts = torch.zeros(K, M, dtype=torch.int64)
-    for k in range(K):
-        for m in range(M):
-            rows = [i for i in range(len(y)) if y[i] == m and d[i] == k]
-            counts[k, m] = len(rows)
-            if rows:
-                centers[k, m] = e[rows].double().mean(0)
-    return centers, counts
-
-
-def typicality64(e, y, d, centers, counts, alpha):
-    K = centers.shape[0]
-    out = []
-    for i in range(len(y)):
-        k, m = int(d[i]), int(y[i])
-        own = cos64(e[i], centers[k, m])
-        others = [cos64(e[i], centers[j, m]) for j in range(K) if j != k and counts[j, m] > 0]
-        out.append(alpha * own + (1 - alpha) * sum(others) / len(others) if others else own)
-    return torch.tensor(out, dtype=torch.float64)
+from tests.oracles import prototypes64, typicality64
 
 
 def rows(N, D, M, K, rng, dtype=torch.float32):
@@ -82,10 +53,9 @@ def test_typicality_matches_formula(alpha, dtype, rng):
     P = fastmft.class_prototypes(e, y, d, 3, 4)
     t = fastmft.typicality(e, y, d, P, alpha=alpha)
     assert t.shape == (60,) and t.dtype == torch.float32
-    expected = typicality64(e, y, d, P.centers.double(), P.counts, alpha)
-    assert_close(t, expected, torch.float32)
-    only_domain = y == 0
-    own = torch.tensor([cos64(e[i], P.centers[1, 0]) for i in range(60)], dtype=torch.float64)
+    assert_close(t, typicality64(e, y, d, P.centers, P.counts, alpha), torch.float32)
+    only_domain = y == 0  # t is the own cosine: typicality with alpha = 1
+    own = typicality64(e, y, d, P.centers, P.counts, 1.0)
     assert_close(t[only_domain], own[only_domain], torch.float32)
 
 
@@ -94,8 +64,7 @@ def test_single_domain_is_own_cosine(rng):
     d = torch.zeros(20, dtype=torch.long)
     P = fastmft.class_prototypes(e, y, d, 2, 1)
     t = fastmft.typicality(e, y, d, P, alpha=0.3)
-    expected = torch.tensor([cos64(e[i], P.centers[0, y[i]]) for i in range(20)], dtype=torch.float64)
-    assert_close(t, expected, torch.float32)
+    assert_close(t, typicality64(e, y, d, P.centers, P.counts, 1.0), torch.float32)  # the own cosine
 
 
 def test_zero_vectors_use_the_epsilon_contract(rng):
@@ -113,26 +82,7 @@ def test_large_n_is_chunked_exactly(rng, monkeypatch):
     e, y, d = rows(300, 8, 2, 3, rng)
     P = fastmft.class_prototypes(e, y, d, 2, 3)
     t = fastmft.typicality(e, y, d, P)
-    assert_close(t, typicality64(e, y, d, P.centers.double(), P.counts, 0.5), torch.float32)
-
-
-def multi_typicality64(e, y, d, MP, alpha):
-    K, M, J, _ = MP.centers.shape
-
-    def cell_cos(i, k, m):
-        cs = [cos64(e[i], MP.centers[k, m, j]) for j in range(J) if MP.counts[k, m, j] > 0]
-        if not cs:
-            return 0.0
-        betas = [math.exp(c / MP.temperature) for c in cs]
-        return sum(b * c for b, c in zip(betas, cs)) / sum(betas)
-
-    out = []
-    for i in range(len(y)):
-        k, m = int(d[i]), int(y[i])
-        others = [cell_cos(i, j, m) for j in range(K) if j != k and MP.counts[j, m].sum() > 0]
-        own = cell_cos(i, k, m)
-        out.append(alpha * own + (1 - alpha) * sum(others) / len(others) if others else own)
-    return torch.tensor(out, dtype=torch.float64)
+    assert_close(t, typicality64(e, y, d, P.centers, P.counts, 0.5), torch.float32)
 
 
 def test_multi_prototype_typicality(rng):
@@ -147,7 +97,7 @@ def test_multi_prototype_typicality(rng):
     assert torch.equal(MP.counts.sum(-1), fastmft.class_prototypes(e, y, d, 2, 3).counts)
     assert MP.counts[1, 0].tolist().count(0) == 2
     t = fastmft.typicality(e, y, d, MP, alpha=0.5)
-    assert_close(t, multi_typicality64(e, y, d, MP, 0.5), torch.float32)
+    assert_close(t, typicality64(e, y, d, MP.centers, MP.counts, 0.5, MP.temperature), torch.float32)
 
 
 def test_one_prototype_per_cell_equals_single(rng):

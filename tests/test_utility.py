@@ -1,4 +1,4 @@
-"""fastmft.pipelines.utility.TaskUtilityScorer against the slow deepcopy-based computation, on a tiny BERT."""
+"""fastmft.pipelines.selection.utility.TaskUtilityScorer against the slow deepcopy-based computation, on a tiny BERT."""
 
 import gc
 import math
@@ -11,7 +11,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import fastmft
 from fastmft.ops.inner_step import NonFiniteError
-from fastmft.pipelines.utility import TaskUtilityScorer, clone_task_utility, hf_loss
+from fastmft.pipelines.selection import TaskUtilityScorer, clone_task_utility, hf_loss
+from tests.oracles import inner_step64
 
 VOCAB, LABELS = 100, 3
 
@@ -63,10 +64,10 @@ def test_equals_clone_based_utility(model):
 
 
 def dense_theta_prime(model, src, lr):
-    """theta - lr * grad in float64 from the dense autograd gradient (the formula, no fastmft)."""
+    """theta - lr * grad in float64 (the oracle) from the dense autograd gradient."""
     params = list(model.parameters())
     grads = torch.autograd.grad(hf_loss(model, src), params, allow_unused=True)
-    return [p.detach().double() - lr * (0 if g is None else g.double()) for p, g in zip(params, grads)], grads
+    return inner_step64(params, grads, lr), grads
 
 
 TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")

@@ -1,10 +1,13 @@
 """Argument checks shared by the public ops: errors name the argument and say what was expected.
 
 They run before any implementation (reference or kernel), so a bad index never reaches a kernel,
-where an out-of-bounds read or write would corrupt memory silently.
+where an out-of-bounds read or write would corrupt memory silently. :func:`finite` is the check
+of results (``check_finite``) that every implementation and caller raises through.
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 
@@ -85,3 +88,14 @@ def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by :func:`fastmft.inner_step` with ``check_finite=True`` when theta' has an inf or NaN."""
+
+
+def finite(name: str, tensors: Iterable[torch.Tensor] = (), *, flag: torch.Tensor | bool = False) -> None:
+    """Raise :class:`NonFiniteError` naming ``name`` when ``flag`` (a non-finite flag computed
+    elsewhere, e.g. in a kernel's pass) is set or one of ``tensors`` holds an inf or NaN."""
+    if bool(flag) or not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NonFiniteError(f"{name} has a non-finite value (inf or NaN)")

@@ -1,18 +1,20 @@
 """Backend selection and dispatch: the one place that decides which implementation of an op runs.
 
-Every op has a pure-PyTorch reference (backend ``"torch"``, the ground truth and the CPU path)
-and at most one fused implementation per device kind (``"triton"`` for CUDA tensors, or for CPU
-tensors through the Triton interpreter). Fused implementations register themselves with
-:func:`register` from modules listed in ``_PROVIDERS``, imported lazily so that
-``import fastmft`` never imports Triton.
+Every op has a pure-PyTorch reference (``"torch"``, the ground truth and the CPU path) and at most
+one fused implementation per device kind: ``"triton"`` for CUDA tensors (or CPU tensors through
+the Triton interpreter), and ``"compiled"``, the extension ``fastmft._C`` (C++/OpenMP on CPU, CUDA
+on GPU; only the inner step has one). Each backend's module registers its implementations with
+:func:`register` when imported; this module imports them itself on first use (``_MODULES``), so
+that ``import fastmft`` imports neither torch nor Triton.
+
+An implementation is registered with its fallback rules, as data: (why the reference runs, test
+on the op's arguments). They are checked at every call, and the reference runs when one applies.
 
 Selection: the environment variable ``FASTMFT_BACKEND`` (auto | torch | triton, read at each
-call) or the context manager :func:`use_backend`, which wins over the variable.
-``auto`` runs the fused implementation for CUDA tensors when one is registered, the reference
-otherwise. Ops listed in ``_COMPILED_OPS`` (the inner step) also have an implementation in the
-compiled extension ``fastmft._C`` (C++/OpenMP on CPU, CUDA on GPU): under ``auto`` it runs for every
-device the extension is available for; ``torch`` always runs the reference. :func:`which` says
-which implementation an op gets.
+call) or the context manager :func:`use_backend`, which wins over the variable. ``torch`` always
+runs the reference. ``auto`` runs the compiled implementation where the extension is available for
+the device, else the Triton one for CUDA tensors, else the reference. ``triton`` runs the Triton
+implementation or raises. :func:`which` says which implementation an op gets.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -29,19 +32,33 @@ from ..kernels._util import interpreter
 
 BACKENDS = ("auto", "torch", "triton")
 
-# Modules that register each backend's implementations when imported; loaded on first resolve,
-# so that `import fastmft` imports neither Triton nor anything it does not need.
-_PROVIDERS: dict[str, tuple[str, ...]] = {"torch": ("fastmft.ops.reference",), "triton": ("fastmft.ops.triton",)}
+# The module that registers each implementation kind, imported on first use.
+_MODULES = {"torch": "fastmft.ops.reference", "triton": "fastmft.ops.triton", "compiled": "fastmft._C"}
 
-# Ops with an implementation in the compiled extension fastmft._C (csrc/: C++/OpenMP on CPU, CUDA
-# on GPU), registered by that module with register_compiled. Under "auto" the compiled
-# implementation wins for every device the extension is available for (it is built just in time
-# on first use; a failed build warns once and the next choice runs); "torch" always runs the
-# reference; "triton" never picks it.
-_COMPILED_OPS: dict[str, str] = {"inner_step": "fastmft._C"}
-_compiled_registry: dict[str, Callable] = {}
+FallbackRule = tuple[str, Callable[..., bool]]
 
-_registry: dict[tuple[str, str], Callable] = {}
+
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation of ``op``: ``kind`` is "torch", "triton" or "compiled"; ``fallbacks`` are
+    the rules (why, test on the op's arguments) under which the reference runs instead of ``fn``."""
+
+    op: str
+    kind: str
+    fn: Callable
+    fallbacks: tuple[FallbackRule, ...] = ()
+
+    def fallback_reason(self, *args) -> str | None:
+        """Why the reference runs for these arguments, or None when ``fn`` runs."""
+        return next((reason for reason, applies in self.fallbacks if applies(*args)), None)
+
+    def __call__(self, *args):
+        if self.fallbacks and self.fallback_reason(*args):
+            return _registry[(self.op, "torch")].fn(*args)
+        return self.fn(*args)
+
+
+_registry: dict[tuple[str, str], Implementation] = {}
 _loaded: set[str] = set()
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastmft_backend", default=None)
 
@@ -70,70 +87,43 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``."""
-    _check_name(backend, "register(backend)")
+def register(op: str, kind: str, *, fallbacks: tuple[FallbackRule, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as the ``kind`` implementation of ``op`` (returned unchanged),
+    behind the ``fallbacks`` rules."""
+    if kind not in _MODULES:
+        raise ValueError(f"register(kind) must be one of {', '.join(_MODULES)}; got {kind!r}")
+    if fallbacks and kind == "torch":
+        raise ValueError("the reference is what a fallback runs: it has no fallbacks itself")
 
     def deco(fn: Callable) -> Callable:
-        _registry[(op, backend)] = fn
+        _registry[(op, kind)] = Implementation(op, kind, fn, tuple(fallbacks))
         return fn
 
     return deco
 
 
-def register_compiled(op: str) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as the compiled-extension implementation of ``op``."""
-
-    def deco(fn: Callable) -> Callable:
-        _compiled_registry[op] = fn
-        return fn
-
-    return deco
+def _load(kind: str) -> None:
+    if kind not in _loaded:
+        _loaded.add(kind)
+        importlib.import_module(_MODULES[kind])
 
 
-def _compiled(op: str, device: torch.device) -> Callable | None:
-    """The compiled implementation of ``op`` if the extension is built and usable on ``device``."""
-    module = _COMPILED_OPS.get(op)
-    if module is None:
-        return None
-    ext = importlib.import_module(module)
-    if not ext.is_available(device):
-        return None
-    return _compiled_registry.get(op)
-
-
-def which(op: str, device: torch.device | str) -> str:
-    """Which implementation :func:`resolve` picks now: "compiled", "triton" or "torch"."""
-    fn = resolve(op, torch.device(device))
-    if fn is _compiled_registry.get(op):
-        return "compiled"
-    if fn is _registry.get((op, "triton")):
-        return "triton"
-    return "torch"
-
-
-def _load_providers(backend: str) -> None:
-    if backend in _loaded:
-        return
-    _loaded.add(backend)
-    for module in _PROVIDERS.get(backend, ()):
-        importlib.import_module(module)
-
-
-def resolve(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` for tensors on ``device`` under the current backend."""
+def _kind(op: str, device: torch.device) -> str:
+    """The kind of implementation ``op`` gets for tensors on ``device`` under the current backend."""
     name = current_backend()
-    _load_providers("torch")
+    _load("torch")
     if name == "torch":
-        return _registry[(op, "torch")]
+        return "torch"
     if name == "auto":
-        fn = _compiled(op, device)
-        if fn is not None:
-            return fn
+        _load("compiled")
+        # The extension is built just in time on first use; a failed build warns once and the next
+        # choice runs.
+        if (op, "compiled") in _registry and importlib.import_module(_MODULES["compiled"]).is_available(device):
+            return "compiled"
         if device.type != "cuda":
-            return _registry[(op, "torch")]
-        _load_providers("triton")
-        return _registry.get((op, "triton"), _registry[(op, "torch")])
+            return "torch"
+        _load("triton")
+        return "triton" if (op, "triton") in _registry else "torch"
     # Explicit triton: fail loudly rather than silently running something else.
     if device.type != "cuda" and not interpreter():
         raise RuntimeError(
@@ -142,8 +132,24 @@ def resolve(op: str, device: torch.device) -> Callable:
             "(set TRITON_INTERPRET=1 before triton is first imported). Use backend 'torch' or 'auto' "
             "for CPU tensors."
         )
-    _load_providers("triton")
-    fn = _registry.get((op, "triton"))
-    if fn is None:
+    _load("triton")
+    if (op, "triton") not in _registry:
         raise NotImplementedError(f"fastmft has no Triton implementation of {op}; use backend 'torch' or 'auto'")
-    return fn
+    return "triton"
+
+
+def which(op: str, device: torch.device | str) -> str:
+    """Which implementation :func:`resolve` picks now: "compiled", "triton" or "torch"."""
+    return _kind(op, torch.device(device))
+
+
+def resolve(op: str, device: torch.device) -> Implementation:
+    """The implementation of ``op`` for tensors on ``device`` under the current backend; calling it
+    runs the reference instead when one of its fallback rules applies to the arguments."""
+    return _registry[(op, _kind(op, device))]
+
+
+def fallback_reason(op: str, kind: str, *args) -> str | None:
+    """Why the ``kind`` implementation of ``op`` runs the reference for these arguments, or None."""
+    _load(kind)
+    return _registry[(op, kind)].fallback_reason(*args)

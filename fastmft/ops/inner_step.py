@@ -9,10 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks, dispatch
+from ._checks import NonFiniteError
 
-
-class NonFiniteError(FloatingPointError):
-    """Raised by :func:`inner_step` with ``check_finite=True`` when theta' has an inf or NaN."""
+__all__ = ["FlatParams", "NonFiniteError", "inner_step"]
 
 
 class FlatParams:
@@ -135,10 +134,4 @@ def inner_step(
             )
     if not params:
         return []
-    fn = dispatch.resolve("inner_step", params[0].device)
-    if getattr(fn, "checks_finite", False):
-        return fn(params, grads, float(lr), outs, check_finite=check_finite)
-    result = fn(params, grads, float(lr), outs)
-    if check_finite and not all(bool(torch.isfinite(t).all()) for t in result):
-        raise NonFiniteError("fastmft.inner_step: theta - lr * grad has a non-finite value (inf or NaN)")
-    return result
+    return dispatch.resolve("inner_step", params[0].device)(params, grads, float(lr), outs, check_finite)

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import _checks, dispatch
 
 # Upper bound on the elements of one float32 temporary (64 MiB); bounds peak memory for large N.
 _CHUNK_ELEMENTS = 1 << 24
@@ -139,8 +139,15 @@ def multi_head_cross_entropy(
 
 
 @dispatch.register("inner_step", "torch")
-def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: float, out: Sequence[Tensor] | None):
-    """theta - lr * grad with torch's foreach ops; a None grad leaves the parameter as it is."""
+def inner_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    lr: float,
+    out: Sequence[Tensor] | None,
+    check_finite: bool = False,
+) -> list[Tensor]:
+    """theta - lr * grad with torch's foreach ops; a None grad leaves the parameter as it is.
+    ``check_finite``: raise NonFiniteError when a result holds an inf or NaN (``out`` is written)."""
     with torch.no_grad():
         stepped = [i for i, g in enumerate(grads) if g is not None]
         ps = [params[i].detach() for i in stepped]
@@ -149,8 +156,11 @@ def inner_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr: flo
             result = [p.detach() for p in params]
             for i, t in zip(stepped, torch._foreach_add(ps, gs, alpha=-lr) if ps else []):
                 result[i] = t
-            return result
-        torch._foreach_copy_(list(out), [p.detach() for p in params])
-        if ps:
-            torch._foreach_add_([out[i] for i in stepped], gs, alpha=-lr)
-        return list(out)
+        else:
+            torch._foreach_copy_(list(out), [p.detach() for p in params])
+            if ps:
+                torch._foreach_add_([out[i] for i in stepped], gs, alpha=-lr)
+            result = list(out)
+    if check_finite:
+        _checks.finite("fastmft.inner_step: theta - lr * grad", result)
+    return result

@@ -4,14 +4,14 @@ Each op receives exactly the arguments of its reference in fastmft.ops.reference
 by the public function (indices in range, shapes consistent). Autograd lives here, one
 torch.autograd.Function per differentiable op; the kernels (fastmft.kernels) only launch.
 
-When the reference runs instead of a kernel is data: FALLBACKS below, checked by ``_triton``
-before every call. Device policy: CUDA tensors, or CPU tensors through the Triton interpreter;
-anything else raises RuntimeError before a kernel runs.
+When the reference runs instead of a kernel is data: FALLBACKS below, registered with each
+implementation and checked by fastmft.ops.dispatch before every call. Device policy: CUDA
+tensors, or CPU tensors through the Triton interpreter; anything else raises RuntimeError before a
+kernel runs.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -46,24 +46,9 @@ FALLBACKS = {
 }
 
 
-def fallback_reason(op: str, *args) -> str | None:
-    """Why ``op`` runs its reference for these arguments, or None when the kernel runs."""
-    return next((reason for reason, applies in FALLBACKS[op] if applies(*args)), None)
-
-
 def _triton(op: str):
-    """Register ``fn`` as the Triton implementation of ``op``, behind the FALLBACKS rules."""
-
-    def wrap(fn):
-        ref = getattr(reference, op)
-
-        @functools.wraps(fn)
-        def impl(*args):
-            return ref(*args) if fallback_reason(op, *args) else fn(*args)
-
-        return dispatch.register(op, "triton")(impl)
-
-    return wrap
+    """Register ``fn`` as the Triton implementation of ``op``, behind its FALLBACKS rules."""
+    return dispatch.register(op, "triton", fallbacks=FALLBACKS[op])
 
 
 class _MaskedMeanPool(torch.autograd.Function):

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fastmft.ops import _checks
 from fastmft.ops.inner_step import FlatParams, NonFiniteError, inner_step
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -170,11 +171,9 @@ class TaskUtilityScorer:
             )
         except NonFiniteError:
             nonfinite = True
-        if nonfinite:
-            if self.nonfinite == "raise":
-                raise NonFiniteError("TaskUtilityScorer: theta - lr * grad has a non-finite value (inf or NaN)")
-            return None
-        return self._adapted
+        if self.nonfinite == "raise":
+            _checks.finite("TaskUtilityScorer: theta - lr * grad", flag=nonfinite)
+        return None if nonfinite else self._adapted
 
     def _row_sparse_step(self, i: int, param: Tensor, grad: Tensor, check: bool) -> bool:
         """theta' of table ``i`` = theta with the rows of the sparse ``grad`` stepped; returns
