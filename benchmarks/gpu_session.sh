@@ -106,15 +106,15 @@ if [[ $stage == mft || $stage == select ]]; then
 fi
 
 stages=" ${STAGES:-tests resources bench score} "
-default_tests="tests/test_kernel_gpu_faithful.py tests/test_kernel_pooling.py tests/test_kernel_typicality.py \
-    tests/test_kernel_cross_entropy.py tests/test_kernel_errors.py tests/test_mft_loss.py \
-    tests/test_trainer_dropin.py tests/test_inner_step_cuda.py"
+default_tests="tests/kernels/test_kernel_gpu_faithful.py tests/kernels/test_kernel_pooling.py tests/kernels/test_kernel_typicality.py \
+    tests/kernels/test_kernel_cross_entropy.py tests/kernels/test_kernel_errors.py tests/ops/test_mft_loss.py \
+    tests/ops/test_trainer_dropin.py tests/ops/test_inner_step_cuda.py"
 read -r -a tests <<<"${TESTS:-$default_tests}"
 [[ $stages == *" tests "* ]] && stage_run tests "${TESTS_LIMIT:-150}" env FASTMFT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n 8 -rfE --durations=10 \
     "${tests[@]}" >"$out/tests.log" 2>&1
 if [[ $stages == *" tests "* && $(python3 -c 'import torch; print(torch.cuda.device_count())') -ge 2 ]]; then
     stage_run tests-cuda1 60 env FASTMFT_TEST_DEVICE=cuda:1 python3 -m pytest -q -p no:cacheprovider -rfE \
-        tests/test_kernel_gpu_faithful.py >>"$out/tests.log" 2>&1
+        tests/kernels/test_kernel_gpu_faithful.py >>"$out/tests.log" 2>&1
 fi
 [[ -f $out/tests.log ]] && tail -n 15 "$out/tests.log"
 [[ $stages == *" resources "* ]] && stage_run resources "${RESOURCES_LIMIT:-40}" python3 -m benchmarks.kernel_resources --out "$out/resources.jsonl" >/dev/null 2>>"$out/tests.log"

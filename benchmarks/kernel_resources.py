@@ -4,7 +4,7 @@
     python -m benchmarks.kernel_resources                  # on a CUDA machine: the loaded kernels
 
 Compile-only mode drives Triton's real pipeline to PTX through a stand-in driver (nothing runs)
-and reads ptxas's resource report for sm_90a; tests/test_kernel_compile.py fails on any spill
+and reads ptxas's resource report for sm_90a; tests/kernels/test_kernel_compile.py fails on any spill
 here. On a GPU the numbers come from the loaded kernels (n_regs, n_spills, shared).
 Prints one JSON line per (kernel, tile) and writes them to --out if given.
 """

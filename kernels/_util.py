@@ -3,7 +3,7 @@
 Tile tables. Each kernel module keeps its tile configurations as data: for every block size a
 tuple of the powers of two it may take, and ``fit`` picks the smallest that covers the problem
 (the largest otherwise). The GPU and the Triton interpreter use the same tables, so the tests
-(tests/test_kernel_gpu_faithful.py) execute every configuration a GPU can pick, and the compile-only test
+(tests/kernels/test_kernel_gpu_faithful.py) execute every configuration a GPU can pick, and the compile-only test
 checks each one's registers and spills for sm_90.
 
 ``POISON`` is a test hook: when true, every output a kernel writes with plain stores is filled

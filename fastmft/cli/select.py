@@ -24,6 +24,8 @@ def _run_cli(args) -> int:
     if args.episodes < 0:
         raise ValueError(f"--episodes must be >= 0, got {args.episodes}")
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     encoder, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
     check_max_length(encoder, args.max_length)
@@ -84,7 +86,14 @@ def _run_cli(args) -> int:
 
 def register_cli(subparsers, help: str) -> None:
     """Add ``fastmft select`` to the fastmft command line."""
-    from .options import add_column_arguments, positive_float, positive_int
+    from .options import (
+        add_backbone_arguments,
+        add_column_arguments,
+        add_encoder_arguments,
+        add_runtime_arguments,
+        positive_float,
+        positive_int,
+    )
 
     p = subparsers.add_parser("select", help=help)
     p.add_argument(
@@ -118,14 +127,12 @@ def register_cli(subparsers, help: str) -> None:
         help="inner step: sgd (alpha = --inner-lr) or adam (the real AdamW step's look-ahead: its lr, its preconditioning)",
     )
     p.add_argument("--lr", type=positive_float, default=2e-5, help="AdamW learning rate of the real training")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--backbone", help="local model folder or cached name (default: all-MiniLM-L6-v2)")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int, default=0)
+    add_encoder_arguments(
+        p, "select", seed_help="seed of task sampling, batches, dropout and the heads' initialisation"
+    )
+    add_backbone_arguments(p)
+    add_runtime_arguments(p)
     p.add_argument(
         "--output-dir", default="runs/select", help="episode log and checkpoint; an existing checkpoint is resumed"
     )
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_cli)

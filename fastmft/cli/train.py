@@ -32,7 +32,7 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     """Add ``train`` to the ``fastmft`` command's subparsers."""
     from fastmft.data.synthetic import SYNTHETIC_PER_DOMAIN
 
-    from .options import add_column_arguments, positive_int
+    from .options import add_backbone_arguments, add_column_arguments, add_threads_argument
 
     p = subparsers.add_parser(
         "train",
@@ -59,9 +59,8 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
         default=SYNTHETIC_PER_DOMAIN,
         help="rows per domain of the synthetic corpus",
     )
-    p.add_argument("--backbone", help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2)")
-    p.add_argument("--trust-remote-code", action="store_true", help="let the backbone run its own model code")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    add_backbone_arguments(p)
+    add_threads_argument(p)
     p.add_argument("--output-dir", help="metrics.jsonl, checkpoints, result.json per method (an existing run resumes)")
     p.add_argument("--metric", choices=("accuracy", "macro_f1"), default="accuracy", help="the score of the table")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line per method")

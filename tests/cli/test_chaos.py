@@ -20,7 +20,7 @@ from fastmft.cli import main
 from fastmft.data.synthetic import synthetic_corpus
 from tests.helpers import tiny_bert
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KILLS = int(os.environ.get("FASTMFT_CHAOS_KILLS", "2"))
 
 

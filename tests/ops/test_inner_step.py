@@ -17,8 +17,7 @@ import fastmft
 from fastmft import _C
 from fastmft.ops import dispatch, reference
 from fastmft.ops.inner_step import NonFiniteError
-
-from .helpers import TOLERANCES, assert_flag_contract
+from tests.helpers import TOLERANCES, assert_flag_contract
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ODD_SIZES = [0, 1, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 1000, 4097, 65537]
@@ -266,7 +265,7 @@ def test_failed_build_warns_once_and_falls_back(compiled, monkeypatch, rng):
 
 def test_cuda_source_compiles_for_sm90(tmp_path):
     """csrc/inner_step_cuda.cu through nvcc for an H100, compile only (a CPU-only torch cannot link
-    it; tests/test_inner_step_cuda.py runs it on a GPU), so that a GPU session does not meet its
+    it; tests/ops/test_inner_step_cuda.py runs it on a GPU), so that a GPU session does not meet its
     first compile error. The CPU wheel lacks the CUDA build's generated
     c10/cuda/impl/cuda_cmake_macros.h: an empty stand-in, searched after torch's own headers."""
     import shutil

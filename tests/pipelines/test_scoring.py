@@ -15,7 +15,7 @@ from fastmft.data import Columns, prepare
 from fastmft.data.synthetic import synthetic_corpus
 from fastmft.pipelines.typicality import ScoreConfig, ScoreError, score_dataset, score_files
 from tests.helpers import assert_close, tiny_bert
-from tests.test_typicality import prototypes64, typicality64
+from tests.oracles import prototypes64, typicality64
 
 
 @pytest.fixture(scope="module")

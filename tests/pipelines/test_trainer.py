@@ -23,7 +23,7 @@ from fastmft.runtime.backbone import load_backbone
 from tests.helpers import tiny_bert
 
 PER_DOMAIN, DOMAINS = 16, 2
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _words(rows):

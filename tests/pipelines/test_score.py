@@ -24,9 +24,9 @@ from fastmft.data.synthetic import synthetic_corpus
 from fastmft.pipelines.typicality import ScoreConfig, ScoreError, score_files
 from fastmft.pipelines.typicality import cache as score_cache
 from tests.helpers import assert_close, tiny_bert
-from tests.test_typicality import prototypes64, typicality64
+from tests.oracles import prototypes64, typicality64
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BAD = {5: "undecodable", 9: "no text", 14: "no label", 20: "unknown domain", 31: "no domain"}
 
 
@@ -584,7 +584,7 @@ def test_bom_default_text_ids_and_a_rerun_summary(corpus, tmp_path):
         (["--prototypes", "2", "--temperature", "nan"], "--temperature must be a finite number > 0"),
         (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
         (["--device", "cuda"], "--device 'cuda': this torch build or machine has no CUDA device"),
-        (["--threads", "-1"], "--threads must be an integer >= 1"),
+        (["--threads", "-1"], "argument --threads: must be an integer >= 1"),
     ],
 )
 def test_bad_options_are_one_line_errors(corpus, tmp_path, capsys, args, message):
@@ -601,7 +601,11 @@ def test_bad_options_are_one_line_errors(corpus, tmp_path, capsys, args, message
     args = [a.format(tmp=tmp_path, file=tmp_path / "file", locked=tmp_path / "locked") for a in args]
     cli = _cli_args(corpus, tmp_path / "out.parquet")
     cli[0] = str(path)
-    assert main(["score", *cli, *args]) == 2
+    try:
+        status = main(["score", *cli, *args])
+    except SystemExit as exit:  # argparse's own check of an option's type
+        status = exit.code
+    assert status == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # (library loading bars may come before it)
     assert last.startswith("fastmft score: error: ") and message in last and "Traceback" not in err
