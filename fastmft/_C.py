@@ -351,14 +351,8 @@ def _several_devices(params, *_) -> bool:
 
 # Parameters spread over several devices are not one fused pass: the reference steps them.
 @dispatch.register("inner_step", "compiled", fallbacks=(("parameters on several devices", _several_devices),))
-def inner_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor | None],
-    lr: float,
-    out: Sequence[Tensor] | None,
-    check_finite: bool = False,
-) -> list[Tensor]:
-    """The compiled implementation of fastmft.inner_step (the reference's contract); with
+def inner_step(params, grads, lr: float, out, check_finite: bool = False) -> list[Tensor]:
+    """The compiled implementation of fastmft.inner_step (the reference's signature and contract); with
     ``check_finite`` the flag computed in the same pass raises fastmft.NonFiniteError."""
     with torch.no_grad():
         if out is None:

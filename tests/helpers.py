@@ -87,3 +87,8 @@ def tiny_bert(folder, words=(), *, layers=2, hidden=16, seed=0):
     )
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+# Two processes of a fastmft command under torchrun (gloo on CPU): the arguments after "-m".
+def two_process_command(command: str) -> list[str]:
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmft", command]

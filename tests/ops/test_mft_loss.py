@@ -21,6 +21,16 @@ def torch_backend():
         yield
 
 
+def _forward_matches_oracle(module, hs, mask, labels, domains, t, corrupted):
+    """The module's three losses against the float64 oracle; returns the module's output."""
+    out = module(hs, mask, labels, domains, typicality=t, corrupted=corrupted)
+    loss, tlc, sdc = mft_loss64(module, hs, mask, labels, domains, t, corrupted)
+    assert_close(out.label_loss, tlc, torch.float32)
+    assert_close(out.domain_loss, sdc, torch.float32)
+    assert_close(out.loss, loss, torch.float32)
+    return out
+
+
 def test_loss_matches_formula(rng):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
     module = fastmft.MFTLoss(hidden_size=8, num_labels=3, num_domains=4, layers=(1, 3, 4), lam=0.3)
@@ -29,11 +39,7 @@ def test_loss_matches_formula(rng):
     domains = torch.randint(0, 4, (10,), generator=rng)
     t = torch.rand(10, generator=rng)
     corrupted = fastmft.shuffle_domains(domains, rng)
-    out = module(hs, mask, labels, domains, typicality=t, corrupted=corrupted)
-    loss, tlc, sdc = mft_loss64(module, hs, mask, labels, domains, t, corrupted)
-    assert_close(out.label_loss, tlc, torch.float32)
-    assert_close(out.domain_loss, sdc, torch.float32)
-    assert_close(out.loss, loss, torch.float32)
+    out = _forward_matches_oracle(module, hs, mask, labels, domains, t, corrupted)
     assert out.logits.shape == (10, 3) and len(out.domain_logits) == 3
 
 
@@ -120,11 +126,7 @@ def test_negative_typicality_contributes_nothing(rng):
     t[[1, 5]] = -0.1 - torch.rand(2, generator=rng)
     t.requires_grad_()
     corrupted = fastmft.shuffle_domains(domains, rng)
-    out = module(hs, mask, labels, domains, typicality=t, corrupted=corrupted)
-    loss, tlc, sdc = mft_loss64(module, hs, mask, labels, domains, t, corrupted)
-    assert_close(out.label_loss, tlc, torch.float32)
-    assert_close(out.domain_loss, sdc, torch.float32)
-    assert_close(out.loss, loss, torch.float32)
+    out = _forward_matches_oracle(module, hs, mask, labels, domains, t, corrupted)
     out.loss.backward()
     for h in hs[1:]:
         assert torch.all(h.grad[[1, 5]] == 0)

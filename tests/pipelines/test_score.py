@@ -23,7 +23,7 @@ from fastmft.data import batching
 from fastmft.data.synthetic import synthetic_corpus
 from fastmft.pipelines.typicality import ScoreConfig, ScoreError, score_files
 from fastmft.pipelines.typicality import cache as score_cache
-from tests.helpers import assert_close, tiny_bert
+from tests.helpers import assert_close, tiny_bert, two_process_command
 from tests.oracles import prototypes64, typicality64
 
 REPO = Path(__file__).resolve().parents[2]
@@ -300,19 +300,7 @@ def test_kill9_resume_and_two_gloo_processes(corpus, tmp_path):
     assert read(out) == want
 
     out2 = tmp_path / "two.parquet"
-    two = _cli(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "fastmft",
-            "score",
-            *_cli_args(corpus, out2),
-        ]
-    )
+    two = _cli([*two_process_command("score"), *_cli_args(corpus, out2)])
     assert two.returncode == 0, two.stderr[-3000:]
     got = read(out2)
     assert {k: v for k, v in got.items() if k != "typicality"} == {k: v for k, v in want.items() if k != "typicality"}

@@ -20,7 +20,7 @@ from fastmft.ops.nn import skip_layers
 from fastmft.pipelines import trainer
 from fastmft.pipelines.trainer import checkpoint, inputs, loop, metrics, models
 from fastmft.runtime.backbone import load_backbone
-from tests.helpers import tiny_bert
+from tests.helpers import tiny_bert, two_process_command
 
 PER_DOMAIN, DOMAINS = 16, 2
 REPO = Path(__file__).resolve().parents[2]
@@ -206,20 +206,7 @@ def test_ddp_two_gloo_processes_match_single_process(corpus, backbone, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
     ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "fastmft",
-            "train",
-            *args,
-            "--output-dir",
-            str(tmp_path / "ddp"),
-        ],
+        [sys.executable, *two_process_command("train"), *args, "--output-dir", str(tmp_path / "ddp")],
         env=env,
         capture_output=True,
         text=True,
