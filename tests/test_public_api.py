@@ -1,0 +1,20 @@
+"""The names ``fastmft`` exports (docs/design.md, section 3) resolve to the objects of the modules
+that define them, and ``import fastmft`` alone imports no torch."""
+
+import importlib
+import subprocess
+import sys
+
+import fastmft
+
+
+def test_every_exported_name_resolves_to_its_definition():
+    for name, module in fastmft._EXPORTS.items():
+        assert getattr(fastmft, name) is getattr(importlib.import_module(module), name), name
+    assert set(fastmft._EXPORTS) <= set(fastmft.__all__) and set(fastmft.__all__) <= set(dir(fastmft))
+
+
+def test_import_fastmft_imports_no_torch():
+    code = "import sys, fastmft; print('torch' in sys.modules, 'datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
