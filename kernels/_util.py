@@ -26,10 +26,6 @@ _INT_POISON = -123456789
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 def fit(n: int, choices: tuple[int, ...]) -> int:
     """The smallest of ``choices`` (ascending powers of two) that covers n, else the largest."""
     for c in choices:

@@ -429,3 +429,27 @@ def test_build_folder_depends_on_the_source_folder(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             _C._build(False)
     assert len(names) == 2 and names[0] != names[1]
+
+
+def test_flat_params_from_module_names_copies_and_functional_call():
+    """from_module holds a copy of every named parameter (one buffer per dtype) under its name;
+    functional_call over as_dict() computes what the module computes, and a step on the flat
+    copy leaves the module's own parameters alone."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    flat = fastmft.FlatParams.from_module(module)
+    named = dict(module.named_parameters())
+    assert list(flat.as_dict()) == list(named) and len(flat.buffers) == 1
+    for name, view in flat.as_dict().items():
+        assert torch.equal(view, named[name]) and view.data_ptr() != named[name].data_ptr()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    want = module.double()(x)
+    flat = fastmft.FlatParams.from_module(module)
+    got = torch.func.functional_call(module, flat.as_dict(), (x,))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    before = [p.detach().clone() for p in module.parameters()]
+    grads = [torch.ones_like(p) for p in module.parameters()]
+    fastmft.inner_step(list(module.parameters()), grads, lr=0.5, out=flat)
+    for p, b, view in zip(module.parameters(), before, flat):
+        assert torch.equal(p.detach(), b)
+        torch.testing.assert_close(view, b - 0.5, rtol=0, atol=1e-15)
