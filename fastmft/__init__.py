@@ -8,7 +8,7 @@ They are imported on first use (PEP 562), so that `import fastmft` and `fastmft 
 for torch.
 """
 
-import importlib
+from fastmft._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -43,17 +43,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted([*_EXPORTS, "kernels"])
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    if name == "kernels":
-        return importlib.import_module("fastmft.kernels")
-    raise AttributeError(f"module 'fastmft' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_EXPORTS, "kernels"])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=("kernels",))

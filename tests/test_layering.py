@@ -15,6 +15,7 @@ LAYERS = {
     "fastmft.kernels": 0,  # Triton only
     "fastmft.ops": 1,  # the math: checks, references, autograd over the kernels, public ops, dispatch
     "fastmft._C": 1,  # the compiled extension's loader
+    "fastmft._lazy": 0,  # PEP 562 exports of the packages; imports nothing of fastmft
     "fastmft.data": 2,  # sources, schema and validation, batching, the demo corpus
     "fastmft.runtime": 3,  # devices, process group, backbones, crash-safe files
     "fastmft.pipelines": 4,  # orchestration without argparse, and its figures

@@ -18,3 +18,14 @@ def test_import_fastmft_imports_no_torch():
     code = "import sys, fastmft; print('torch' in sys.modules, 'datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_every_command_help_imports_no_torch():
+    """`fastmft CMD --help` builds only argparse from torch-free modules (answers in ~0.1 s)."""
+    code = (
+        "import sys\nfrom fastmft.cli import COMMANDS, build_parser\n"
+        "for command in COMMANDS: build_parser(command)\n"
+        "print(len(COMMANDS), 'torch' in sys.modules, 'datasets' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[1:] == ["False", "False"] and int(out.split()[0]) >= 5

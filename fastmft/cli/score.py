@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from fastmft.pipelines.typicality import ScoreConfig, score_files, stream
-
 
 def _csv_list(text: str) -> list[str]:
     return [v for v in (s.strip() for s in text.split(",")) if v]
@@ -65,7 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> ScoreConfig:
+def config_from_args(args: argparse.Namespace):
+    """The ScoreConfig of the parsed options."""
+    from fastmft.pipelines.typicality import ScoreConfig
+
     return ScoreConfig(
         inputs=list(args.inputs),
         output=args.output,
@@ -102,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 def _command(args: argparse.Namespace) -> int:
     from fastmft.pipelines import plots
+    from fastmft.pipelines.typicality import score_files
     from fastmft.runtime.dist import is_main_process
 
     if args.plot:
@@ -119,7 +121,7 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "score",
         help=help,
-        description=stream.__doc__.split("\n\n")[0],
+        description="Streaming, resumable, sharded typicality scoring of large corpora (fastmft.score_files).",
     )
     add_arguments(p)
     p.set_defaults(func=_command)

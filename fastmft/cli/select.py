@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from fastmft.pipelines.selection import MultiTaskModel, TaskSelector, build_tasks
-
 
 def _run_cli(args) -> int:
     import collections
 
+    import torch
+
     from fastmft.data.synthetic import synthetic_dataset
+    from fastmft.pipelines.selection import MultiTaskModel, TaskSelector, build_tasks
     from fastmft.runtime.backbone import check_max_length, load_backbone
     from fastmft.runtime.dist import pick_device
 

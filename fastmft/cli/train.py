@@ -15,14 +15,8 @@ import types
 import typing
 from pathlib import Path
 
-import torch
-
-from fastmft.pipelines.trainer import METHOD_NAMES, METHODS, TrainConfig, format_table, load_data, method_key, train
-from fastmft.pipelines.trainer.config import option_name
-from fastmft.pipelines.trainer.models import check_encoder
-from fastmft.runtime.dist import is_main_process
-
-from ..data import Columns
+# Only the torch-free config is imported here, so that `fastmft train --help` does not load torch.
+from fastmft.pipelines.trainer.config import METHOD_NAMES, METHODS, TrainConfig, method_key, option_name
 
 # --method takes several methods, one run each, so it is declared with the other options here.
 _NOT_OPTIONS = {"method"}
@@ -113,6 +107,8 @@ def config_from_args(args: argparse.Namespace, method: str) -> TrainConfig:
 
 
 def _cli_train(args: argparse.Namespace) -> int:
+    import torch
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +125,11 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 
 def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[str]) -> int:
+    from fastmft.data import Columns
+    from fastmft.pipelines.trainer import format_table, load_data, train
+    from fastmft.pipelines.trainer.models import check_encoder
+    from fastmft.runtime.dist import is_main_process
+
     t0 = time.perf_counter()
     from fastmft.runtime.backbone import load_backbone
 

@@ -1,64 +1,36 @@
 """The data layer: input sources and streaming readers, the row schema and its one row check,
-tokenising and batching, and the synthetic demo corpus. Its public names are re-exported here."""
+tokenising and batching, and the synthetic demo corpus. Its public names are re-exported here and load on first use."""
 
-from .batching import (
-    MODEL_INPUTS,
-    Collator,
-    LengthBucketSampler,
-    PreparedData,
-    prepare,
-    stream_seed,
-    tokenize,
-    tokenize_texts,
-)
-from .schema import (
-    CheckedRow,
-    Columns,
-    DataError,
-    Reject,
-    Vocab,
-    check_columns,
-    check_row,
-    encode_labels,
-    usable_value,
-    value_key,
-)
-from .sources import (
-    SAMPLE_ROWS,
-    Source,
-    column_names,
-    count_rows,
-    decode_record,
-    iter_records,
-    load_table,
-    resolve_inputs,
-)
+from fastmft._lazy import lazy_exports
 
-__all__ = [
-    "MODEL_INPUTS",
-    "SAMPLE_ROWS",
-    "CheckedRow",
-    "Collator",
-    "Columns",
-    "DataError",
-    "LengthBucketSampler",
-    "PreparedData",
-    "Reject",
-    "Source",
-    "Vocab",
-    "check_columns",
-    "check_row",
-    "column_names",
-    "count_rows",
-    "decode_record",
-    "encode_labels",
-    "iter_records",
-    "load_table",
-    "prepare",
-    "resolve_inputs",
-    "stream_seed",
-    "tokenize",
-    "tokenize_texts",
-    "usable_value",
-    "value_key",
-]
+# public name -> the module of this package that defines it
+_EXPORTS = {
+    "Collator": ".batching",
+    "LengthBucketSampler": ".batching",
+    "MODEL_INPUTS": ".batching",
+    "PreparedData": ".batching",
+    "prepare": ".batching",
+    "stream_seed": ".batching",
+    "tokenize": ".batching",
+    "tokenize_texts": ".batching",
+    "CheckedRow": ".schema",
+    "Columns": ".schema",
+    "DataError": ".schema",
+    "Reject": ".schema",
+    "Vocab": ".schema",
+    "check_columns": ".schema",
+    "check_row": ".schema",
+    "encode_labels": ".schema",
+    "usable_value": ".schema",
+    "value_key": ".schema",
+    "SAMPLE_ROWS": ".sources",
+    "Source": ".sources",
+    "column_names": ".sources",
+    "count_rows": ".sources",
+    "decode_record": ".sources",
+    "iter_records": ".sources",
+    "load_table": ".sources",
+    "resolve_inputs": ".sources",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

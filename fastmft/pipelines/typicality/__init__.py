@@ -11,9 +11,16 @@ Two ways in, the same steps:
   files of any size through an on-disk chunk cache (:mod:`.cache`), resumable after ``kill -9``,
   sharded under torchrun, merged into Parquet (:mod:`.merge`)."""
 
-from .config import ScoreConfig, ScoreSummary
-from .core import ScoreError
-from .memory import TypicalityScores, score_dataset
-from .stream import score_files
+from fastmft._lazy import lazy_exports
 
-__all__ = ["ScoreConfig", "ScoreError", "ScoreSummary", "TypicalityScores", "score_dataset", "score_files"]
+# public name -> the module of this package that defines it
+_EXPORTS = {
+    "ScoreConfig": ".config",
+    "ScoreSummary": ".config",
+    "ScoreError": ".core",
+    "TypicalityScores": ".memory",
+    "score_dataset": ".memory",
+    "score_files": ".stream",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
