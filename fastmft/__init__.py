@@ -12,35 +12,16 @@ from fastmft._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# defining module -> the public names it exports
 _EXPORTS = {
-    "current_backend": "fastmft.ops.dispatch",
-    "use_backend": "fastmft.ops.dispatch",
-    "masked_mean_pool": "fastmft.ops.functional",
-    "multi_head_cross_entropy": "fastmft.ops.functional",
-    "shuffle_domains": "fastmft.ops.functional",
-    "typicality": "fastmft.ops.functional",
-    "FlatParams": "fastmft.ops.inner_step",
-    "NonFiniteError": "fastmft.ops.inner_step",
-    "inner_step": "fastmft.ops.inner_step",
-    "MaskedMeanPool": "fastmft.ops.nn",
-    "MFTLoss": "fastmft.ops.nn",
-    "MFTLossOutput": "fastmft.ops.nn",
-    "MultiHeadCrossEntropyLoss": "fastmft.ops.nn",
-    "skip_layers": "fastmft.ops.nn",
-    "MultiPrototypes": "fastmft.ops.prototypes",
-    "PrototypeAccumulator": "fastmft.ops.prototypes",
-    "Prototypes": "fastmft.ops.prototypes",
-    "class_prototypes": "fastmft.ops.prototypes",
-    "multi_prototypes": "fastmft.ops.prototypes",
-    "TrainConfig": "fastmft.pipelines.trainer",
-    "compare": "fastmft.pipelines.trainer",
-    "train": "fastmft.pipelines.trainer",
-    "ScoreConfig": "fastmft.pipelines.typicality",
-    "score_files": "fastmft.pipelines.typicality",
-    "TaskSelector": "fastmft.pipelines.selection",
-    "TaskUtilityScorer": "fastmft.pipelines.selection",
+    "fastmft.ops.dispatch": "current_backend use_backend",
+    "fastmft.ops.functional": "masked_mean_pool multi_head_cross_entropy shuffle_domains typicality",
+    "fastmft.ops.inner_step": "FlatParams NonFiniteError inner_step",
+    "fastmft.ops.nn": "MFTLoss MFTLossOutput MaskedMeanPool MultiHeadCrossEntropyLoss skip_layers",
+    "fastmft.ops.prototypes": "MultiPrototypes PrototypeAccumulator Prototypes class_prototypes multi_prototypes",
+    "fastmft.pipelines.trainer": "TrainConfig compare train",
+    "fastmft.pipelines.typicality": "ScoreConfig score_files",
+    "fastmft.pipelines.selection": "TaskSelector TaskUtilityScorer",
 }
 
-__all__ = sorted([*_EXPORTS, "kernels"])
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=("kernels",))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, submodules=("kernels",))

@@ -3,34 +3,12 @@ tokenising and batching, and the synthetic demo corpus. Its public names are re-
 
 from fastmft._lazy import lazy_exports
 
-# public name -> the module of this package that defines it
+# defining module (relative to this package) -> the public names it exports
 _EXPORTS = {
-    "Collator": ".batching",
-    "LengthBucketSampler": ".batching",
-    "MODEL_INPUTS": ".batching",
-    "PreparedData": ".batching",
-    "prepare": ".batching",
-    "stream_seed": ".batching",
-    "tokenize": ".batching",
-    "tokenize_texts": ".batching",
-    "CheckedRow": ".schema",
-    "Columns": ".schema",
-    "DataError": ".schema",
-    "Reject": ".schema",
-    "Vocab": ".schema",
-    "check_columns": ".schema",
-    "check_row": ".schema",
-    "encode_labels": ".schema",
-    "usable_value": ".schema",
-    "value_key": ".schema",
-    "SAMPLE_ROWS": ".sources",
-    "Source": ".sources",
-    "column_names": ".sources",
-    "count_rows": ".sources",
-    "decode_record": ".sources",
-    "iter_records": ".sources",
-    "load_table": ".sources",
-    "resolve_inputs": ".sources",
+    ".batching": ("Collator LengthBucketSampler MODEL_INPUTS PreparedData prepare stream_seed tokenize tokenize_texts"),
+    ".schema": (
+        "CheckedRow Columns DataError Reject Vocab check_columns check_row encode_labels usable_value value_key"
+    ),
+    ".sources": "SAMPLE_ROWS Source column_names count_rows decode_record iter_records load_table resolve_inputs",
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -5,19 +5,10 @@ names are re-exported here and load on first use."""
 
 from fastmft._lazy import lazy_exports
 
-# public name -> the module of this package that defines it
+# defining module (relative to this package) -> the public names it exports
 _EXPORTS = {
-    "Episode": ".selector",
-    "TaskSelector": ".selector",
-    "ClassificationTask": ".tasks",
-    "MaskedLMTask": ".tasks",
-    "MultiTaskModel": ".tasks",
-    "Task": ".tasks",
-    "TokenShuffleTask": ".tasks",
-    "build_tasks": ".tasks",
-    "TaskUtilityScorer": ".utility",
-    "clone_task_utility": ".utility",
-    "hf_loss": ".utility",
+    ".selector": "Episode TaskSelector",
+    ".tasks": "ClassificationTask MaskedLMTask MultiTaskModel Task TokenShuffleTask build_tasks",
+    ".utility": "TaskUtilityScorer clone_task_utility hf_loss",
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -35,21 +35,11 @@ Python API (``api``, re-exported here and loaded on first use): :func:`train` (o
 
 from fastmft._lazy import lazy_exports
 
-# public name -> the module of this package that defines it
+# defining module (relative to this package) -> the public names it exports
 _EXPORTS = {
-    "JOINT_METHODS": ".config",
-    "METHODS": ".config",
-    "METHOD_NAMES": ".config",
-    "MFT_METHODS": ".config",
-    "TrainConfig": ".config",
-    "TrainResult": ".config",
-    "method_key": ".config",
-    "TrainData": ".inputs",
-    "load_data": ".inputs",
-    "format_table": ".metrics",
-    "compare": ".api",
-    "meta_train": ".api",
-    "train": ".api",
+    ".config": "JOINT_METHODS METHODS METHOD_NAMES MFT_METHODS TrainConfig TrainResult method_key",
+    ".inputs": "TrainData load_data",
+    ".metrics": "format_table",
+    ".api": "compare meta_train train",
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -13,14 +13,11 @@ Two ways in, the same steps:
 
 from fastmft._lazy import lazy_exports
 
-# public name -> the module of this package that defines it
+# defining module (relative to this package) -> the public names it exports
 _EXPORTS = {
-    "ScoreConfig": ".config",
-    "ScoreSummary": ".config",
-    "ScoreError": ".core",
-    "TypicalityScores": ".memory",
-    "score_dataset": ".memory",
-    "score_files": ".stream",
+    ".config": "ScoreConfig ScoreSummary",
+    ".core": "ScoreError",
+    ".memory": "TypicalityScores score_dataset",
+    ".stream": "score_files",
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
