@@ -240,40 +240,29 @@ def build_tasks(
         )
     if "shuffle" in sources:
         out.append(TokenShuffleTask("shuffle", unlabeled, special_ids=special, batch_size=batch_size, pad_id=pad))
+
+    def domain_rows(domain: int, split: str) -> list[int]:
+        return [i for i in range(len(ids)) if domains[i] == domain and (splits is None or splits[i] == split)]
+
+    def label_task(name: str, rows: list[int]) -> ClassificationTask:
+        rows_ids, rows_labels = [ids[i] for i in rows], [labels[i] for i in rows]
+        return ClassificationTask(
+            name, rows_ids, rows_labels, num_labels, head="label", batch_size=batch_size, pad_id=pad
+        )
+
     if "domains" in sources:
         for k, name in enumerate(domain_vocab.values):
-            if k == target_domain:
-                continue
-            rows = [i for i in range(len(ids)) if domains[i] == k and (splits is None or splits[i] == "train")]
+            rows = domain_rows(k, "train") if k != target_domain else []
             if rows:
-                out.append(
-                    ClassificationTask(
-                        f"cls:{name}",
-                        [ids[i] for i in rows],
-                        [labels[i] for i in rows],
-                        num_labels,
-                        head="label",
-                        batch_size=batch_size,
-                        pad_id=pad,
-                    )
-                )
+                out.append(label_task(f"cls:{name}", rows))
     if not out:
         raise ValueError("no source task: check --sources and the data")
     if target_domain is None:
         return out, None
-    rows = [i for i in range(len(ids)) if domains[i] == target_domain and (splits is None or splits[i] == "dev")]
+    rows = domain_rows(target_domain, "dev")
     if not rows:
         raise ValueError(
             f"the target domain {domain_vocab.values[target_domain]!r} has no rows"
             + (" in the dev split" if splits else "")
         )
-    target = ClassificationTask(
-        f"target:{domain_vocab.values[target_domain]}",
-        [ids[i] for i in rows],
-        [labels[i] for i in rows],
-        num_labels,
-        head="label",
-        batch_size=batch_size,
-        pad_id=pad,
-    )
-    return out, [target]
+    return out, [label_task(f"target:{domain_vocab.values[target_domain]}", rows)]
