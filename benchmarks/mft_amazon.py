@@ -370,20 +370,23 @@ def correct(record: dict, split: str):
     return np.concatenate([np.equal(record[split][d]["pred"], record[split][d]["gold"]).astype(float) for d in DOMAINS])
 
 
-def bootstrap(matrix, *, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap(
+    matrix, *, blocks: int = len(DOMAINS), resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean of ``matrix`` [seeds, rows] and its two-level bootstrap 95 % percentile interval:
-    seeds resampled with replacement, then rows resampled within each domain (equal blocks)."""
+    seeds resampled with replacement, then rows resampled within each of ``blocks`` equal blocks
+    (the domains)."""
     import numpy as np
 
     m = np.asarray(matrix, dtype=float)
     s_n, n = m.shape
     rng = np.random.default_rng(seed)
-    block = n // len(DOMAINS)
+    block = n // blocks
     stats = np.empty(resamples)
     for start in range(0, resamples, 500):
         b = min(500, resamples - start)
         si = rng.integers(0, s_n, (b, s_n))
-        ri = np.concatenate([k * block + rng.integers(0, block, (b, block)) for k in range(len(DOMAINS))], 1)
+        ri = np.concatenate([k * block + rng.integers(0, block, (b, block)) for k in range(blocks)], 1)
         stats[start : start + b] = m[si[:, :, None], ri[:, None, :]].mean((1, 2))
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return float(m.mean()), float(lo), float(hi)

@@ -80,14 +80,14 @@ def _evaluate(model, rows_ids, labels, device, pad_id) -> dict:
     }
 
 
-def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
+def _setup(seed: int, args, cache: dict, *, inner: str):
+    """The sources, the few-shot target and a fresh model with its selector for one seed (the same in
+    every arm of that seed): returns (device, data, sources, shot, few, rows, model, selector)."""
     import torch
 
     from fastmft.data import Columns, prepare
     from fastmft.pipelines.selection import ClassificationTask, MultiTaskModel, TaskSelector, build_tasks
     from fastmft.runtime.backbone import load_backbone
-
-    from .harness import device_name
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "data" not in cache:
@@ -138,7 +138,6 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
     )
     torch.manual_seed(seed)  # the heads' initialisation: the same in every arm
     model = MultiTaskModel(encoder, [*sources, shot]).to(device)
-    inner = "adam" if arm == "selected-adam" else "sgd"
     selector = TaskSelector(
         model,
         sources,
@@ -151,6 +150,18 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
         seed=seed,
         inner=inner,
     )
+    return device, data, sources, shot, few, rows, model, selector
+
+
+def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
+    import torch
+
+    from .harness import device_name
+
+    inner = "adam" if arm == "selected-adam" else "sgd"
+    device, data, sources, shot, few, rows, model, selector = _setup(seed, args, cache, inner=inner)
+    ds, pad = data.dataset, cache["backbone"][1].pad_token_id or 0
+    labels, ids = ds["labels"], ds["input_ids"]
     order = random.Random(seed)
     episodes, t0, scoring_s = [], time.perf_counter(), 0.0
     budget = None
@@ -261,6 +272,48 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
     }
 
 
+PILOT_SEED = 100  # not one of the reported seeds
+
+
+def run_pilot(args, cache: dict) -> dict:
+    """Signal and noise of u for each M of ``args.pilot_m`` and each inner step, over
+    ``args.pilot_episodes`` episodes of the selected arm at PILOT_SEED: reads training rows only
+    (no dev, no test), so M can be chosen before any cell runs."""
+    import torch
+
+    from .harness import device_name
+
+    out = {"seed": PILOT_SEED, "episodes": args.pilot_episodes, "runs": []}
+    for m in args.pilot_m:
+        for inner in ("sgd", "adam"):
+            args.m = m
+            device, *_, selector = _setup(PILOT_SEED, args, cache, inner=inner)
+            t0 = time.perf_counter()
+            eps = [{"batch_scores": selector.episode().batch_scores} for _ in range(args.pilot_episodes)]
+            sn = signal_noise({"episodes": eps})
+            out["runs"].append(
+                {
+                    "m": m,
+                    "inner": inner,
+                    "signal": sn[0] if sn else None,
+                    "noise": sn[1] if sn else None,
+                    "s_per_episode": (time.perf_counter() - t0) / args.pilot_episodes,
+                    "episodes": eps,
+                }
+            )
+            print(
+                f"pilot m {m} {inner}: signal/noise {sn}, {out['runs'][-1]['s_per_episode']:.1f} s/episode", flush=True
+            )
+    out.update(
+        device=device.type,
+        device_name=device_name(device),
+        torch_threads=torch.get_num_threads(),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        versions=cache["versions"],
+    )
+    return out
+
+
 def cell_path(results: Path, kind: str, arm: str, seed: int) -> Path:
     return results / kind / f"{arm}_seed{seed}.json"
 
@@ -282,14 +335,15 @@ def signal_noise(cell: dict) -> tuple[float, float] | None:
 def render(results: Path) -> str:
     import numpy as np
 
-    from .mft_amazon import mcnemar
+    from .mft_amazon import bootstrap, mcnemar
 
     lines = [
         "# Task selection on the Amazon reviews (kitchen target, few-shot), rebuilt for issue 16",
         "",
         "Per arm: mean over seeds (± std); after-schedule = kitchen dev with the shared label head right after the "
         "schedule; test = kitchen test after the same few-shot fine-tune. Paired: arm − round-robin on test "
-        "rows, summed discordant rows and exact McNemar over the pooled seeds' rows. Signal / noise: median over "
+        "rows: mean difference with its two-level bootstrap 95 % interval (seeds, then rows), summed discordant "
+        "rows and exact McNemar over the pooled seeds' rows. Signal / noise: median over "
         "episodes of the spread of the sources' mean utility term against the standard error of one source's mean "
         "over its M batches.",
         "",
@@ -312,10 +366,11 @@ def render(results: Path) -> str:
             pair = ""
             ref = [cells.get(f"round-robin_seed{c['seed']}") for c in got]
             if arm != "round-robin" and all(ref):
-                a = np.concatenate([np.equal(c["test"]["pred"], c["test"]["gold"]) for c in got]).astype(int)
-                b = np.concatenate([np.equal(r["test"]["pred"], r["test"]["gold"]) for r in ref]).astype(int)
-                n01, n10, p = mcnemar(a, b)
-                pair = f"{100 * (a.mean() - b.mean()):+.1f} pts ({n01}/{n10}, p {p:.2f})"
+                a = np.array([np.equal(c["test"]["pred"], c["test"]["gold"]) for c in got], dtype=int)
+                b = np.array([np.equal(r["test"]["pred"], r["test"]["gold"]) for r in ref], dtype=int)
+                n01, n10, p = mcnemar(a.ravel(), b.ravel())
+                mean, lo, hi = bootstrap(a - b, blocks=1)
+                pair = f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] pts ({n01}/{n10}, p {p:.2f})"
             sn = [x for x in (signal_noise(c) for c in got) if x]
             sn_text = (
                 f"{statistics.fmean(s for s, _ in sn):.2e} / {statistics.fmean(n for _, n in sn):.2e}" if sn else "-"
@@ -360,36 +415,42 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run")
-    p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--target", default="kitchen")
+    setting = argparse.ArgumentParser(add_help=False)  # what one seed's setup reads: run and pilot
+    setting.add_argument("--data", default=str(DEFAULT_DATA))
+    setting.add_argument("--target", default="kitchen")
+    setting.add_argument("--n", type=int, default=4, help="training batches per episode")
+    setting.add_argument("--epsilon", type=float, default=0.1)
+    setting.add_argument("--inner-lr", type=float, default=1e-3, help="alpha of the plain (sgd) inner step")
+    setting.add_argument("--lr", type=float, default=5e-5)
+    setting.add_argument("--batch-size", type=int, default=16)
+    setting.add_argument("--max-length", type=int, default=64)
+    setting.add_argument("--fraction", type=float, default=0.1, help="few-shot share of kitchen's training rows")
+    setting.add_argument("--backbone")
+    setting.add_argument("--device")
+    setting.add_argument("--threads", type=int)
+    setting.add_argument("--results-dir", type=Path, default=RESULTS)
+    p = sub.add_parser("run", parents=[setting], help="run (or skip when done) the cells of --seeds x --arms")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, run in this order per seed")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--m", type=int, default=4, help="batches per task for scoring")
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--epsilon", type=float, default=0.1)
-    p.add_argument("--inner-lr", type=float, default=1e-3)
     p.add_argument(
         "--headline",
         choices=("sgd", "adam"),
         default="adam",
-        help="the selected arm whose wall time round-robin-time gets (the dev-chosen inner step)",
+        help="the selected arm whose wall time round-robin-time gets",
     )
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--fraction", type=float, default=0.1, help="few-shot share of kitchen's training rows")
     p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--backbone")
-    p.add_argument("--device")
-    p.add_argument("--threads", type=int)
     p.add_argument("--time-limit", type=float, help="wall seconds: no cell starts after")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    pilot = sub.add_parser(
+        "pilot", parents=[setting], help="signal and noise of u per M, on training rows only (to choose M)"
+    )
+    pilot.add_argument("--pilot-m", type=int, nargs="+", default=[4, 8])
+    pilot.add_argument("--pilot-episodes", type=int, default=4)
     t = sub.add_parser("table")
     t.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "pilot"):
         import torch
 
         from .mft_amazon import _versions
@@ -398,6 +459,14 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         kind = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
         cache, start = {"versions": _versions()}, time.perf_counter()
+        if args.command == "pilot":
+            path = args.results_dir / kind / "pilot" / "pilot.json"
+            if path.exists():
+                raise SystemExit(f"{path} exists: the pilot runs once (move it away to run it again)")
+            pilot = run_pilot(args, cache)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(pilot) + "\n")
+            return 0
         for seed in args.seeds:
             for arm in args.arms.split(","):
                 path = cell_path(args.results_dir, kind, arm, seed)
