@@ -398,6 +398,21 @@ def render(results: Path) -> str:
                 f"Inner step chosen on dev (lower mean after-schedule dev loss): **{best}** "
                 f"(sgd {statistics.fmean(losses['sgd']):.4f}, adam {statistics.fmean(losses['adam']):.4f}).",
             ]
+        pilot = kind_dir / "pilot" / "pilot.json"
+        if pilot.is_file():
+            pilot = json.loads(pilot.read_text())
+            lines += [
+                "",
+                f"Pilot (seed {pilot['seed']}, {pilot['episodes']} episodes, training rows only; chooses M):",
+                "",
+                "| M | inner step | signal | noise | signal / noise | s per episode |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in pilot["runs"]:
+                ratio = f"{r['signal'] / r['noise']:.2f}" if r["signal"] is not None and r["noise"] else "-"
+                lines.append(
+                    f"| {r['m']} | {r['inner']} | {r['signal']:.2e} | {r['noise']:.2e} | {ratio} | {r['s_per_episode']:.1f} |"
+                )
         settings = sorted(
             {json.dumps({**c["settings"], "device": c["device_name"]}, sort_keys=True) for c in cells.values()}
         )
