@@ -275,19 +275,29 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
 PILOT_SEED = 100  # not one of the reported seeds
 
 
-def run_pilot(args, cache: dict) -> dict:
+def run_pilot(args, cache: dict, save) -> dict:
     """Signal and noise of u for each M of ``args.pilot_m`` and each inner step, over
     ``args.pilot_episodes`` episodes of the selected arm at PILOT_SEED: reads training rows only
-    (no dev, no test), so M can be chosen before any cell runs."""
+    (no dev, no test), so M can be chosen before any cell runs. ``save`` gets the record after
+    each run, so a stopped pilot keeps what it measured."""
     import torch
 
     from .harness import device_name
 
-    out = {"seed": PILOT_SEED, "episodes": args.pilot_episodes, "runs": []}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = {
+        "seed": PILOT_SEED,
+        "episodes": args.pilot_episodes,
+        "runs": [],
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "versions": cache["versions"],
+    }
     for m in args.pilot_m:
         for inner in ("sgd", "adam"):
             args.m = m
-            device, *_, selector = _setup(PILOT_SEED, args, cache, inner=inner)
+            *_, selector = _setup(PILOT_SEED, args, cache, inner=inner)
             t0 = time.perf_counter()
             eps = [{"batch_scores": selector.episode().batch_scores} for _ in range(args.pilot_episodes)]
             sn = signal_noise({"episodes": eps})
@@ -301,16 +311,11 @@ def run_pilot(args, cache: dict) -> dict:
                     "episodes": eps,
                 }
             )
+            out["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            save(out)
             print(
                 f"pilot m {m} {inner}: signal/noise {sn}, {out['runs'][-1]['s_per_episode']:.1f} s/episode", flush=True
             )
-    out.update(
-        device=device.type,
-        device_name=device_name(device),
-        torch_threads=torch.get_num_threads(),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        versions=cache["versions"],
-    )
     return out
 
 
@@ -478,9 +483,14 @@ def main(argv: list[str] | None = None) -> int:
             path = args.results_dir / kind / "pilot" / "pilot.json"
             if path.exists():
                 raise SystemExit(f"{path} exists: the pilot runs once (move it away to run it again)")
-            pilot = run_pilot(args, cache)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(pilot) + "\n")
+
+            def save(record: dict) -> None:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(record) + "\n")
+                tmp.replace(path)
+
+            run_pilot(args, cache, save)
             return 0
         for seed in args.seeds:
             for arm in args.arms.split(","):
