@@ -359,15 +359,20 @@ def render(results: Path) -> str:
             f"## Device: {kind_dir.name}",
             "",
             "| arm | seeds | after-schedule dev loss | after-schedule dev acc | test acc | test − round-robin (paired) | "
-            "signal / noise | picks | scoring s | training s | fine-tune s |",
-            "|---|" + "---|" * 10,
+            "signal / noise | picks | cls:shuffled picks (explored) | scoring s | training s | fine-tune s |",
+            "|---|" + "---|" * 11,
         ]
+        pairs: dict[str, str] = {}
         for arm in ARMS:
             got = sorted((c for c in cells.values() if c["arm"] == arm), key=lambda c: c["seed"])
             if not got:
-                lines.append(f"| {arm} | 0 | pending |" + " - |" * 8)
+                lines.append(f"| {arm} | 0 | pending |" + " - |" * 9)
                 continue
-            ms = lambda xs: f"{statistics.fmean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")  # noqa: E731
+
+            def ms(xs, digits):
+                spread = f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else ""
+                return f"{statistics.fmean(xs):.{digits}f}{spread}"
+
             pair = ""
             ref = [cells.get(f"round-robin_seed{c['seed']}") for c in got]
             if arm != "round-robin" and all(ref):
@@ -375,7 +380,7 @@ def render(results: Path) -> str:
                 b = np.array([np.equal(r["test"]["pred"], r["test"]["gold"]) for r in ref], dtype=int)
                 n01, n10, p = mcnemar(a.ravel(), b.ravel())
                 mean, lo, hi = bootstrap(a - b, blocks=1)
-                pair = f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] pts ({n01}/{n10}, p {p:.2f})"
+                pair = pairs[arm] = f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] pts ({n01}/{n10}, p {p:.2f})"
             sn = [x for x in (signal_noise(c) for c in got) if x]
             sn_text = (
                 f"{statistics.fmean(s for s, _ in sn):.2e} / {statistics.fmean(n for _, n in sn):.2e}" if sn else "-"
@@ -384,13 +389,15 @@ def render(results: Path) -> str:
             for c in got:
                 for p_ in c["picks"]:
                     picks[p_] = picks.get(p_, 0) + 1
+            harmful = [e for c in got for e in c["episodes"] if e["chosen"] == "cls:shuffled"]
+            explored = sum(bool(e.get("explored")) for e in harmful) if arm.startswith("selected") else "-"
             comp = lambda k: f"{statistics.fmean(c['compute_s'][k] for c in got):.0f}"  # noqa: E731
             lines.append(
-                f"| {arm} | {len(got)} | {ms([c['after_schedule_dev']['loss'] for c in got])} | "
-                f"{ms([100 * c['after_schedule_dev']['accuracy'] for c in got])} | {ms([100 * c['test']['accuracy'] for c in got])} | "
-                f"{pair or '-'} | {sn_text} | "
+                f"| {arm} | {len(got)} | {ms([c['after_schedule_dev']['loss'] for c in got], 3)} | "
+                f"{ms([100 * c['after_schedule_dev']['accuracy'] for c in got], 1)} | "
+                f"{ms([100 * c['test']['accuracy'] for c in got], 1)} | {pair or '-'} | {sn_text} | "
                 + ", ".join(f"{k} {v}" for k, v in sorted(picks.items()))
-                + f" | {comp('scoring')} | {comp('training')} | {comp('finetune')} |"
+                + f" | {len(harmful)} ({explored}) | {comp('scoring')} | {comp('training')} | {comp('finetune')} |"
             )
         losses = {
             k: [c["after_schedule_dev"]["loss"] for c in cells.values() if c["arm"] == f"selected-{k}"]
@@ -402,6 +409,9 @@ def render(results: Path) -> str:
                 "",
                 f"Inner step chosen on dev (lower mean after-schedule dev loss): **{best}** "
                 f"(sgd {statistics.fmean(losses['sgd']):.4f}, adam {statistics.fmean(losses['adam']):.4f}).",
+                "",
+                f"**Primary (pre-registered): selected-{best} − round-robin on kitchen test, "
+                f"{pairs.get(f'selected-{best}', 'pending')}.**",
             ]
         pilot = kind_dir / "pilot" / "pilot.json"
         if pilot.is_file():
