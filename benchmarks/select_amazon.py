@@ -347,7 +347,7 @@ def render(results: Path) -> str:
         "",
         "Per arm: mean over seeds (± std); after-schedule = kitchen dev with the shared label head right after the "
         "schedule; test = kitchen test after the same few-shot fine-tune. Paired: arm − round-robin on test "
-        "rows: mean difference with its two-level bootstrap 95 % interval (seeds, then rows), summed discordant "
+        "rows, over the seeds both finished: mean difference with its two-level bootstrap 95 % interval (seeds, then rows), summed discordant "
         "rows and exact McNemar over the pooled seeds' rows. Signal / noise: median over "
         "episodes of the spread of the sources' mean utility term against the standard error of one source's mean "
         "over its M batches.",
@@ -374,13 +374,15 @@ def render(results: Path) -> str:
                 return f"{statistics.fmean(xs):.{digits}f}{spread}"
 
             pair = ""
-            ref = [cells.get(f"round-robin_seed{c['seed']}") for c in got]
-            if arm != "round-robin" and all(ref):
-                a = np.array([np.equal(c["test"]["pred"], c["test"]["gold"]) for c in got], dtype=int)
-                b = np.array([np.equal(r["test"]["pred"], r["test"]["gold"]) for r in ref], dtype=int)
+            both = [(c, cells[f"round-robin_seed{c['seed']}"]) for c in got if f"round-robin_seed{c['seed']}" in cells]
+            if arm != "round-robin" and both:  # over the seeds both arms finished
+                a = np.array([np.equal(c["test"]["pred"], c["test"]["gold"]) for c, _ in both], dtype=int)
+                b = np.array([np.equal(r["test"]["pred"], r["test"]["gold"]) for _, r in both], dtype=int)
                 n01, n10, p = mcnemar(a.ravel(), b.ravel())
                 mean, lo, hi = bootstrap(a - b, blocks=1)
-                pair = pairs[arm] = f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] pts ({n01}/{n10}, p {p:.2f})"
+                pair = pairs[arm] = (
+                    f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] pts ({n01}/{n10}, p {p:.2f}; {len(both)} seeds)"
+                )
             sn = [x for x in (signal_noise(c) for c in got) if x]
             sn_text = (
                 f"{statistics.fmean(s for s, _ in sn):.2e} / {statistics.fmean(n for _, n in sn):.2e}" if sn else "-"
