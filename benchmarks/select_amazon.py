@@ -166,9 +166,7 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
     episodes, t0, scoring_s = [], time.perf_counter(), 0.0
     budget = None
     if arm == "round-robin-time":
-        ref = cell_path(
-            args.results_dir, device.type, "selected-adam" if args.headline == "adam" else "selected-sgd", seed
-        )
+        ref = cell_path(args.results_dir, device.type, f"selected-{args.time_matched_to}", seed)
         if not ref.is_file():
             raise RuntimeError(f"round-robin-time needs {ref} first")
         budget = json.loads(ref.read_text())["schedule_s"]
@@ -261,7 +259,7 @@ def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
                 "max_length",
                 "fraction",
                 "finetune_epochs",
-                "headline",
+                "time_matched_to",
             )
         },
         "device": device.type,
@@ -335,6 +333,13 @@ def signal_noise(cell: dict) -> tuple[float, float] | None:
         sig.append(statistics.stdev(means))
         noise.append(statistics.fmean(statistics.variance(v) / len(v) for v in scores.values()) ** 0.5)
     return (statistics.median(sig), statistics.median(noise)) if sig else None
+
+
+def _settings(cell: dict) -> dict:
+    """A cell's settings as the table shows them: cells written before the option's rename call
+    `time_matched_to` `headline`, which it is not (the headline inner step is chosen on dev)."""
+    shown = {("time_matched_to" if k == "headline" else k): v for k, v in cell["settings"].items()}
+    return {**shown, "device": cell["device_name"]}
 
 
 def render(results: Path) -> str:
@@ -430,9 +435,7 @@ def render(results: Path) -> str:
                 lines.append(
                     f"| {r['m']} | {r['inner']} | {r['signal']:.2e} | {r['noise']:.2e} | {ratio} | {r['s_per_episode']:.1f} |"
                 )
-        settings = sorted(
-            {json.dumps({**c["settings"], "device": c["device_name"]}, sort_keys=True) for c in cells.values()}
-        )
+        settings = sorted({json.dumps(_settings(c), sort_keys=True) for c in cells.values()})
         lines += ["", "Settings:"] + [f"- `{s}`" for s in settings] + [""]
     return "\n".join(lines)
 
@@ -467,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--m", type=int, default=4, help="batches per task for scoring")
     p.add_argument(
-        "--headline",
+        "--time-matched-to",
         choices=("sgd", "adam"),
         default="adam",
         help="the selected arm whose wall time round-robin-time gets",
