@@ -18,3 +18,11 @@ def rng():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"generator seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus):
+    """On a red run, name the dependency versions that moved since the last green CI run."""
+    if exitstatus not in (0, 5):
+        from tests.drift import summary
+
+        terminalreporter.write_line(summary(), red=True)
