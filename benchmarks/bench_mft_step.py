@@ -167,6 +167,7 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         layers = fastmft.skip_layers(cfg["num_hidden_layers"])
         batches = make_batches(size, cfg, window)
         flops = sum(train_flops(cfg, bt["lengths"]) for bt in batches)
+        group: list[Case] = []  # the providers of one size, timed interleaved
         for provider in PROVIDERS:
             encoder, loss_mod, optimizer = _build(provider, cfg, layers, device)
             inputs = provider_inputs(provider, batches, size["max_len"], device)
@@ -177,13 +178,17 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
                     loss = step(batch)
                 return loss
 
-            yield Case(
-                op="mft_step",
-                provider=provider,
-                mode=mode,
-                size=dict(size, steps=window),
-                fn=fn,
-                flops=flops,
-                items=window * size["batch"],
+            group.append(
+                Case(
+                    op="mft_step",
+                    provider=provider,
+                    mode=mode,
+                    size=dict(size, steps=window),
+                    fn=fn,
+                    flops=flops,
+                    items=window * size["batch"],
+                )
             )
             del encoder, loss_mod, optimizer, inputs, step, fn
+        yield group
+        del group

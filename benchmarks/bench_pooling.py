@@ -11,10 +11,13 @@ bandwidth, 2x eager, faster than torch.compile. ``bytes`` is the minimum traffic
 state read once (all tokens valid here) plus the mask, the pooled output written once; the
 backward writes every token's gradient once and reads the pooled gradient.
 
-Status: NOT YET MEASURED ON A GPU. The session that wrote these kernels had no GPU; the kernels
-are proven only in the Triton interpreter and by compiling them for sm_90 (tests). Rows taken on
-CPU are reference-only, or interpreter sanity rows marked ``interpreted``: not performance data.
-The targets above stay open until a GPU run stores its rows in benchmarks/results.
+Status: measured on an H200 on 2026-11-30 (rows in benchmarks/results/results.jsonl; which rows
+are valid: benchmarks/results/gpu/README.md): bf16 forward at 76 % of the copy ceiling, goal missed.
+Rows taken on CPU are reference-only, or interpreter sanity rows marked ``interpreted``: not
+performance data.
+
+A/B: with FASTMFT_AB_KERNELS set (benchmarks/gpu_session.sh prepare with AB_REF=<commit>), the
+earlier kernels/pooling.py runs as provider ``triton@<commit>`` beside today's, in the same group.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Iterable
 
 import torch
 
-from benchmarks.harness import Case, forward_backward_cases, kernel_op, kernel_providers
+from benchmarks.harness import Case, ab_cases, forward_backward_cases, kernel_op, kernel_providers
 
 OP = "masked_mean_pool"
 
@@ -50,9 +53,10 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
         grad = torch.randn(L, B, D, generator=g, device=device, dtype=dtype)
         fwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
         bwd_bytes = L * B * T * D * es + mask.numel() * mask.element_size() + L * B * D * es
+        group: list[Case] = []
         for provider in kernel_providers(scale, device):
             pool = kernel_op(provider, OP)
-            yield from forward_backward_cases(
+            group += forward_backward_cases(
                 OP,
                 provider,
                 size,
@@ -63,3 +67,4 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
                 items=B,
                 grad=grad,
             )
+        yield group + ab_cases(group, "pooling")

@@ -241,9 +241,9 @@ def cases(scale: str, device) -> Iterable[Case]:
         common = dict(max_length=size["max_len"], batch_size=size["batch"], device=device)
         model, tok = _load(size["model"], device)
         n = size["rows"]
-        # Defaults bind this size's values: the cases are collected before they run.
+        # Defaults bind this size's values (not loop variables).
         bound = dict(path=path, n=n, model=model, tok=tok, common=common)
-        yield Case(
+        fastmft_case = Case(
             "score",
             "fastmft-score",
             mode,
@@ -253,7 +253,7 @@ def cases(scale: str, device) -> Iterable[Case]:
             ),
             items=n,
         )
-        yield Case(
+        naive_case = Case(
             "score",
             "naive",
             mode,
@@ -261,7 +261,7 @@ def cases(scale: str, device) -> Iterable[Case]:
             lambda b=bound: naive_pipeline(b["path"], b["n"], b["model"], b["tok"], **b["common"]),
             items=n,
         )
-        yield Case(
+        peer_case = Case(
             "score",
             "peer",
             mode,
@@ -269,6 +269,7 @@ def cases(scale: str, device) -> Iterable[Case]:
             lambda b=bound: peer_pipeline(b["path"], b["n"], b["model"], b["tok"], **b["common"]),
             items=n,
         )
+        yield [fastmft_case, naive_case, peer_case]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -161,5 +161,7 @@ def cases(scale: str, device: torch.device) -> Iterable[Case]:
             dtype="fp32",
         )
         items = SOURCES * BATCHES_PER_SOURCE
-        for provider, fn in (("fastmft", fused), ("fastmft-foreach", foreach), ("clone-update", clone)):
-            yield Case(op="task_utility", provider=provider, mode="score", size=size, fn=fn, items=items)
+        yield [
+            Case(op="task_utility", provider=provider, mode="score", size=size, fn=fn, items=items)
+            for provider, fn in (("fastmft", fused), ("fastmft-foreach", foreach), ("clone-update", clone))
+        ]

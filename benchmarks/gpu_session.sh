@@ -1,38 +1,46 @@
 #!/usr/bin/env bash
-# The GPU proof in ONE device call (a lent GPU gives a session 15 minutes in all, start included).
-# The device machine has torch, triton, transformers, pytest, hypothesis and accelerate, but no
-# network, no `datasets` and no MiniLM package; `prepare` packs what it lacks into .gpu/ here.
+# The GPU measurements in TWO prepared device calls (a lent GPU gives a session 15 minutes in all,
+# the machine's start, 2-3 minutes, included). The tests already passed on the H200: these calls
+# measure, and every row is written to $OUT as soon as its group is timed, so a time limit loses
+# at most the group in flight. The device machine has torch, triton, transformers and pytest but
+# no network, no `datasets` and no MiniLM package; `prepare` packs what it lacks into .gpu/ here.
 #
-#   here:   benchmarks/gpu_session.sh prepare       # .gpu/whl (wheels), .gpu/site (bf16 MiniLM); ~10 s
-#   there:  benchmarks/gpu_session.sh run OUTDIR    # everything below, about 6 minutes at most
+#   here:   [AB_REF=<commit>] benchmarks/gpu_session.sh prepare   # .gpu/: wheels, bf16 MiniLM, A/B kernels; ~10 s
+#   call 1: benchmarks/gpu_session.sh kernels OUTDIR   # <= 345 s: smoke, ceilings, pooling, typicality, CE, inner step
+#   call 2: benchmarks/gpu_session.sh end2end OUTDIR   # <= 230 s: MFT step, task-utility scorer, 250K-row score
 #           benchmarks/gpu_session.sh mft OUTDIR --cells all --time-limit 420      # benchmarks.mft_amazon cells
 #           benchmarks/gpu_session.sh select OUTDIR --seeds 0 1 2 --time-limit 120  # benchmarks.select_amazon cells
-# (mft and select write a .tgz of result cells: untar into benchmarks/results/mft_amazon/ or
-# benchmarks/results/select_amazon_v2/; they need the Amazon reviews `prepare` packs.)
+# Device calls: carry [".gpu"], command `benchmarks/gpu_session.sh kernels $OUT`, timeout_s 400; then
+# `benchmarks/gpu_session.sh end2end $OUT`, timeout_s 280 (the script stops itself first).
 #
-# `run` stages, each under its own time limit so that one slow stage cannot eat the call:
-#   tests      the kernel tests on CUDA (every tile configuration, 64-bit offsets over ~13 GB
-#              views, huge rows, launch guards, host reads), MFTLoss, the drop-in Trainer and
-#              the CUDA extension                                                  (150 s)
-#   resources  registers / spills / shared memory of every kernel as loaded       (40 s)
-#   bench      python -m benchmarks.run --device cuda, one module at a time       (110 s)
-#   score      bench_score: 1M generated rows, MiniLM, length 128, fastmft-score       (100 s)
-# With 2+ GPUs the tests also run with cuda:1 while cuda:0 is current (launch guards).
-# STAGES (default "tests resources bench score") runs a subset, e.g. in a second, shorter call;
-# TESTS and BENCH_MODULES choose what those stages run; the *_LIMIT variables bound each stage.
-# It writes at most 8 files into OUTDIR (the device tool returns 8): env.txt, tests.log,
-# resources.jsonl, results.jsonl, bench.log, score.jsonl, score.log, summary.txt.
-#
-# Device call: carry [".gpu"], command `benchmarks/gpu_session.sh run $OUT`, timeout_s 420.
-# Afterwards append the returned rows to benchmarks/results/ (--record) and run benchmarks.plot.
+# kernels (each stage under its own limit, all under TOTAL_LIMIT, default 345 s):
+#   smoke        the kernels' CUDA tests, every tile configuration, -x          (30 s)
+#   pooling      ceilings (copy, read-only, matmul) + pooling, A/B with AB_REF's kernel   (60 s)
+#   typicality   4M bf16 and 1M fp32, K in {5, 2, 1}, prototype sums             (100 s)
+#   cross_entropy  N in {32, 256, 2**20} bf16, fwd and fwd+bwd; N <= 256 with kernel time,
+#                host time per call and a CUDA-graph replay floor                 (90 s)
+#   inner_step   MiniLM and BERT-base, fp32 and bf16, against _foreach_add_      (60 s)
+# end2end (TOTAL_LIMIT default 230 s):
+#   mft_step     the MFT training step against benchmarks/baselines/hf_mft.py (examples/s, peak memory)  (90 s)
+#   utility      the task-utility scorer                                          (45 s)
+#   score        `fastmft score` on 250K generated rows, MiniLM, length 128      (the rest, up to 100 s)
+# Every benchmarks.run stage measures the ceilings at its start and end (a few seconds).
+# <STAGE>_LIMIT (e.g. SMOKE_LIMIT, POOLING_LIMIT) and TOTAL_LIMIT change the limits; STAGES picks
+# a subset; SMOKE_TESTS the smoke tests; PYTHON the interpreter (tests pass a CPU stand-in);
+# BENCH_DEVICE (default cuda). Files in OUTDIR (at most 8 come back): env.txt, summary.txt,
+# results.jsonl, bench.log, smoke.log (kernels) or score.jsonl and score.log (end2end), and
+# diff.patch when the tree differs from its commit (rows carry its sha256 as diff_sha256).
+# Afterwards: append results.jsonl to benchmarks/results/results.jsonl and score.jsonl to
+# benchmarks/results/score.jsonl, copy the folder to benchmarks/results/gpu/<date>-<commit>/, and
+# run `python -m benchmarks.plot --record`.
 # The MiniLM copy is stored in bf16 (half the size, to fit the 64 MiB a call carries) and loaded
 # as fp32 (its config says so), so scores differ from the fp32 weights' by bf16 rounding only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: benchmarks/gpu_session.sh prepare | run OUTDIR}
+stage=${1:?usage: benchmarks/gpu_session.sh prepare | kernels OUTDIR | end2end OUTDIR | mft OUTDIR | select OUTDIR}
 case $stage in
-prepare | run | mft | select) ;;
-*) echo "unknown stage $stage: prepare, run, mft or select" >&2; exit 2 ;;
+prepare | kernels | end2end | mft | select) ;;
+*) echo "unknown stage $stage: prepare, kernels, end2end, mft or select" >&2; exit 2 ;;
 esac
 
 if [[ $stage == prepare ]]; then
@@ -68,6 +76,11 @@ EOF
     # the Amazon reviews for `mft` and `select`, gzipped to fit the carry limit (ignored, never committed)
     mkdir -p .gpu/amazon
     for d in books dvd electronics kitchen; do gzip -9c "../shared/data/amazon/$d.jsonl" >".gpu/amazon/$d.jsonl.gz"; done
+    if [[ -n ${AB_REF:-} ]]; then  # the kernels as they were at AB_REF, timed beside today's (provider triton@AB_REF)
+        mkdir -p .gpu/ab
+        for k in pooling typicality cross_entropy; do git show "$AB_REF:kernels/$k.py" >".gpu/ab/$k.py"; done
+        git rev-parse "$AB_REF" >.gpu/ab/REF
+    fi
     du -sh .gpu
     exit 0
 fi
@@ -76,19 +89,28 @@ out=${2:?OUTDIR is needed: the device machine gives it as \$OUT}
 shift 2
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
 summary=$out/summary.txt
-stage_run() {  # NAME SECONDS COMMAND...: run with a time limit, record its status, never abort
-    local name=$1 limit=$2 start=$SECONDS rc=0
-    shift 2
-    timeout --kill-after=5 "$limit" "$@" || rc=$?
-    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$summary"
+deadline=$((SECONDS + ${TOTAL_LIMIT:-$([[ $stage == end2end ]] && echo 230 || echo 345)}))
+stage_run() {  # NAME SECONDS LOG COMMAND...: run under min(SECONDS, time left), output appended to LOG; never abort
+    local name=$1 limit=$2 log=$3 start=$SECONDS rc=0 left=$((deadline - SECONDS - 3))
+    shift 3
+    if ((left < 5)); then echo "$name skipped: no time left" | tee -a "$summary"; return 0; fi
+    ((left < limit)) && limit=$left
+    timeout --kill-after=3 "$limit" "$@" >>"$log" 2>&1 || rc=$?
+    echo "$name rc=$rc $((SECONDS - start))s (limit ${limit}s)" | tee -a "$summary"
 }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-site .gpu/whl/*.whl
+if [[ -d .gpu/whl ]] && compgen -G ".gpu/whl/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu-site .gpu/whl/*.whl
+fi
 export PYTHONPATH=/tmp/gpu-site:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/tmp/gpu-install.log 2>&1 || cat /tmp/gpu-install.log
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "transformers", transformers.__version__, "gpus", torch.cuda.device_count())'
-  echo "commit ${FASTMFT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} date $(date -u +%FT%TZ)"
+"$python" -m pip install -q --no-index --no-deps --no-build-isolation -e . >/tmp/gpu-install.log 2>&1 || cat /tmp/gpu-install.log
+if [[ -f .gpu/ab/REF ]]; then export FASTMFT_AB_KERNELS=$PWD/.gpu/ab FASTMFT_AB_REF=$(cat .gpu/ab/REF); fi
+git diff --binary HEAD >"$out/diff.patch" 2>/dev/null || true
+[[ -s $out/diff.patch ]] || rm -f "$out/diff.patch"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "$python" -c 'import torch, triton, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "transformers", transformers.__version__, "gpus", torch.cuda.device_count())' || true
+  echo "commit ${FASTMFT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} diff_sha256 $([[ -f $out/diff.patch ]] && sha256sum <"$out/diff.patch" | cut -d' ' -f1 || echo none) ab ${FASTMFT_AB_REF:-none} date $(date -u +%FT%TZ)"
 } | tee "$out/env.txt"
 
 if [[ $stage == mft || $stage == select ]]; then
@@ -105,28 +127,35 @@ if [[ $stage == mft || $stage == select ]]; then
     exit 0
 fi
 
-stages=" ${STAGES:-tests resources bench score} "
-default_tests="tests/kernels/test_kernel_gpu_faithful.py tests/kernels/test_kernel_pooling.py tests/kernels/test_kernel_typicality.py \
-    tests/kernels/test_kernel_cross_entropy.py tests/kernels/test_kernel_errors.py tests/ops/test_mft_loss.py \
-    tests/ops/test_trainer_dropin.py tests/ops/test_inner_step_cuda.py"
-read -r -a tests <<<"${TESTS:-$default_tests}"
-[[ $stages == *" tests "* ]] && stage_run tests "${TESTS_LIMIT:-150}" env FASTMFT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider -n 8 -rfE --durations=10 \
-    "${tests[@]}" >"$out/tests.log" 2>&1
-if [[ $stages == *" tests "* && $(python3 -c 'import torch; print(torch.cuda.device_count())') -ge 2 ]]; then
-    stage_run tests-cuda1 60 env FASTMFT_TEST_DEVICE=cuda:1 python3 -m pytest -q -p no:cacheprovider -rfE \
-        tests/kernels/test_kernel_gpu_faithful.py >>"$out/tests.log" 2>&1
+device=${BENCH_DEVICE:-cuda}
+stages=" ${STAGES:-$([[ $stage == end2end ]] && echo mft_step utility score || echo smoke pooling typicality cross_entropy inner_step)} "
+bench() {  # MODULE DEFAULT_LIMIT: one benchmark module, rows appended to $out/results.jsonl group by group
+    local module=$1 var
+    var=$(echo "$1" | tr '[:lower:]' '[:upper:]')_LIMIT
+    [[ $stages == *" $module "* ]] || return 0
+    stage_run "$module" "${!var:-$2}" "$out/bench.log" \
+        "$python" -m benchmarks.run --device "$device" --only "$module" --results-dir "$out"
+}
+if [[ $stage == kernels ]]; then
+    # the new kernels at every tile configuration and the CUDA inner step: a check, not the suite (it passed)
+    if [[ -n ${SMOKE_TESTS:-} ]]; then
+        read -r -a smoke <<<"$SMOKE_TESTS"
+    else
+        smoke=(tests/kernels/test_kernel_gpu_faithful.py tests/ops/test_inner_step_cuda.py
+            -k "every_tile or eight_heads or matches_reference or dispatch")
+        "$python" -c 'import xdist' 2>/dev/null && smoke+=(-n 8)
+    fi
+    [[ $stages == *" smoke "* ]] && stage_run smoke "${SMOKE_LIMIT:-30}" "$out/smoke.log" \
+        env FASTMFT_TEST_DEVICE="$device" "$python" -m pytest -q -x -p no:cacheprovider -rfE "${smoke[@]}"
+    bench pooling 60
+    bench typicality 100
+    bench cross_entropy 90
+    bench inner_step 60
+else
+    bench mft_step 90
+    bench utility 45
+    [[ $stages == *" score "* ]] && stage_run score "${SCORE_LIMIT:-100}" "$out/score.log" \
+        "$python" -m benchmarks.bench_score --rows "${SCORE_ROWS:-250000}" --model minilm --max-length 128 \
+        --batch-size 256 --device "$device" --providers fastmft-score --out "$out/score.jsonl"
 fi
-[[ -f $out/tests.log ]] && tail -n 15 "$out/tests.log"
-[[ $stages == *" resources "* ]] && stage_run resources "${RESOURCES_LIMIT:-40}" python3 -m benchmarks.kernel_resources --out "$out/resources.jsonl" >/dev/null 2>>"$out/tests.log"
-bench_start=$SECONDS
-[[ $stages == *" bench "* ]] || BENCH_MODULES=""
-for module in ${BENCH_MODULES-pooling typicality cross_entropy mft_step inner_step utility}; do
-    left=$((${BENCH_LIMIT:-110} - (SECONDS - bench_start)))
-    ((left > 5)) || { echo "bench-$module skipped: stage time used up" | tee -a "$summary"; continue; }
-    stage_run "bench-$module" "$left" python3 -m benchmarks.run --device cuda --only "$module" --results-dir "$out" \
-        >>"$out/bench.log" 2>&1
-done
-[[ $stages == *" score "* ]] && stage_run score "${SCORE_LIMIT:-100}" python3 -m benchmarks.bench_score --rows 1000000 --model minilm --max-length 128 \
-    --batch-size 256 --device cuda --providers fastmft-score --out "$out/score.jsonl" >"$out/score.log" 2>&1
-[[ -f $out/score.log ]] && tail -n 5 "$out/score.log"
 cat "$summary"

@@ -1,17 +1,22 @@
 """The one benchmark harness: the Case record, timing, peak memory, ceilings and result rows.
 
-A benchmark module ``benchmarks/bench_<name>.py`` defines ``cases(scale, device)`` yielding
-:class:`Case` objects (``scale`` is ``"quick"`` or ``"full"``); ``python -m benchmarks.run``
-discovers the modules, times every case with :func:`measure`, measures the device's ceilings with
-:func:`measure_ceilings` in the same run, and appends one row per case (see :data:`ROW_FIELDS`)
-to ``benchmarks/results/results.jsonl``. See benchmarks/README.md for the conventions.
+A benchmark module ``benchmarks/bench_<name>.py`` defines ``cases(scale, device)`` yielding, per
+comparison, a list of :class:`Case` objects (``scale`` is ``"quick"`` or ``"full"``);
+``python -m benchmarks.run`` discovers the modules, measures the device's ceilings
+(:func:`ceiling_cases`), times each yielded group with :func:`time_group` and appends its rows
+(see :data:`ROW_FIELDS`) to the results file before asking the module for the next group. See
+benchmarks/README.md for the conventions.
 
 Timing (both devices: warm-up first, then one sample per repetition, median and 20/80 % quantiles;
-the providers of one comparison, i.e. consecutive cases with the same op and size, are timed
-interleaved round-robin so that load changes on a shared machine hit them alike):
-- CUDA: CUDA events around each call, the method of ``triton.testing.do_bench`` (including its L2
-  flush: a 256 MiB buffer is zeroed before every repetition), written out here because a Case may
-  have an untimed ``setup`` to run before each repetition, which do_bench has no slot for.
+the cases of one group, the providers and modes of one comparison, are timed interleaved
+round-robin so that load changes on a shared machine hit them alike):
+- CUDA: CUDA events around each call, the method of ``triton.testing.do_bench``, written out here
+  because a Case may have an untimed ``setup`` to run before each repetition, which do_bench has no
+  slot for. One difference: L2 is flushed by READING a 256 MiB buffer before every repetition
+  (do_bench zeroes it, which leaves dirty lines whose write-back lands inside the timed interval).
+- Small ops (``Case.launch_profile``, CUDA only): the kernel time of one call (the profiler's device
+  activity, summed), the host time per call (no synchronisation) and the time per replay of a CUDA
+  graph of the call (the floor once launch overhead is gone).
 - CPU: a ``time.perf_counter`` loop (pytest-benchmark's method without the pytest fixture: the
   runner is a plain command, and the rows must carry our own fields). Caches are not flushed on
   CPU; rotate inputs with :func:`rotating` so that a working set smaller than the last-level cache
@@ -28,7 +33,9 @@ it, inputs excluded, outputs included), measured in one extra untimed call:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -103,6 +110,62 @@ def kernel_op(provider: str, name: str, compile_target: Callable | None = None) 
     return getattr(reference, name)
 
 
+# A/B against an earlier version of a kernel file in the same run: FASTMFT_AB_KERNELS names a folder
+# holding ``<name>.py`` copies of kernels/<name>.py from FASTMFT_AB_REF (benchmarks/gpu_session.sh
+# prepare writes them with AB_REF=<commit>).
+AB_KERNELS_ENV, AB_REF_ENV = "FASTMFT_AB_KERNELS", "FASTMFT_AB_REF"
+# The attribute of fastmft.ops.triton through which the ops call each kernel file.
+KERNEL_ATTRS = {"pooling": "_pool", "typicality": "_typ", "cross_entropy": "_ce"}
+
+
+def ab_kernel(name: str):
+    """The earlier kernels/<name>.py of an A/B run, loaded as ``fastmft.kernels._ab_<name>`` (so its
+    relative imports find today's helpers), or None when no A/B copy is given."""
+    folder = os.environ.get(AB_KERNELS_ENV)
+    path = Path(folder) / f"{name}.py" if folder else None
+    if path is None or not path.is_file():
+        return None
+    import importlib.util
+
+    import fastmft.kernels  # noqa: F401  (the parent package of the copy)
+
+    spec = importlib.util.spec_from_file_location(f"fastmft.kernels._ab_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def ab_cases(cases: Sequence[Case], name: str) -> list[Case]:
+    """For an A/B run: copies of the Triton provider's ``cases`` that run with the earlier
+    kernels/<name>.py swapped in for the whole call (forward and backward), provider
+    ``triton@<ref>``; [] when no A/B copy is given. The copies share the cases' inputs."""
+    module = ab_kernel(name)
+    if module is None:
+        return []
+    from fastmft.ops import triton as triton_ops
+
+    attr = KERNEL_ATTRS[name]
+    provider = f"triton@{os.environ.get(AB_REF_ENV, 'ab')[:10]}"
+
+    def swapped(fn):
+        def call():
+            current = getattr(triton_ops, attr)
+            setattr(triton_ops, attr, module)
+            try:
+                return fn()
+            finally:
+                setattr(triton_ops, attr, current)
+
+        return call
+
+    return [
+        dataclasses.replace(c, provider=provider, fn=swapped(c.fn), size=dict(c.size))
+        for c in cases
+        if c.provider == TRITON
+    ]
+
+
 SCALES = ("quick", "full")
 
 
@@ -111,7 +174,13 @@ class Case:
     """One timed call. ``fn`` is timed with its inputs already built; ``bytes`` and ``flops`` are
     the minimum the op must move / compute (for GB/s, FLOP/s and % of ceiling; 0 = not
     applicable); ``setup`` runs untimed before each repetition (e.g. zeroing grads); ``items`` is
-    the number of examples / rows one call processes (for examples/s; 0 = not applicable)."""
+    the number of examples / rows one call processes (for examples/s; 0 = not applicable);
+    ``launch_profile`` asks for the small-op measurements (kernel time, host time per call, CUDA-graph
+    replay floor; CUDA only).
+
+    A benchmark module yields the cases of one comparison (every provider and mode of one size) as
+    ONE list: the runner times that group and writes its rows before it asks the module for more,
+    so nothing the module does next (building the next size's inputs) can reach a case in flight."""
 
     op: str
     provider: str
@@ -122,6 +191,7 @@ class Case:
     flops: int = 0
     setup: Callable[[], None] | None = None
     items: int = 0
+    launch_profile: bool = False
 
 
 @dataclass
@@ -163,7 +233,8 @@ def forward_backward_cases(
     fwd_bwd_bytes: int,
     items: int,
     grad: torch.Tensor | None = None,
-) -> Iterable[Case]:
+    launch_profile: bool = False,
+) -> list[Case]:
     """A ``fwd`` case (``call(inputs)`` without autograd) and a ``fwd+bwd`` case (``call`` on leaf
     copies of ``inputs``, then ``backward(grad)``; their grads are reset untimed before each call)."""
 
@@ -171,7 +242,7 @@ def forward_backward_cases(
         with torch.no_grad():
             return call(inputs)
 
-    yield Case(op, provider, "fwd", dict(size), fwd, bytes=fwd_bytes, items=items)
+    fwd_case = Case(op, provider, "fwd", dict(size), fwd, bytes=fwd_bytes, items=items, launch_profile=launch_profile)
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
 
     def setup():
@@ -181,7 +252,30 @@ def forward_backward_cases(
     def fwd_bwd():
         call(leaves).backward(grad)
 
-    yield Case(op, provider, "fwd+bwd", dict(size), fwd_bwd, bytes=fwd_bwd_bytes, setup=setup, items=items)
+    bwd_case = Case(
+        op,
+        provider,
+        "fwd+bwd",
+        dict(size),
+        fwd_bwd,
+        bytes=fwd_bwd_bytes,
+        setup=setup,
+        items=items,
+        launch_profile=launch_profile,
+    )
+    return [fwd_case, bwd_case]
+
+
+def case_groups(produced: Iterable[Case | Sequence[Case]]) -> Iterable[list[Case]]:
+    """The groups a module's ``cases()`` yields: a list of cases is one group (timed interleaved), a
+    bare Case a group of its own. Lazily: the module resumes only when the next group is asked for."""
+    for item in produced:
+        yield [item] if isinstance(item, Case) else list(item)
+
+
+def flat_cases(produced: Iterable[Case | Sequence[Case]]) -> list[Case]:
+    """Every case of a module's ``cases()``, flattened (tests, listings)."""
+    return [c for group in case_groups(produced) for c in group]
 
 
 def budget_for(scale: str, device: torch.device) -> Budget:
@@ -194,6 +288,7 @@ ROW_FIELDS = (
     "kind",  # "case" | "ceiling"
     "status",  # "ok" | "error"
     "error",
+    "invalid",  # null, or why the row must not be read as a measurement (set when a bad row is found later)
     "module",
     "op",
     "provider",
@@ -208,6 +303,10 @@ ROW_FIELDS = (
     "peak_mem_bytes",
     "mem_method",
     "device_launches",  # kernels, memsets and copies of one call (CUDA profiler); null on CPU
+    "kernel_ms",  # launch_profile cases, CUDA: device time of one call's kernels, memsets, copies (profiler)
+    "host_ms",  # launch_profile cases, CUDA: host time of one call, not synchronised (median)
+    "graph_ms",  # launch_profile cases, CUDA: time per replay of a CUDA graph of one call (median)
+    "launch_note",  # how those three were measured, or why they are null
     "bytes",
     "flops",
     "items",
@@ -215,8 +314,10 @@ ROW_FIELDS = (
     "tflops",
     "items_per_s",
     "ceiling_gbps",
+    "ceiling_read_gbps",
     "ceiling_tflops",
     "pct_copy_bw",
+    "pct_read_bw",
     "pct_matmul",
     "pct_ceiling",
     "speedup_vs",
@@ -232,6 +333,7 @@ ROW_FIELDS = (
     "date",
     "commit",
     "dirty",
+    "diff_sha256",  # sha256 of `git diff --binary HEAD` when dirty: which uncommitted changes ran
     "scale",
     "host",
 )
@@ -351,15 +453,82 @@ def _reps(per_call_s: float, budget: Budget) -> int:
     return int(max(budget.min_reps, min(budget.max_reps, budget.measure_s / per_call_s)))
 
 
-_L2_FLUSH: dict[torch.device, torch.Tensor] = {}
+FLUSH_BYTES = 256 << 20  # more than the L2 of any GPU we time on (H200: 60 MiB)
 
 
-def time_group(cases: Sequence[Case], device: torch.device, budget: Budget) -> list[Timing | BaseException]:
+def l2_flush(buffer: torch.Tensor, sink: torch.Tensor) -> None:
+    """Evict the L2 cache by READING ``buffer`` (a sum into the scalar ``sink``). Zeroing it, as
+    do_bench does, would leave dirty lines whose write-back lands inside the next timed interval."""
+    torch.sum(buffer, dim=0, out=sink)
+
+
+class HostTimer:
+    """CPU: ``time.perf_counter`` around the call (the call is synchronous; caches are not flushed)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sample(self, fn: Callable[[], object]):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def finish(self, samples: list) -> list[float]:
+        return list(samples)
+
+
+class EventTimer:
+    """CUDA: events recorded around the call on the current stream, L2 flushed (by a read) before
+    each; the times are read once, after one synchronisation. ``event`` and ``synchronize`` are
+    torch.cuda's unless given (tests pass stand-ins to run this path on CPU)."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        event: Callable[[], object] | None = None,
+        synchronize: Callable[[], None] | None = None,
+        flush_bytes: int = FLUSH_BYTES,
+    ):
+        self.device = device
+        self.event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self.synchronize = synchronize or (lambda: torch.cuda.synchronize(device))
+        self.flush_buffer = torch.zeros(flush_bytes // 4, dtype=torch.float32, device=device)
+        self.sink = torch.zeros((), dtype=torch.float32, device=device)
+        self.synchronize()
+
+    def sample(self, fn: Callable[[], object]):
+        l2_flush(self.flush_buffer, self.sink)
+        start, end = self.event(), self.event()
+        start.record()
+        fn()
+        end.record()
+        return start, end
+
+    def finish(self, samples: list) -> list[float]:
+        self.synchronize()
+        return [start.elapsed_time(end) for start, end in samples]
+
+
+_EVENT_TIMERS: dict[torch.device, EventTimer] = {}
+
+
+def timer_for(device: torch.device) -> HostTimer | EventTimer:
+    if device.type != "cuda":
+        return HostTimer(device)
+    if device not in _EVENT_TIMERS:  # one flush buffer per device, kept for the run
+        _EVENT_TIMERS[device] = EventTimer(device)
+    return _EVENT_TIMERS[device]
+
+
+def time_group(
+    cases: Sequence[Case], device: torch.device, budget: Budget, timer: HostTimer | EventTimer | None = None
+) -> list[Timing | BaseException]:
     """Time several cases interleaved: each is warmed up, then the repetitions run round-robin
     (case 0, case 1, ..., case 0, ...), so that a load change on a shared machine hits every
     provider of a comparison alike. Each case gets its own repetition count from its warm-up
     estimate. Returns a Timing per case, or the exception that case raised (the others go on)."""
-    cuda = device.type == "cuda"
+    timer = timer or timer_for(device)
     out: list[Timing | BaseException | None] = [None] * len(cases)
     reps: dict[int, int] = {}
     for i, case in enumerate(cases):
@@ -367,12 +536,6 @@ def time_group(cases: Sequence[Case], device: torch.device, budget: Budget) -> l
             reps[i] = _reps(_warmup(case, device, budget), budget)
         except Exception as exc:
             out[i] = exc
-    flush = None
-    if cuda:
-        flush = _L2_FLUSH.get(device)
-        if flush is None:
-            flush = _L2_FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
-        torch.cuda.synchronize(device)
     samples: dict[int, list] = {i: [] for i in reps}
     active = list(reps)
     while active:
@@ -381,29 +544,17 @@ def time_group(cases: Sequence[Case], device: torch.device, budget: Budget) -> l
             try:
                 if case.setup is not None:
                     case.setup()
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    flush.zero_()
-                    start.record()
-                    case.fn()
-                    end.record()
-                    samples[i].append((start, end))
-                else:
-                    t0 = time.perf_counter()
-                    case.fn()
-                    samples[i].append((time.perf_counter() - t0) * 1e3)
+                samples[i].append(timer.sample(case.fn))
             except Exception as exc:
                 out[i] = exc
                 active.remove(i)
                 continue
             if len(samples[i]) >= reps[i]:
                 active.remove(i)
-    if cuda:
-        torch.cuda.synchronize(device)
     for i, got in samples.items():
         if out[i] is not None:
             continue
-        ms = [s.elapsed_time(e) for s, e in got] if cuda else got
+        ms = timer.finish(got)
         med, q20, q80 = _quantiles(ms)
         out[i] = Timing(med, q20, q80, len(ms), ms)
     return out  # type: ignore[return-value]
@@ -419,7 +570,10 @@ def time_case(case: Case, device: torch.device, budget: Budget) -> Timing:
 
 def timing_method(device: torch.device) -> str:
     if device.type == "cuda":
-        return "CUDA events (do_bench method: warm-up, L2 flush per rep), providers interleaved, median/q20/q80"
+        return (
+            "CUDA events (do_bench method: warm-up, L2 flushed by a 256 MiB read per rep), providers interleaved, "
+            "median/q20/q80"
+        )
     return "perf_counter loop (warm-up), providers interleaved, median/q20/q80"
 
 
@@ -480,12 +634,20 @@ def peak_memory(case: Case, device: torch.device) -> tuple[int | None, str]:
         return None, f"unavailable ({type(exc).__name__}: {exc})"
 
 
-def device_launches(case: Case, device: torch.device) -> int | None:
-    """Device operations (kernels, memsets, copies) one call issues, from the profiler's CUDA
-    activity: what bounds launch-bound ops such as the MFT-sized cross-entropy. None on CPU, or
-    when the profiler fails (its private API may change)."""
+def device_activity(events: Iterable) -> tuple[int, float]:
+    """(operations, milliseconds) of the device activity among profiler events (kernels, memsets
+    and copies: the events whose device type is CUDA), from their ``device_type()`` and
+    ``duration_ns()``."""
+    durations = [int(e.duration_ns()) for e in events if str(e.device_type()).endswith("CUDA")]
+    return len(durations), sum(durations) / 1e6
+
+
+def profile_device(case: Case, device: torch.device) -> tuple[int | None, float | None]:
+    """(device operations, their summed device time in ms) of one untimed call, from the profiler's
+    CUDA activity: what bounds launch-bound ops such as the MFT-sized cross-entropy. (None, None) on
+    CPU, or when the profiler fails (its private API may change)."""
     if device.type != "cuda":
-        return None
+        return None, None
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -497,17 +659,102 @@ def device_launches(case: Case, device: torch.device) -> int | None:
                 out = case.fn()
                 torch.cuda.synchronize(device)
                 del out
-        return sum(1 for e in prof.profiler.kineto_results.events() if str(e.device_type()).endswith("CUDA"))
+        return device_activity(prof.profiler.kineto_results.events())
     except Exception:
-        return None
+        return None, None
+
+
+def host_time_ms(case: Case, device: torch.device, reps: int = 20) -> float:
+    """Median host time of one call, NOT synchronised after it (the device queue is drained before
+    each): what the host spends issuing the call, the bound of a launch-bound op."""
+    times = []
+    for _ in range(reps):
+        if case.setup is not None:
+            case.setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        case.fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    _sync(device)
+    return statistics.median(times)
+
+
+def graph_replay_ms(case: Case, device: torch.device, reps: int = 50) -> float:
+    """Time per replay of a CUDA graph holding one call (captured after warm-up on a side stream,
+    setup run once before the capture): the floor of the call once launch overhead is gone. No L2
+    flush between replays. Raises what the capture raises."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            if case.setup is not None:
+                case.setup()
+            case.fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    if case.setup is not None:
+        case.setup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        case.fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / reps
+
+
+def launch_profile(case: Case, device: torch.device) -> dict:
+    """The small-op fields of a row: host time per call on every device; the CUDA-graph replay floor
+    on CUDA (kernel time comes with :func:`profile_device`). A failure leaves its field null and
+    says why in ``launch_note``."""
+    out = dict(host_ms=None, graph_ms=None, launch_note=None)
+    notes = ["host_ms: median of 20 unsynchronised calls"]
+    try:
+        out["host_ms"] = host_time_ms(case, device)
+    except Exception as exc:
+        notes = [f"host_ms failed ({type(exc).__name__}: {exc})"]
+    if device.type == "cuda":
+        try:
+            out["graph_ms"] = graph_replay_ms(case, device)
+            notes.append("graph_ms: mean of 50 CUDA-graph replays, no L2 flush")
+        except Exception as exc:
+            notes.append(f"graph_ms: capture failed ({type(exc).__name__}: {str(exc)[:200]})")
+        notes.append("kernel_ms: profiler, one call")
+    else:
+        notes.append("kernel_ms, graph_ms: CUDA only")
+    out["launch_note"] = "; ".join(notes)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # Ceilings
 
 
+def _read_ceiling_case(nbytes: int, device: torch.device) -> Case:
+    data = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    sink = torch.empty((), dtype=torch.float32, device=device)
+    return Case(
+        "ceiling:read",
+        "torch",
+        "sum",
+        {"bytes": data.numel() * 4},
+        lambda: torch.sum(data, dim=0, out=sink),
+        bytes=data.numel() * 4,
+    )
+
+
+# The keys of the run's ceilings, by ceiling op.
+CEILING_KEYS = {"ceiling:copy": "copy_gbps", "ceiling:read": "read_gbps", "ceiling:matmul": "matmul_tflops"}
+
+
 def ceiling_cases(scale: str, device: torch.device) -> list[tuple[str, Case]]:
     """The device's own ceilings, measured in every run: ("copy", case) with bytes = read + write,
+    ("read", case) a read-only pass (a sum of a float32 buffer as large as the copy's source; bytes
+    = read: the roof of ops that read much and write little, which can exceed the copy ceiling),
     and ("matmul", case) with flops = 2 M N K (bf16 on CUDA, fp32 on CPU). The runner measures
     them at the start and at the end of the run and takes the best rate (from the 20 % quantile
     of the time): a ceiling is what the device can do, not what it did while busy."""
@@ -519,6 +766,7 @@ def ceiling_cases(scale: str, device: torch.device) -> list[tuple[str, Case]]:
         out.append(
             ("copy", Case("ceiling:copy", "torch", "d2d-copy", {"bytes": n}, lambda: dst.copy_(src), bytes=2 * n))
         )
+        out.append(("read", _read_ceiling_case(n, device)))
         m = 4096 if scale == "quick" else 8192
         a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
         b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
@@ -541,6 +789,7 @@ def ceiling_cases(scale: str, device: torch.device) -> list[tuple[str, Case]]:
         src = torch.empty(n // 4, dtype=torch.float32).uniform_()
         dst = torch.empty_like(src)
         out.append(("copy", Case("ceiling:copy", "torch", "memcpy", {"bytes": n}, lambda: dst.copy_(src), bytes=2 * n)))
+        out.append(("read", _read_ceiling_case(n, device)))
         m = 1024 if scale == "quick" else 2048
         a = torch.randn(m, m)
         b = torch.randn(m, m)
@@ -565,14 +814,32 @@ def ceiling_cases(scale: str, device: torch.device) -> list[tuple[str, Case]]:
 # Environment and rows
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd: Path | None = None) -> str | None:
     try:
         res = subprocess.run(
-            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+            ["git", *args], cwd=cwd or Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.SubprocessError):
         return None
     return res.stdout.strip() if res.returncode == 0 else None
+
+
+def source_state(directory: Path | str | None = None) -> dict:
+    """What ran: ``commit`` (FASTMFT_COMMIT, else ``git rev-parse HEAD``), ``dirty`` (tracked files
+    differ from it) and ``diff_sha256``, the sha256 of ``git diff --binary HEAD`` when dirty, so that
+    a row taken from uncommitted changes can be matched to them (keep the patch: ``git diff
+    --binary HEAD | sha256sum`` gives the same hash). Without git (a copied tree): FASTMFT_DIFF_SHA256
+    if set, dirty unknown (null)."""
+    cwd = Path(directory) if directory is not None else Path(__file__).resolve().parent
+    commit = os.environ.get("FASTMFT_COMMIT") or _git("rev-parse", "HEAD", cwd=cwd)
+    try:
+        res = subprocess.run(["git", "diff", "--binary", "HEAD"], cwd=cwd, capture_output=True, timeout=30)
+        diff = res.stdout if res.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        diff = None
+    if diff is None:
+        return dict(commit=commit, dirty=None, diff_sha256=os.environ.get("FASTMFT_DIFF_SHA256") or None)
+    return dict(commit=commit, dirty=bool(diff), diff_sha256=hashlib.sha256(diff).hexdigest() if diff else None)
 
 
 def device_name(device: torch.device) -> str:
@@ -604,8 +871,6 @@ def environment(device: torch.device, scale: str) -> dict:
         transformers_version = transformers.__version__
     except Exception:
         transformers_version = None
-    commit = os.environ.get("FASTMFT_COMMIT") or _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "device": device.type,
         "device_name": device_name(device),
@@ -617,8 +882,7 @@ def environment(device: torch.device, scale: str) -> dict:
         "transformers": transformers_version,
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "dirty": None if status is None else bool(status),
+        **source_state(),
         "scale": scale,
         "host": platform.node(),
     }
@@ -662,7 +926,7 @@ def make_row(env: dict, run_id: str, module: str, case: Case, index: int, kind: 
 
 
 def ceiling_rate(row: dict) -> float | None:
-    """The rate a ceiling row stands for: GB/s (copy) or TFLOP/s (matmul) at its q20 time."""
+    """The rate a ceiling row stands for: GB/s (copy, read) or TFLOP/s (matmul) at its q20 time."""
     if row["status"] != "ok" or not row["q20_ms"]:
         return None
     sec = row["q20_ms"] / 1e3
@@ -672,6 +936,7 @@ def ceiling_rate(row: dict) -> float | None:
 def fill_rates(row: dict, timing: Timing | None, ceilings: dict[str, float]) -> None:
     """Time-derived fields of one row: GB/s, TFLOP/s, items/s and % of the run's ceilings."""
     row["ceiling_gbps"] = ceilings.get("copy_gbps")
+    row["ceiling_read_gbps"] = ceilings.get("read_gbps")
     row["ceiling_tflops"] = ceilings.get("matmul_tflops")
     if timing is None:
         return
@@ -685,6 +950,8 @@ def fill_rates(row: dict, timing: Timing | None, ceilings: dict[str, float]) -> 
         if row["ceiling_gbps"]:
             row["pct_copy_bw"] = 100.0 * row["gbps"] / row["ceiling_gbps"]
             pcts.append(row["pct_copy_bw"])
+        if row["ceiling_read_gbps"]:  # beside % of copy: a read-mostly op's own roof
+            row["pct_read_bw"] = 100.0 * row["gbps"] / row["ceiling_read_gbps"]
     if row["flops"]:
         row["tflops"] = row["flops"] / sec / 1e12
         if row["ceiling_tflops"]:

@@ -3,7 +3,8 @@
 Discovers every ``benchmarks/bench_<name>.py`` (or the ``--only`` subset), measures the device's
 ceilings, times every case, and appends one JSON line per case and per ceiling to
 ``<results-dir>/results.jsonl`` (default ``runs/bench/``, untracked; ``--record``: the committed
-``benchmarks/results/``). A case, module or import that fails is recorded as a row with
+``benchmarks/results/``), group by group as they are measured: a run killed by a time limit keeps
+every group it finished. A case, module or import that fails is recorded as a row with
 ``status: "error"`` and the run goes on; the exit status is 1 if anything failed, so CI notices a
 benchmark that rotted. ``--quick`` is the CPU sanity scale (tiny sizes, about two minutes on two
 cores); the default ``full`` scale is meant for a GPU. Render the report with
@@ -64,6 +65,11 @@ def _print_row(r: dict) -> None:
         extra.append(f"{r['tflops']:.3f} TFLOP/s")
     if r.get("pct_ceiling") is not None:
         extra.append(f"{r['pct_ceiling']:.0f}% ceil")
+    if r.get("pct_read_bw") is not None:
+        extra.append(f"{r['pct_read_bw']:.0f}% read")
+    for key in ("kernel_ms", "host_ms", "graph_ms"):
+        if r.get(key) is not None:
+            extra.append(f"{key.split('_')[0]} {r[key]:.4f} ms")
     if r.get("items_per_s"):
         extra.append(f"{r['items_per_s']:.1f} items/s")
     if r.get("peak_mem_bytes") is not None:
@@ -75,21 +81,6 @@ def _print_row(r: dict) -> None:
         f"{_fmt_ms(r['median_ms'])} ms  " + "  ".join(extra),
         flush=True,
     )
-
-
-MAX_GROUP = 8  # cases held at once for interleaved timing (their inputs stay alive together)
-
-
-def _group_key(case: Case) -> tuple:
-    """Consecutive cases of one op at one size (any provider, any mode) are timed interleaved."""
-    return (case.op, harness.size_key(case.size))
-
-
-def _show(row: dict, timing: harness.Timing | None, ceilings: dict) -> None:
-    """Print a row with its rates against the provisional ceilings (final ones come at the end)."""
-    shown = dict(row)
-    harness.fill_rates(shown, timing, ceilings)
-    _print_row(shown)
 
 
 def _error_row(
@@ -114,8 +105,8 @@ def run_group(
     kind: str = "case",
     memory: bool = True,
 ) -> list[tuple[dict, harness.Timing | None]]:
-    """Time cases interleaved (harness.time_group), then measure each one's peak memory; rates are
-    filled in at the end of the run, once the ceilings are known."""
+    """Time cases interleaved (harness.time_group), then measure each one's peak memory, device
+    activity and (``launch_profile`` cases) host time and CUDA-graph floor."""
     rows = [harness.make_row(env, run_id, module, c, first_index + i, kind=kind) for i, c in enumerate(cases)]
     try:
         timings = harness.time_group(cases, device, budget)
@@ -126,7 +117,9 @@ def run_group(
         if not isinstance(timing, BaseException) and memory:
             try:
                 row["peak_mem_bytes"], row["mem_method"] = harness.peak_memory(case, device)
-                row["device_launches"] = harness.device_launches(case, device)
+                row["device_launches"], row["kernel_ms"] = harness.profile_device(case, device)
+                if case.launch_profile:
+                    row.update(harness.launch_profile(case, device))
             except Exception as exc:
                 timing = exc
         if isinstance(timing, BaseException):  # recorded, never fatal: one broken case must not hide the others
@@ -161,7 +154,7 @@ def best_ceilings(measured: list[tuple[dict, harness.Timing | None]]) -> dict[st
         rate = harness.ceiling_rate(row)
         if rate is None:
             continue
-        key = "copy_gbps" if row["op"] == "ceiling:copy" else "matmul_tflops"
+        key = harness.CEILING_KEYS[row["op"]]
         ceilings[key] = max(ceilings.get(key, 0.0), rate)
     return ceilings
 
@@ -198,13 +191,27 @@ def run(
             f"triton={env['triton']} commit={(env['commit'] or '?')[:10]}{'+dirty' if env['dirty'] else ''}",
             flush=True,
         )
-    measured = measure_ceilings(scale, device, env, run_id, "start", budget)
+    all_rows: list[dict] = []
+
+    def record(results: list[tuple[dict, harness.Timing | None]], ceilings: dict[str, float]) -> None:
+        """Fill the rates against the ceilings known now, relate the group's providers, write."""
+        rows = []
+        for row, timing in results:
+            harness.fill_rates(row, timing, ceilings)
+            rows.append(row)
+        harness.fill_speedups(rows)
+        if write:
+            harness.append_rows(rows, results_dir)
+        all_rows.extend(rows)
+        if verbose:
+            for row in rows:
+                _print_row(row)
+
+    start = measure_ceilings(scale, device, env, run_id, "start", budget)
+    ceilings = best_ceilings(start)  # the rates of every case row are against these
     if verbose:
         print("ceilings (start):", flush=True)
-    provisional = best_ceilings(measured)
-    if verbose:
-        for r, t in measured:
-            _show(r, t, provisional)
+    record(start, ceilings)
     index = 0
     for name in names:
         module_name = f"benchmarks.bench_{name}"
@@ -213,66 +220,42 @@ def run(
         t_mod = time.perf_counter()
         try:
             module = importlib.import_module(module_name)
-            iterator = iter(module.cases(scale, device))
+            groups = harness.case_groups(module.cases(scale, device))
         except Exception as exc:
-            measured.append((_error_row(env, run_id, name, exc), None))
-            if verbose:
-                _show(*measured[-1], provisional)
+            record([(_error_row(env, run_id, name, exc), None)], ceilings)
             continue
-        group: list[Case] = []
-
-        def flush_group() -> None:
-            nonlocal index
-            if not group:
-                return
-            results = run_group(group, device, budget, env, run_id, name, index)
-            index += len(group)
-            measured.extend(results)
-            if verbose:
-                for row, timing in results:
-                    _show(row, timing, provisional)
-            group.clear()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
         while True:
+            # The module resumes (and may rebind its variables for the next size) only after the
+            # previous group has been timed and written.
             try:
-                case = next(iterator)
+                group = next(groups)
             except StopIteration:
                 break
-            except Exception as exc:  # building the next case failed: record it and leave the module
-                flush_group()
-                measured.append((_error_row(env, run_id, name, exc, index=index), None))
-                if verbose:
-                    _print_row(measured[-1][0])
+            except Exception as exc:  # building the next group failed: record it and leave the module
+                record([(_error_row(env, run_id, name, exc, index=index), None)], ceilings)
                 break
-            if group and (_group_key(case) != _group_key(group[0]) or len(group) >= MAX_GROUP):
-                flush_group()
-            group.append(case)
-            del case
-        flush_group()
-        del iterator
+            record(run_group(group, device, budget, env, run_id, name, index), ceilings)
+            index += len(group)
+            del group
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del groups
         gc.collect()
         if verbose:
             print(f"  ({time.perf_counter() - t_mod:.1f} s)", flush=True)
     end = measure_ceilings(scale, device, env, run_id, "end", budget)
-    measured.extend(end)
-    ceilings = best_ceilings(measured)
-    rows = []
-    for row, timing in measured:
-        harness.fill_rates(row, timing, ceilings)
-        rows.append(row)
-    harness.fill_speedups(rows)
     if verbose:
         print("ceilings (end):", flush=True)
-        for r, t in end:
-            _show(r, t, ceilings)
-        print(f"ceilings used (best of start and end, at the 20 % quantile time): {ceilings}", flush=True)
-    if write:
-        path = harness.append_rows(rows, results_dir)
-        if verbose:
-            print(f"{len(rows)} rows appended to {path} in {time.perf_counter() - t_start:.1f} s", flush=True)
-    return rows
+    record(end, best_ceilings(start + end))
+    if verbose:
+        print(f"case rows' ceilings (the start's, at the 20 % quantile time): {ceilings}", flush=True)
+        if write:
+            print(
+                f"{len(all_rows)} rows appended to {Path(results_dir) / harness.RESULTS_FILE} "
+                f"in {time.perf_counter() - t_start:.1f} s",
+                flush=True,
+            )
+    return all_rows
 
 
 def main(argv: list[str] | None = None) -> int:
