@@ -345,3 +345,31 @@ def test_gpu_session_stops_at_its_total_limit_and_says_what_it_skipped(tmp_path)
     assert "utility skipped: no time left" in summary and "score skipped: no time left" in summary
     assert wall < 20 + 6, "the call ends inside its total limit"
     assert not (out / "score.jsonl").exists()
+
+
+def test_ab_copies_run_the_earlier_kernel_file_for_the_whole_call(tmp_path, monkeypatch):
+    """An A/B provider swaps the earlier kernels/<name>.py in for forward AND backward, then restores."""
+    from fastmft.ops import triton as triton_ops
+
+    today = triton_ops._pool
+    (tmp_path / "pooling.py").write_text(Path(today.__file__).read_text() + "\nAB_COPY = True\n")
+    monkeypatch.setenv(harness.AB_KERNELS_ENV, str(tmp_path))
+    monkeypatch.setenv(harness.AB_REF_ENV, "0123456789abcdef")
+    seen = []
+    probe = Case("op", harness.TRITON, "fwd+bwd", {"N": 1}, lambda: seen.append(triton_ops._pool.__name__))
+    eager = Case("op", harness.EAGER, "fwd", {"N": 1}, lambda: None)
+    (copy,) = harness.ab_cases([probe, eager], "pooling")
+    assert copy.provider == "triton@0123456789" and copy.mode == "fwd+bwd"
+    copy.fn()
+    probe.fn()
+    assert seen == ["fastmft.kernels._ab_pooling", today.__name__] and triton_ops._pool is today
+
+    from benchmarks import bench_pooling
+
+    group = harness.flat_cases(bench_pooling.cases("quick", CPU))
+    ours = {c.mode: c for c in group if c.provider == harness.TRITON}
+    theirs = {c.mode: c for c in group if c.provider.startswith("triton@")}
+    assert set(ours) == set(theirs) == {"fwd", "fwd+bwd"}
+    torch.testing.assert_close(theirs["fwd"].fn(), ours["fwd"].fn(), rtol=0, atol=0)
+    monkeypatch.delenv(harness.AB_KERNELS_ENV)
+    assert harness.ab_cases(group, "pooling") == []
