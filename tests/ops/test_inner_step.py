@@ -5,6 +5,7 @@ source/torch version: later runs load it from the cache).
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -267,7 +268,11 @@ def test_cuda_source_compiles_for_sm90(tmp_path):
     """csrc/inner_step_cuda.cu through nvcc for an H100, compile only (a CPU-only torch cannot link
     it; tests/ops/test_inner_step_cuda.py runs it on a GPU), so that a GPU session does not meet its
     first compile error. The CPU wheel lacks the CUDA build's generated
-    c10/cuda/impl/cuda_cmake_macros.h: an empty stand-in, searched after torch's own headers."""
+    c10/cuda/impl/cuda_cmake_macros.h: an empty stand-in, searched after torch's own headers.
+    ptxas's report (--resource-usage) must show no stack frame and no spill in any kernel: the
+    tensor-list metadata passed by value is read from the constant bank, not copied to local memory;
+    and the float32 kernels fit 4 CTAs of 512 threads per SM (<= 32 registers), the occupancy the
+    chunk size is chosen for (csrc/inner_step_cuda.cu)."""
     import shutil
 
     from torch.utils.cpp_extension import include_paths
@@ -285,6 +290,7 @@ def test_cuda_source_compiles_for_sm90(tmp_path):
         "-c",
         *_C.CUDA_FLAGS,
         "-arch=sm_90",
+        "--resource-usage",
         *[f"-I{p}" for p in include_paths()],
         f"-I{stub}",
         str(_C.sources_dir() / "inner_step_cuda.cu"),
@@ -294,6 +300,18 @@ def test_cuda_source_compiles_for_sm90(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     assert obj.stat().st_size > 0
+    report = r.stdout + r.stderr
+    blocks = dict(
+        re.findall(r"Compiling entry function '(\S+)' for 'sm_90'\n(.*?)(?=Compiling entry function|\Z)", report, re.S)
+    )
+    kernels = {name: text for name, text in blocks.items() if "inner_step_kernel" in name}
+    assert len(kernels) == 16, report[-4000:]  # 4 dtypes x fma x check
+    for name, text in kernels.items():
+        usage = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        assert usage and usage.groups() == ("0", "0", "0"), (name, text)
+    registers = {name: int(re.search(r"Used (\d+) registers", text).group(1)) for name, text in kernels.items()}
+    float32 = [n for name, n in registers.items() if "inner_step_kernelIf" in name]
+    assert len(float32) == 4 and max(float32) <= 32, registers
 
 
 def _run(code: str, **env) -> str:

@@ -120,3 +120,51 @@ def test_memory_flat(compiled):
         fastmft.inner_step(ps, gs, 0.1, out=flat)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before < 2**20
+
+
+def test_cuda_graph_replays_with_new_values(compiled):
+    """The tensor-list metadata travels in the kernel's arguments, so a captured inner step replays
+    with the pointers it was captured with, whatever runs between replays. 260 tensors, float32 and
+    bfloat16 mixed, some without a gradient: several launches per dtype (at most 110 tensors each).
+    Between replays an eager inner step on another list runs (the previous version copied its
+    metadata from a recycled pinned host buffer, which such a call overwrites). Checked against a
+    float64 reference computed from the formula. Runs only where CUDA exists."""
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    sizes = [1 + int(n) for n in torch.randint(0, 40_000, (260,), generator=torch.Generator().manual_seed(3))]
+    dtypes = [torch.float32 if i % 3 else torch.bfloat16 for i in range(len(sizes))]
+    ps = [torch.empty(n, device=DEV, dtype=dt) for n, dt in zip(sizes, dtypes)]
+    gs = [None if i % 17 == 0 else torch.empty(n, device=DEV, dtype=dt) for i, (n, dt) in enumerate(zip(sizes, dtypes))]
+    outs = fastmft.FlatParams(ps, copy=False)
+    other_p = [torch.randn(n, device=DEV) for n in sizes[:50]]
+    other_g = [torch.randn(n, device=DEV) for n in sizes[:50]]
+    other_out = [torch.zeros(n, device=DEV) for n in sizes[:50]]
+    lr = 0.05
+
+    def refill():
+        for p, g in zip(ps, gs):
+            p.copy_(torch.randn(p.shape, generator=gen, device=DEV))
+            if g is not None:
+                g.copy_(torch.randn(g.shape, generator=gen, device=DEV) * 5)
+        for o in outs:
+            o.fill_(float("nan"))
+
+    refill()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: builds the extension and probes torch's rounding once
+        fastmft.inner_step(ps, gs, lr, out=outs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fastmft.inner_step(ps, gs, lr, out=outs)
+    for _ in range(3):
+        refill()
+        fastmft.inner_step(other_p, other_g, 0.5, out=other_out)  # eager, another list, between replays
+        graph.replay()
+        torch.cuda.synchronize()
+        for p, g, o in zip(ps, gs, outs):
+            want = p.double() if g is None else p.double() - lr * g.double()
+            rtol, atol = TOLERANCES[p.dtype]
+            torch.testing.assert_close(o.double(), want, rtol=rtol, atol=atol)
+        for p, g, o in zip(other_p, other_g, other_out):
+            torch.testing.assert_close(o.double(), p.double() - 0.5 * g.double(), rtol=1e-6, atol=1e-6)
