@@ -348,7 +348,7 @@ def _scalars(jit, args, kwargs) -> dict:
     """The launch's arguments by name that a loop bound can use: numbers and tuples of numbers."""
     env = {}
     for name, value in [*zip(jit.arg_names, args), *kwargs.items()]:
-        if isinstance(value, bool) or isinstance(value, (int, float)):
+        if isinstance(value, (int, float)):
             env[name] = value
         elif isinstance(value, tuple) and value and all(isinstance(v, (int, float)) for v in value):
             env[name] = value
@@ -417,7 +417,11 @@ class StaticTable:
             dict(
                 kernel=name,
                 dtype=_dtype_of(args),
-                config={**_config(kwargs), "num_warps": warps, "num_stages": kernel.metadata.num_stages},
+                config={
+                    **_config(kwargs),
+                    "num_warps": warps,
+                    "num_stages": getattr(kernel.metadata, "num_stages", None),
+                },
                 registers=usage["registers"],
                 spill_stores=usage["spill_stores"],
                 spill_loads=usage["spill_loads"],
