@@ -530,7 +530,9 @@ def _size(size: dict) -> str:
 
 def markdown(meta: dict, launches: list[dict], calls: list[dict], errors: list[str]) -> str:
     def f(x, nd=1):
-        return "-" if x is None else f"{x:,.{nd}f}"
+        if x is None:
+            return "-"
+        return f"{x:.2g}" if 0 < abs(x) < 1 and nd else f"{x:,.{nd}f}"
 
     bits = {0: "-", 8: "8-bit", 16: "16-bit", 32: "32-bit", 64: "64-bit", 128: "128-bit"}
     lines = [

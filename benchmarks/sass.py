@@ -248,7 +248,7 @@ class SourceLoops:
         ]
         if not calls:
             raise Unknown(f"no call of {fn.name} at {path}:{line}")
-        outer = self._env(caller, sites[1:], notes)
+        outer = self._locals(caller, line, self._env(caller, sites[1:], notes))
         params = [a.arg for a in fn.args.args]
         env: dict = {_NOTES: {}}
         for name, arg in [*zip(params, calls[0].args), *((kw.arg, kw.value) for kw in calls[0].keywords)]:
@@ -360,12 +360,12 @@ class SourceLoops:
             raise Unknown("no for statement found for this loop")
         path, node, sites = found
         fn = self._function_at(path, node.lineno)
-        env = self._locals(fn, node.lineno, self._env(fn, sites, notes), notes)
+        env = self._locals(fn, node.lineno, self._env(fn, sites, notes))
         args = [self._eval(a, env, notes) for a in node.iter.args[:3]]
         start, stop, step = (0, args[0], 1) if len(args) == 1 else (args[0], args[1], args[2] if len(args) > 2 else 1)
         return max(0, _cdiv(stop - start, step))
 
-    def _locals(self, fn: ast.FunctionDef, line: int, env: dict, notes: list[str]) -> dict:
+    def _locals(self, fn: ast.FunctionDef, line: int, env: dict) -> dict:
         """``env`` plus the function's simple assignments (name = expression) before ``line``."""
         env = dict(env)
         assigns = [

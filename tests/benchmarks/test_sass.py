@@ -13,11 +13,11 @@ SOURCE = textwrap.dedent(
     import triton
     @triton.jit
     def kern(x_ptr, D, K, BLOCK_D: tl.constexpr):
-        acc = 0
+        kk = K
         for d0 in range(0, D, BLOCK_D):
             for k in range(K):
                 acc += 1
-        helper(x_ptr, K)
+        helper(x_ptr, kk)
 
     @triton.jit
     def helper(p, n):
@@ -26,8 +26,8 @@ SOURCE = textwrap.dedent(
     """
 )
 
-# Lines of SOURCE: 3 def kern, 5 the D loop, 6 the K loop, 7 its body, 8 the call of helper,
-# 12 helper's loop. nvdisasm -c -gi layout: a location comment applies to the instructions after it.
+# Lines of SOURCE: 3 def kern, 4 a local bound to an argument, 5 the D loop, 6 the K loop, 7 its
+# body, 8 the call of helper (with the local), 12 helper's loop. nvdisasm -c -gi layout: a location comment applies to the instructions after it.
 LISTING = """\
 kern:
 .text.kern:
@@ -88,7 +88,7 @@ def test_access_bits():
 
 
 def test_loops_weighted_by_trip_counts(listing):
-    # D loop: 768 / 256 = 3 trips; K loop: 5 per D trip; helper's loop: range(n * 2) with n = K: 10.
+    # D loop: 768 / 256 = 3 trips; K loop: 5 per D trip; helper's loop: range(n * 2) with n = kk = K: 10.
     a = sass.analyse(listing, sass.SourceLoops("kern", dict(D=768, K=5, BLOCK_D=256)))
     assert a.unresolved == []
     assert sorted((lp.start, lp.end, lp.trips) for lp in a.loops) == [
