@@ -34,6 +34,7 @@ _OP = "masked_mean_pool"
 BLOCK_T = (16, 32)
 BLOCK_D = (16, 32, 64, 128)
 NUM_WARPS = 4
+NUM_STAGES = 3
 
 
 def tile(T: int, D: int) -> dict:
@@ -57,15 +58,15 @@ def _valid_tokens(mask_ptr, stride_mask_b, stride_mask_t, b, offs_t, T, SKIP_CLS
 
 @triton.jit
 def _pool_fwd_kernel(
-    layer_ptrs,
+    layer_ptrs,  # L pointers: layer l's token states [B, T, D], any strides, fp32/fp16/bf16
     strides_b,
     strides_t,
-    strides_d,  # L pointers to [B, T, D] and their strides
+    strides_d,  # L ints each: layer l's strides (elements)
     mask_ptr,
     stride_mask_b,
-    stride_mask_t,  # attention mask [B, T] (any integer dtype, bool as uint8)
+    stride_mask_t,  # attention mask [B, T] (any integer or float dtype, bool as uint8; nonzero = valid)
     out_ptr,  # pooled [L, B, D], contiguous, the layers' dtype
-    count_ptr,  # [B] float32 valid-token counts (written by the programs of D-block 0)
+    count_ptr,  # [B] float32 valid-token counts (written by the programs of layer 0, D-block 0)
     B,
     T,
     D,
@@ -73,37 +74,45 @@ def _pool_fwd_kernel(
     SKIP_CLS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
+    """Program (b, d, l) pools row b, columns [d BLOCK_D, (d + 1) BLOCK_D) of layer l, counting the
+    row's valid tokens in the same pass over the mask."""
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    l = tl.program_id(2)
+    # This program's layer: a tuple cannot be indexed at run time, so select among its entries.
+    x_ptr = layer_ptrs[0]
+    stride_b = strides_b[0]
+    stride_t = strides_t[0]
+    stride_d = strides_d[0]
+    for i in tl.static_range(1, L):
+        x_ptr = tl.where(l == i, layer_ptrs[i], x_ptr)
+        stride_b = tl.where(l == i, strides_b[i], stride_b)
+        stride_t = tl.where(l == i, strides_t[i], stride_t)
+        stride_d = tl.where(l == i, strides_d[i], stride_d)
     offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     in_d = offs_d < D
+    row = x_ptr + b * stride_b + offs_d[None, :] * stride_d
     arange_t = tl.arange(0, BLOCK_T)
-
     n = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        valid = _valid_tokens(mask_ptr, stride_mask_b, stride_mask_t, b, t0 + arange_t, T, SKIP_CLS)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    # NUM_STAGES - 1 tiles in flight per program (asynchronous copies on sm_80+), see the tile table.
+    for t0 in tl.range(0, T, BLOCK_T, num_stages=NUM_STAGES):
+        offs_t = t0 + arange_t
+        valid = _valid_tokens(mask_ptr, stride_mask_b, stride_mask_t, b, offs_t, T, SKIP_CLS)
         n += valid.to(tl.float32)
+        x = tl.load(
+            row + offs_t[:, None].to(tl.int64) * stride_t,
+            mask=valid[:, None] & in_d[None, :],
+            other=0.0,
+            eviction_policy="evict_first",  # streamed once: keep the cache for the mask
+        )
+        acc += x.to(tl.float32)
     count = tl.sum(n, axis=0)
-    inv = 1.0 / tl.maximum(count, 1.0)
-    tl.store(count_ptr + b, count, mask=pid_d == 0)
-
-    for l in tl.static_range(L):
-        row = layer_ptrs[l] + b * strides_b[l]
-        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + arange_t
-            valid = _valid_tokens(mask_ptr, stride_mask_b, stride_mask_t, b, offs_t, T, SKIP_CLS)
-            x = tl.load(
-                row + offs_t[:, None].to(tl.int64) * strides_t[l] + offs_d[None, :] * strides_d[l],
-                mask=valid[:, None] & in_d[None, :],
-                other=0.0,
-                eviction_policy="evict_first",  # streamed once: keep the cache for the mask
-            )
-            acc += x.to(tl.float32)
-        mean = tl.sum(acc, axis=0) * inv
-        out_row = out_ptr + (b + l * B) * D  # b is int64, so is the product
-        tl.store(out_row + offs_d, mean.to(out_ptr.dtype.element_ty), mask=in_d)
+    mean = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
+    tl.store(out_ptr + (b + l * B) * D + offs_d, mean.to(out_ptr.dtype.element_ty), mask=in_d)
+    tl.store(count_ptr + b, count, mask=(pid_d == 0) & (l == 0))
 
 
 @triton.jit
@@ -171,7 +180,7 @@ def pool_forward(layers: Sequence[torch.Tensor], attention_mask: torch.Tensor, s
     mask = _util.mask_view(attention_mask)
     cfg = tile(T, D)
     with _util.on_device(device):
-        _pool_fwd_kernel[(B, triton.cdiv(D, cfg["BLOCK_D"]))](
+        _pool_fwd_kernel[(B, triton.cdiv(D, cfg["BLOCK_D"]), L)](
             tuple(layers),
             tuple(h.stride(0) for h in layers),
             tuple(h.stride(1) for h in layers),
@@ -186,6 +195,7 @@ def pool_forward(layers: Sequence[torch.Tensor], attention_mask: torch.Tensor, s
             D,
             L=L,
             SKIP_CLS=bool(skip_cls),
+            NUM_STAGES=NUM_STAGES,
             **cfg,
         )
     return out, counts

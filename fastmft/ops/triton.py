@@ -104,25 +104,46 @@ def typicality(
 
 
 class _MultiHeadCrossEntropy(torch.autograd.Function):
+    """The forward also writes the gradients that will be needed (kernels/cross_entropy.py), so
+    the backward only scales them by g s_h, in place, and hands them out."""
+
     @staticmethod
-    def forward(ctx, sample_weight, head_weight, ignore_index, num_heads, *tensors):
-        logits, targets = list(tensors[:num_heads]), list(tensors[num_heads:])
-        loss, scale = _ce.forward(logits, targets, sample_weight, head_weight, ignore_index)
-        ctx.save_for_backward(sample_weight, scale, *logits, *targets)
-        ctx.ignore_index, ctx.num_heads = ignore_index, num_heads
-        return loss
+    def forward(ctx, sample_weight, head_weight, ignore_index, grad_logits, grad_weight, *tensors):
+        H = len(head_weight)
+        logits, targets = tensors[:H], tensors[H:]
+        fwd = _ce.forward(
+            logits, targets, sample_weight, head_weight, ignore_index, grad_logits=grad_logits, grad_weight=grad_weight
+        )
+        ctx.fused = fwd
+        ctx.head_weight, ctx.ignore_index = head_weight, ignore_index
+        ctx.weight_dtype = None if sample_weight is None else sample_weight.dtype
+        ctx.save_for_backward(sample_weight, *tensors)  # read only by a second backward
+        return fwd.loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        H = ctx.num_heads
-        saved = ctx.saved_tensors
-        sample_weight, scale = saved[0], saved[1]
-        logits, targets = list(saved[2 : 2 + H]), list(saved[2 + H :])
-        need_w = bool(ctx.needs_input_grad[0])
-        grads, grad_w = _ce.backward(grad_loss, logits, targets, sample_weight, scale, ctx.ignore_index, need_w)
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[4 : 4 + H])]
-        return (grad_w, None, None, None, *grads, *([None] * H))
+        H = len(ctx.head_weight)
+        fwd, ctx.fused = ctx.fused, None  # let autograd take the buffers without a copy
+        if fwd is not None:
+            grads, grad_w = _ce.backward(grad_loss, fwd, ctx.weight_dtype)
+        else:  # a second backward through a retained graph: the fused gradients were handed out
+            grads, grad_w = _reference_grads(ctx, grad_loss)
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[5 : 5 + H])]
+        return (grad_w if ctx.needs_input_grad[0] else None, None, None, None, None, *grads, *([None] * H))
+
+
+def _reference_grads(ctx, grad_loss: Tensor) -> tuple[list, Tensor | None]:
+    """The gradients by autograd through the reference, from the saved inputs."""
+    H = len(ctx.head_weight)
+    saved = ctx.saved_tensors
+    sample_weight, logits, targets = saved[0], saved[1 : 1 + H], saved[1 + H :]
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_() for x in logits]
+        w = None if sample_weight is None else sample_weight.detach().requires_grad_()
+        loss = reference.multi_head_cross_entropy(xs, targets, w, ctx.head_weight, ctx.ignore_index)
+        got = torch.autograd.grad(loss, xs + ([w] if w is not None else []), grad_loss)
+    return list(got[:H]), (got[H] if w is not None else None)
 
 
 @_triton("multi_head_cross_entropy")
@@ -133,10 +154,16 @@ def multi_head_cross_entropy(
     head_weight: Sequence[float],
     ignore_index: int,
 ) -> Tensor:
-    """float32 scalar: three launches in all (forward 2, backward 1) whatever the number of heads.
-    Gradients go to fresh tensors; the user's logits are never written."""
-    logits, targets = list(logits), list(targets)
-    _util.check_device("multi_head_cross_entropy", *logits, *targets)
+    """float32 scalar: one launch forward, one backward, whatever the number of heads. The
+    forward writes the gradients that will be needed into fresh tensors; the user's logits are
+    never written."""
+    grad_mode = torch.is_grad_enabled()
     return _MultiHeadCrossEntropy.apply(
-        sample_weight, tuple(float(w) for w in head_weight), int(ignore_index), len(logits), *logits, *targets
+        sample_weight,
+        tuple(float(w) for w in head_weight),
+        int(ignore_index),
+        tuple(grad_mode and x.requires_grad for x in logits),
+        grad_mode and sample_weight is not None and sample_weight.requires_grad,
+        *logits,
+        *targets,
     )
