@@ -191,11 +191,18 @@ def _mhce_fwd_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_blocks = tl.cdiv(N, BLOCK_N)
+    # Per head, sum of t CE and kept count: per row for single-tile heads (reduced once, at the
+    # end), per block for streamed heads, whose row vectors are spread over the lanes of a
+    # class-wise layout (kept per row across blocks, they would cost BLOCK_N / 2 registers each).
     loss_acc = ()
     kept_acc = ()
-    for _h in tl.static_range(H):
-        loss_acc = loss_acc + (tl.zeros([BLOCK_N], dtype=tl.float32),)
-        kept_acc = kept_acc + (tl.zeros([BLOCK_N], dtype=tl.int32),)
+    for h in tl.static_range(H):
+        if NUM_CLASSES[h] <= BLOCK_C[h]:
+            loss_acc = loss_acc + (tl.zeros([BLOCK_N], dtype=tl.float32),)
+            kept_acc = kept_acc + (tl.zeros([BLOCK_N], dtype=tl.int32),)
+        else:
+            loss_acc = loss_acc + (tl.zeros([], dtype=tl.float32),)
+            kept_acc = kept_acc + (tl.zeros([], dtype=tl.int32),)
 
     for block in range(pid, num_blocks, num_programs):
         rows = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # N >= 2**31 makes block int64
@@ -272,16 +279,24 @@ def _mhce_fwd_kernel(
             ce = tl.where(kept, ce, 0.0)
             if WRITE_ROW_CE:
                 tl.store(row_ce_ptr + h * N.to(tl.int64) + rows, ce, mask=in_rows)
-            new_loss = new_loss + (loss_acc[h] + t * ce,)
-            new_kept = new_kept + (kept_acc[h] + kept.to(tl.int32),)
+            if NUM_CLASSES[h] <= BLOCK_C[h]:
+                new_loss = new_loss + (loss_acc[h] + t * ce,)
+                new_kept = new_kept + (kept_acc[h] + kept.to(tl.int32),)
+            else:
+                new_loss = new_loss + (loss_acc[h] + tl.sum(t * ce, axis=0),)
+                new_kept = new_kept + (kept_acc[h] + tl.sum(kept.to(tl.int32), axis=0),)
         loss_acc = new_loss
         kept_acc = new_kept
 
     # One reduction per program, then the ticket.
     base = 1 + pid * (2 * H)
     for h in tl.static_range(H):
-        tl.store(workspace_f32_ptr + base + h, tl.sum(loss_acc[h], axis=0))
-        tl.store(workspace_ptr + base + H + h, tl.sum(kept_acc[h], axis=0))
+        if NUM_CLASSES[h] <= BLOCK_C[h]:
+            tl.store(workspace_f32_ptr + base + h, tl.sum(loss_acc[h], axis=0))
+            tl.store(workspace_ptr + base + H + h, tl.sum(kept_acc[h], axis=0))
+        else:
+            tl.store(workspace_f32_ptr + base + h, loss_acc[h])
+            tl.store(workspace_ptr + base + H + h, kept_acc[h])
     tl.debug_barrier()  # every thread's partial is written before the release below
     ticket = tl.atomic_add(workspace_ptr, 1, sem="acq_rel")
     if ticket == num_programs - 1:
@@ -344,7 +359,7 @@ def _mhce_bwd_kernel(
 # warps: 2 rows per thread for MFT's 2 to 10 classes (the loads of a block cover 256 rows of every
 # head before any math), fewer rows as the tile widens. Checked for sm_90 with ptxas (no spill):
 # benchmarks/kernel_resources.py.
-CE_ROWS = {2: 128, 4: 128, 8: 128, 16: 128, 32: 64, 64: 32}  # widest BLOCK_C -> BLOCK_N
+CE_ROWS = {2: 128, 4: 128, 8: 128, 16: 128, 32: 64, 64: 16}  # widest BLOCK_C -> BLOCK_N
 CE_BLOCK_C = tuple(CE_ROWS)
 MAX_TILE_C = CE_BLOCK_C[-1]
 MAX_HEADS = 32
