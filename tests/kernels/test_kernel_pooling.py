@@ -119,3 +119,18 @@ def test_pool_float64_runs_the_reference(monkeypatch, rng):
         out = fastmft.masked_mean_pool(x, mask)
     assert out.dtype == torch.float64
     assert_close(out, pool64([x], mask, False)[0], torch.float64)
+
+
+def test_pool_layers_of_different_layouts_in_one_launch(rng):
+    """Each program picks its layer's pointer and strides at run time: three layers with three
+    different layouts (and a T spanning several pipelined tiles) pool as the oracle does."""
+    B, T, D = 3, 70, 40
+    layers = [
+        torch.randn(B, T, D, generator=rng).to(DEVICE),
+        torch.randn(T, B, D, generator=rng).to(DEVICE).transpose(0, 1),
+        torch.randn(B, T, 2 * D, generator=rng).to(DEVICE)[..., ::2],
+    ]
+    mask = _mask(B, T, torch.bool, rng)
+    with fastmft.use_backend("triton"):
+        out = fastmft.masked_mean_pool(layers, mask, skip_cls=True)
+    assert_close(out, pool64(layers, mask, True), torch.float32)
