@@ -3,10 +3,20 @@
 One launch pools L layers given as L separate [B, T, D] tensors (any strides, e.g. the tuple a
 Hugging Face encoder returns, or views of a stacked tensor) without stacking them: the layers
 travel as a tuple of pointers with their own strides, so each keeps Triton's alignment and
-stride-1 specialisation. Each program owns one row b and one block of D columns, counts the
-row's valid tokens once, then streams the row's [T, BLOCK_D] slab of every layer, accumulating in
-float32. Padded positions are never loaded (masked loads), so they cost no bandwidth and non-finite
-values there cannot leak into the mean.
+stride-1 specialisation. The grid is (B, D blocks, L): program (b, d, l) streams the [T, BLOCK_D]
+slab of row b, columns d, of layer l (whose pointer and strides it selects from the tuples at run
+time), accumulating in float32, and counts the row's valid tokens in the same pass over the mask.
+Padded positions are never loaded (masked loads), so they cost no bandwidth and non-finite values
+there cannot leak into the mean.
+
+Why this shape: pooling is bound by bytes in flight. The loop over T is software-pipelined
+(``tl.range(..., num_stages=NUM_STAGES)``): on sm_80+ the token tiles become asynchronous copies
+into shared memory (cp.async, 16 bytes a thread), NUM_STAGES - 1 tiles ahead, where a plain loop
+has one tile in flight per program. Putting L in the grid gives 3x the programs of a (B, D) grid:
+at [3, 256, 512, 768] bf16, 4,608 programs; at 64 registers and 16 KB of shared memory, 8 fit on
+an SM, 4.4 waves on 132 SMs (a (B, D) grid made 1.45 waves, a thin tail). Counting the tokens in
+the streaming pass reads no extra byte (each program loads the mask row anyway; it is L2-resident
+across the programs of a row).
 
 Backward: d mean_l[b, d] / d h_l[b, t, d] = valid[b, t] / count[b], so the kernel writes
 grad / count at valid positions and 0 elsewhere into fresh contiguous tensors.
@@ -30,7 +40,9 @@ _OP = "masked_mean_pool"
 
 # Tile table. BLOCK_D covers the hidden size in up to 128 columns (one 128-bit access per thread
 # for 16-bit inputs with 4 warps); BLOCK_T = 32 tokens keeps the [32, 128] float32 accumulator at
-# 32 registers per thread (measured: 64 registers in all for the forward on sm_90, no spill).
+# 32 registers per thread (compiled for sm_90 with Triton 3.9: 64 registers for the forward, no
+# spill). NUM_STAGES = 3: two [32, 128] tiles in flight (16 KB of shared memory for bf16, 32 KB for
+# float32): 8 bf16 programs still share an SM (registers bound it first; float32: 6, by shared memory).
 BLOCK_T = (16, 32)
 BLOCK_D = (16, 32, 64, 128)
 NUM_WARPS = 4
