@@ -178,7 +178,7 @@ def _mhce_fwd_kernel(
     weight_stride,
     grad_ptrs,  # H pointers: G_h [N, C_h] contiguous, logits' dtype (written when WRITE_GRAD[h])
     row_ce_ptr,  # [H, N] float32 CE_h,i, 0 when ignored (written when WRITE_ROW_CE)
-    workspace_ptr,  # int32 [1 + 2 * P * H]: [0] ticket counter (0 between launches), then per program
+    workspace_ptr,  # int32 [>= 1 + 2 P H]: [0] ticket counter (0 between launches), then per program
     workspace_f32_ptr,  # the same memory as float32: program p's sum of t CE for head h at 1 + 2pH + h
     head_weights,  # H floats w_h
     loss_ptr,  # [] float32 out
@@ -364,18 +364,19 @@ def _mhce_bwd_kernel(
 
 # Tile table. A head of up to MAX_TILE_C classes is one tile of width BLOCK_C = C rounded up to a
 # power of two; wider heads stream MAX_TILE_C classes at a time. BLOCK_N, the rows per block, is
-# chosen from the widest tile (CE_ROWS) so that the H tiles of a block fit in registers with 4
-# warps: 2 rows per thread for MFT's 2 to 10 classes (the loads of a block cover 256 rows of every
-# head before any math), fewer rows as the tile widens. Checked for sm_90 with ptxas (no spill):
-# benchmarks/kernel_resources.py.
+# chosen from the widest tile (CE_ROWS): one row per thread (128 rows, 4 warps) up to 16 classes,
+# fewer rows as the tile widens, and 16 when a head streams (its class-wise layout spreads each row
+# vector over the lanes: at 32 rows, 8 heads with a 97-class one took 255 registers and spilled).
+# Checked for sm_90 with ptxas (no spill): benchmarks/kernel_resources.py.
 CE_ROWS = {2: 128, 4: 128, 8: 128, 16: 128, 32: 64, 64: 16}  # widest BLOCK_C -> BLOCK_N
 CE_BLOCK_C = tuple(CE_ROWS)
 MAX_TILE_C = CE_BLOCK_C[-1]
 MAX_HEADS = 32
 NUM_WARPS = 4
 # Persistent grid: programs per SM. 4 keeps 16 warps per SM resident (at up to 128 registers per
-# thread), enough loads in flight to cover DRAM latency, and leaves ~8 blocks to each program at
-# 2**20 rows, so the one reduction per program and the final sum over P partials are noise.
+# thread), enough loads in flight to cover DRAM latency, and leaves ~16 blocks to each program at
+# 2**20 rows, so the one reduction per program (~0.5 warp-instructions a row) and the final sum
+# over P partials are noise.
 PROGRAMS_PER_SM = 4
 FINAL_BLOCK_P = 256
 # Backward: elements per program (16 per thread: two 16-byte accesses for 16-bit gradients).
