@@ -58,6 +58,8 @@ SCRIPT = textwrap.dedent(
             x_strided, targets, torch.rand(50).to(bf16), [1.0, 0.5, 0.5], -100, grad_logits=(True, False, True),
             grad_weight=True)
         cross_entropy.backward(torch.tensor(1.0), fused, bf16)
+        small = [torch.randn(300, 4).to(bf16), torch.randn(300, 8).to(bf16)]
+        cross_entropy.forward(small, [torch.zeros(300, dtype=torch.int64)] * 2, None, [1.0, 1.0], -100)
     except CompilationError:
         raise
     except (AttributeError, TypeError, ImportError, FileNotFoundError) as e:
@@ -69,6 +71,10 @@ SCRIPT = textwrap.dedent(
     assert any(async16(p) for p in compiled["_pool_fwd_kernel"]), "pool forward loads are not 16-byte async copies"
     assert any(vector("st", p) for p in compiled["_pool_bwd_kernel"]), "pool backward stores are not vectorised"
     assert any(vector("ld", p) for p in compiled["_typicality_kernel"]), "typicality loads are not vectorised"
+    # The cross-entropy's row-per-thread tiles: a row of a contiguous 4- or 8-class bf16 head is one
+    # 8- or 16-byte load (its row stride is a compile-time constant).
+    rows = lambda ptx: re.search(r"ld\.global[\w:.]*\.v[24]\.b32", ptx) is not None
+    assert any(rows(p) for p in compiled["_mhce_fwd_kernel"]), "cross-entropy rows are not vector loads"
     print("COMPILED", sorted(compiled))
     """
 )
