@@ -400,7 +400,7 @@ class StaticTable:
         shared = kernel.metadata.shared
         per_sm, limiter = sass.occupancy(usage["registers"], shared, warps)
         programs = _programs(grid, kwargs)
-        a = sass.analyse(text, sass.SourceLoops(name, _scalars(jit, args, kwargs)))
+        a = sass.analyse(text, sass.SourceLoops(name, _scalars(jit, args, kwargs), programs))
         groups = _tensor_groups(args)
         seen, nbytes = set(), 0
         for t in (t for g in groups for t in g):

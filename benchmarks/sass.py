@@ -191,6 +191,7 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+_PROGRAM_ID = object()  # tl.program_id(...): known only as a persistent loop's start
 _CALLS = {"cdiv": _cdiv, "min": min, "max": max, "minimum": min, "maximum": max}
 _BINOPS = {
     ast.Add: lambda a, b: a + b,
@@ -210,9 +211,12 @@ class SourceLoops:
     said in the note.
     """
 
-    def __init__(self, kernel: str, env: dict):
+    def __init__(self, kernel: str, env: dict, programs: int | None = None):
         self.kernel = kernel
         self.env = env
+        # grid size: a persistent loop ``range(pid, n, num_programs)`` then counts the busiest
+        # program's trips, ceil(n / programs), instead of being unknown
+        self.programs = programs
         self._trees: dict[str, ast.Module] = {}
 
     def _tree(self, path: str) -> ast.Module:
@@ -283,11 +287,18 @@ class SourceLoops:
                 notes.append(f"max over {ast.unparse(node)}")
                 return max(seq)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](self._eval(node.left, env, notes), self._eval(node.right, env, notes))
+            left, right = self._eval(node.left, env, notes), self._eval(node.right, env, notes)
+            if left is _PROGRAM_ID or right is _PROGRAM_ID:
+                raise Unknown("arithmetic on the program id")
+            return _BINOPS[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -self._eval(node.operand, env, notes)
         if isinstance(node, ast.Call):
             name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name == "program_id":
+                return _PROGRAM_ID
+            if name == "num_programs" and self.programs is not None:
+                return self.programs
             if name in _CALLS and not node.keywords:
                 return _CALLS[name](*(self._eval(a, env, notes) for a in node.args))
             if name == "to" and isinstance(node.func, ast.Attribute):  # x.to(tl.int64): same value
@@ -363,6 +374,13 @@ class SourceLoops:
         env = self._locals(fn, node.lineno, self._env(fn, sites, notes))
         args = [self._eval(a, env, notes) for a in node.iter.args[:3]]
         start, stop, step = (0, args[0], 1) if len(args) == 1 else (args[0], args[1], args[2] if len(args) > 2 else 1)
+        if start is _PROGRAM_ID:
+            if step != self.programs:
+                raise Unknown("a loop from the program id with a step other than the grid")
+            notes.append(f"persistent loop: the busiest of {self.programs} programs")
+            return max(0, _cdiv(stop, step))
+        if _PROGRAM_ID in (stop, step):
+            raise Unknown("a loop bound is the program id")
         return max(0, _cdiv(stop - start, step))
 
     def _locals(self, fn: ast.FunctionDef, line: int, env: dict) -> dict:

@@ -209,3 +209,22 @@ def test_trip_counts_of_a_compiled_kernel(tmp_path):
     # the loop loads once per trip: 4x the trips, well over twice the loads (a pipelined loop's
     # peeled prologue loads do not grow)
     assert sum(large["loads"].values()) > 2 * sum(small["loads"].values())
+
+
+def test_persistent_loop_counts_the_busiest_program(tmp_path):
+    """range(pid, n, num_programs) over a grid of P programs: the busiest program runs ceil(n / P)
+    trips; without the grid size the loop is unresolved (counted once)."""
+    src = tmp_path / "persistent.py"
+    src.write_text(
+        "@triton.jit\ndef kern(n_blocks):\n    pid = tl.program_id(0)\n    num_programs = tl.num_programs(0)\n"
+        "    for block in range(pid, n_blocks, num_programs):\n        acc += 1\n"
+    )
+    listing = (
+        f'kern:\n\t//## File "{src}", line 5\n.L_x_0:\n        /*0000*/                   FADD R5, R5, 1 ;\n'
+        "        /*0010*/               @P0 BRA `(.L_x_0) ;\n        /*0020*/                   EXIT ;\n"
+    )
+    a = sass.analyse(listing, sass.SourceLoops("kern", dict(n_blocks=100), programs=8))
+    assert a.unresolved == [] and [lp.trips for lp in a.loops] == [13]
+    assert a.dynamic == 2 * 13 + 1
+    unknown = sass.analyse(listing, sass.SourceLoops("kern", dict(n_blocks=100)))
+    assert len(unknown.unresolved) == 1 and unknown.dynamic == 3
