@@ -1,10 +1,16 @@
-"""Drop-in: transformers.Trainer trains a tiny BERT whose loss is fastmft's MFTLoss, with every
-fused op running through the Triton backend (here in the interpreter)."""
+"""fastmft.integrations.transformers: MFTTrainer trains MFTModel (a tiny BERT) through the fused ops,
+and W processes under torchrun give the one-process result."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import fastmft
 from fastmft.ops import triton as triton_ops
@@ -14,58 +20,13 @@ from tests.oracles import mft_loss64
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
 
+from fastmft.integrations.transformers import MFTTrainer, global_corrupted_domains  # noqa: E402
+from tests.integrations.trainer_worker import ToyRows, tiny_model  # noqa: E402
 
-class TinyMFTModel(torch.nn.Module):
-    """A tiny BertModel plus MFTLoss's heads: one module, so the Trainer optimises both."""
-
-    def __init__(self, num_labels=3, num_domains=2):
-        super().__init__()
-        config = transformers.BertConfig(
-            vocab_size=64,
-            hidden_size=24,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-        )
-        self.encoder = transformers.BertModel(config, add_pooling_layer=False)
-        self.mft = fastmft.MFTLoss(24, num_labels, num_domains, layers=fastmft.skip_layers(3), lam=0.1)
-
-    def forward(self, input_ids, attention_mask, labels=None, domains=None, typicality=None):
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return self.mft(out.hidden_states, attention_mask, labels, domains, typicality=typicality)
+ROOT = Path(__file__).resolve().parents[2]
 
 
-class MFTTrainer(transformers.Trainer):
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with fastmft.use_backend("triton"):
-            out = model(**inputs)
-        return (out.loss, {"logits": out.logits}) if return_outputs else out.loss
-
-
-class ToyData(torch.utils.data.Dataset):
-    def __init__(self, n=16, seq=12, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1, 64, (n, seq), generator=g)
-        lengths = torch.randint(3, seq + 1, (n,), generator=g)
-        self.mask = (torch.arange(seq)[None] < lengths[:, None]).long()
-        self.labels = torch.randint(0, 3, (n,), generator=g)
-        self.domains = torch.randint(0, 2, (n,), generator=g)
-        self.typicality = torch.rand(n, generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": self.mask[i],
-            "labels": self.labels[i],
-            "domains": self.domains[i],
-            "typicality": self.typicality[i],
-        }
-
-
+@pytest.mark.gpu
 def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeypatch):
     calls = {"masked_mean_pool": 0, "multi_head_cross_entropy": 0}
     registry = fastmft.ops.dispatch._registry
@@ -79,7 +40,7 @@ def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeyp
         monkeypatch.setitem(registry, (name, "triton"), dataclasses.replace(registry[(name, "triton")], fn=spy))
 
     torch.manual_seed(0)
-    model = TinyMFTModel()
+    model = tiny_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
@@ -90,12 +51,12 @@ def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeyp
         learning_rate=1e-2,
         logging_steps=1,
         save_strategy="no",
-        remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = MFTTrainer(model=model, args=args, train_dataset=ToyData())
-    result = trainer.train()
+    trainer = MFTTrainer(model=model, args=args, train_dataset=ToyRows(16))
+    with fastmft.use_backend("triton"):
+        result = trainer.train()
     assert result.global_step == 3
     assert torch.isfinite(torch.tensor(result.training_loss))
     # 3 steps: one pooling launch and two cross-entropy calls (label + domain loss) per step.
@@ -110,6 +71,60 @@ def test_trainer_trains_tiny_bert_with_mft_loss_through_triton(tmp_path, monkeyp
         assert head in changed, f"{head} did not train"
 
 
+def _train(tmp_path: Path, name: str, processes: int, rows: int, *extra: str) -> dict:
+    out = tmp_path / name / "params.safetensors"
+    out.parent.mkdir()
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [sys.executable, *(launcher if processes > 1 else []), "-m", "tests.integrations.trainer_worker"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, str(out), str(rows), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    from safetensors.torch import load_file
+
+    return load_file(out)
+
+
+@pytest.mark.slow
+def test_two_processes_over_gloo_give_the_one_process_result(tmp_path):
+    one = _train(tmp_path, "one", 1, 8)
+    two = _train(tmp_path, "two", 2, 4)
+    start = tiny_model().state_dict()  # the same seed: what training started from
+    assert one.keys() == two.keys() == start.keys()
+    for name in one:
+        # fp32, 4 SGD steps; only the order of float sums differs (one batch mean against DDP's
+        # average of two half-batch means)
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(one["mft.domain_heads.0.weight"], start["mft.domain_heads.0.weight"])
+    # The control: each process corrupting only its own rows trains something else, so the
+    # comparison above can fail.
+    local = _train(tmp_path, "local", 2, 4, "--local-corruption")
+    assert (local["mft.domain_heads.0.weight"] - one["mft.domain_heads.0.weight"]).abs().max() > 1e-3
+
+
+def _gather_worker(rank, init_file, domains, sizes, seed, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        start = sum(sizes[:rank])
+        got = global_corrupted_domains(domains[start : start + sizes[rank]], torch.Generator().manual_seed(seed))
+        out[start : start + sizes[rank]].copy_(got)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_corruption_is_one_permutation_of_every_process_rows(tmp_path):
+    seed = int.from_bytes(os.urandom(4), "little")
+    domains = torch.randint(0, 5, (13,), generator=torch.Generator().manual_seed(seed))
+    sizes = [8, 5]  # unequal: the last batch of an epoch
+    out = torch.full((13,), -1, dtype=torch.int64).share_memory_()
+    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), domains, sizes, seed, out), nprocs=2, join=True)
+    expected = fastmft.shuffle_domains(domains, torch.Generator().manual_seed(seed))
+    assert torch.equal(out, expected)
+    assert torch.equal(global_corrupted_domains(domains, torch.Generator().manual_seed(seed)), expected)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mft_loss_triton_matches_torch(dtype):
     """MFTLoss through the Triton kernels gives the oracle's loss, and the reference's loss and gradients."""
