@@ -168,7 +168,7 @@ def _run_locked(
 
     summary = None
     if dist.rank == 0:
-        summary = merge(cfg, cache, n_chunks, labels, domains, state["rows"])
+        summary = merge(cfg, cache, n_chunks, labels, domains, state["rows"], sources)
         summary.seconds = time.perf_counter() - t0
         summary.rows_per_s = summary.rows / summary.seconds if summary.seconds > 0 else 0.0
         summary.resumed_chunks = len(mine) - len(todo)
