@@ -12,6 +12,8 @@ import functools
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
 # command -> (its module in fastmft.cli, one-line help)
 COMMANDS = {
@@ -58,6 +60,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """The library warns through ``warnings``; a command shows fastmft's warnings as one line
+    (``fastmft score: warning: ...``) and leaves other libraries' as Python formats them."""
+    package = str(Path(__file__).resolve().parents[1])
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(package):
+            print(f"fastmft {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastmft.runtime.quiet import quiet_libraries
 
     quiet_libraries()
+    _one_line_warnings(args.command)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError, BackboneNotFound, MissingMatplotlib) as err:

@@ -62,9 +62,9 @@ import hashlib
 import json
 import math
 import queue
-import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -305,9 +305,8 @@ def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
 
     check_max_length(model, cfg.max_length)
     if not getattr(tokenizer, "is_fast", False):
-        print(
-            "fastmft score: warning: the tokenizer is not a fast (Rust) tokenizer; tokenisation will be slow",
-            file=sys.stderr,
+        warnings.warn(
+            "the tokenizer is not a fast (Rust) tokenizer; tokenisation will be slow", RuntimeWarning, stacklevel=2
         )
     model.eval()
     if cfg.quantize == "int8":
