@@ -2,6 +2,7 @@
 only the commands (fastmft/cli) write to the terminal, and they show fastmft's warnings as one line."""
 
 import ast
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -42,3 +43,46 @@ def test_commands_show_fastmft_warnings_on_one_line(capsys):
         warnings.warn_explicit("not ours", UserWarning, str(Path(sys.prefix) / "other.py"), 7)
     assert capsys.readouterr().err == "fastmft score: warning: checkpoint x is unreadable\n"
     assert passed_on == [("not ours", str(Path(sys.prefix) / "other.py"))]  # left to Python's (or pytest's) display
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+BELOW_CLI = [ROOT / "fastmft" / layer for layer in ("ops", "data", "runtime", "pipelines")]
+
+
+def _message_strings(path: Path) -> list[tuple[int, str]]:
+    """Every string constant of a module (f-string parts included) except docstrings."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_no_message_below_the_cli_names_a_command_line_flag():
+    # A Python user never typed --max-length: the library names the field (`max_length`), and the
+    # commands translate it (fastmft.cli.flag_names). pip's own flag in the install hint is not ours.
+    found = {}
+    for layer in BELOW_CLI:
+        for path in sorted(layer.rglob("*.py")):
+            hits = [(n, f) for n, s in _message_strings(path) for f in FLAG.findall(s) if f != "--no-deps"]
+            if hits:
+                found[str(path.relative_to(ROOT))] = hits
+    assert not found, found
+    assert FLAG.findall("a `max_length` or --max-length, not a-b--c") == ["--max-length"], "the check itself"
+
+
+def test_the_commands_name_the_flag_of_a_field():
+    from fastmft import cli
+
+    in_flags = cli.flag_names(cli.build_parser("score"), "score")
+    message = "`max_length` 300 is more than 256; pass another `cache_dir`; `no_such_field` stays"
+    assert in_flags(message) == "--max-length 300 is more than 256; pass another --cache-dir; `no_such_field` stays"

@@ -199,8 +199,8 @@ def _manifest(cfg: ScoreConfig, sources: list[Source], cache: Path) -> dict:
         elif manifest.get("key") != key:
             if not cfg.restart:
                 raise ScoreError(
-                    f"the cache {cache} belongs to a different command or changed inputs; rerun with --restart "
-                    "to discard it, or pass another --cache-dir"
+                    f"the cache {cache} belongs to a different command or changed inputs; rerun with `restart` "
+                    "to discard it, or pass another `cache_dir`"
                 )
             manifest = None
         elif cfg.restart:
@@ -311,10 +311,10 @@ def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
     model.eval()
     if cfg.quantize == "int8":
         if device.type != "cpu":
-            raise ScoreError("--quantize int8 is a CPU mode")
+            raise ScoreError("`quantize` int8 is a CPU mode")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=ours)
     elif cfg.quantize:
-        raise ScoreError(f"unknown --quantize {cfg.quantize!r} (int8)")
+        raise ScoreError(f"unknown `quantize` {cfg.quantize!r} (int8)")
     if device.type == "cuda":
         model = model.to(device=device, dtype=torch.bfloat16)
     else:
@@ -373,7 +373,7 @@ def _reader(cfg, sources, labels, domains, todo, n_chunks, tokenizer, out: queue
                         row = check_row(decode_record(payload), columns, labels, domains)
                     except Reject as rej:
                         if cfg.strict:
-                            raise ScoreError(rej.at(f"{src.path}, line {line}") + " (--strict)") from None
+                            raise ScoreError(rej.at(f"{src.path}, line {line}") + " (`strict`)") from None
                         ch.rejects.append({"file": src.path, "line": line, "row": index, "reason": rej.reason})
                     else:
                         ch.rows.append(index)
