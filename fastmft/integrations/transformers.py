@@ -19,7 +19,8 @@ The domain corruption of L_SDC is a permutation of the domain labels of the whol
 (every process's rows of one forward, in rank order), drawn from the Trainer's seed, the step and
 the micro-batch: under ``torchrun`` with W processes of B rows each, training is the one-process
 run with W x B rows per batch (same rows, same corrupted labels, the same gradients up to float
-summation order), and a resumed run draws what the uninterrupted one drew.
+summation order); the draw depends on nothing else, so a run resumed from the Trainer's checkpoint
+draws the same corrupted labels as an uninterrupted one.
 """
 
 from __future__ import annotations
