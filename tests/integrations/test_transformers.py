@@ -158,3 +158,22 @@ def test_mft_loss_triton_matches_torch(dtype):
     assert_close(w1, w0, dtype)
     for a, b in zip(g1, g0):
         assert_close(a, b, dtype)
+
+
+def test_typicality_and_domains_come_from_dataset_columns(tmp_path):
+    # A datasets.Dataset with a text column the model does not take: the Trainer drops it and keeps
+    # domains and typicality (forward arguments). With every t = 0 both losses weigh nothing, so a
+    # loss of exactly 0 shows the column reached the loss; t = 1 trains.
+    datasets = pytest.importorskip("datasets")
+    rows = ToyRows(16)
+    columns = {k: [rows[i][k].tolist() for i in range(len(rows))] for k in rows[0]}
+    columns["text"] = [f"row {i}" for i in range(len(rows))]
+    losses = {}
+    for t in (0.0, 1.0):
+        data = datasets.Dataset.from_dict({**columns, "typicality": [t] * len(rows)})
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(t)), use_cpu=True, report_to=[], max_steps=2, per_device_train_batch_size=8,
+            save_strategy="no", disable_tqdm=True,
+        )  # fmt: skip
+        losses[t] = MFTTrainer(model=tiny_model(), args=args, train_dataset=data).train().training_loss
+    assert losses[0.0] == 0.0 and losses[1.0] > 0.1
