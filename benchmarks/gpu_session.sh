@@ -8,8 +8,8 @@
 #   here:   [AB_REF=<commit>] benchmarks/gpu_session.sh prepare   # .gpu/: wheels, bf16 MiniLM, A/B kernels; ~10 s
 #   call 1: benchmarks/gpu_session.sh kernels OUTDIR   # <= 345 s: smoke, ceilings, pooling, typicality, CE, inner step
 #   call 2: benchmarks/gpu_session.sh end2end OUTDIR   # <= 230 s: MFT step, task-utility scorer, 250K-row score
-#           benchmarks/gpu_session.sh mft OUTDIR --cells all --time-limit 420      # benchmarks.mft_amazon cells
-#           benchmarks/gpu_session.sh select OUTDIR --seeds 0 1 2 --time-limit 120  # benchmarks.select_amazon cells
+#           benchmarks/gpu_session.sh mft OUTDIR --cells all --time-limit 420      # benchmarks.experiments.mft_amazon cells
+#           benchmarks/gpu_session.sh select OUTDIR --seeds 0 1 2 --time-limit 120  # benchmarks.experiments.select_amazon cells
 # Device calls: carry [".gpu"], command `benchmarks/gpu_session.sh kernels $OUT`, timeout_s 400; then
 # `benchmarks/gpu_session.sh end2end $OUT`, timeout_s 280 (the script stops itself first).
 #
@@ -117,10 +117,10 @@ if [[ $stage == mft || $stage == select ]]; then
     mkdir -p /tmp/amazon /tmp/"$stage"_results
     for f in .gpu/amazon/*.jsonl.gz; do gunzip -c "$f" >"/tmp/amazon/$(basename "$f" .gz)"; done
     if [[ $stage == mft ]]; then
-        python3 -m benchmarks.mft_amazon run --device cuda --data-dir /tmp/amazon --results-dir /tmp/mft_results \
+        python3 -m benchmarks.experiments.mft_amazon run --device cuda --data-dir /tmp/amazon --results-dir /tmp/mft_results \
             --work-dir /tmp/mft_work --no-progress "$@" 2>&1 | tee "$out/mft.log" || true
     else
-        python3 -m benchmarks.select_amazon run --device cuda --data /tmp/amazon --results-dir /tmp/select_results "$@" \
+        python3 -m benchmarks.experiments.select_amazon run --device cuda --data /tmp/amazon --results-dir /tmp/select_results "$@" \
             2>&1 | tee "$out/select.log" || true
     fi
     tar czf "$out/${stage}_amazon_cells.tgz" -C /tmp/"$stage"_results .

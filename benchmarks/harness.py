@@ -854,32 +854,36 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({n} thread{'' if n == 1 else 's'})"
 
 
+def versions() -> dict:
+    """Python, library versions and what ran (``source_state``): the provenance every benchmark row
+    and every experiment cell records."""
+    found = {}
+    for name in ("triton", "transformers", "fastmft"):
+        try:
+            found[name] = __import__(name).__version__
+        except Exception:
+            found[name] = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        **found,
+        **source_state(),
+    }
+
+
 def environment(device: torch.device, scale: str) -> dict:
     """The fields every row of a run shares."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    try:
-        import transformers
-
-        transformers_version = transformers.__version__
-    except Exception:
-        transformers_version = None
+    v = versions()
     return {
         "device": device.type,
         "device_name": device_name(device),
         "timing_method": timing_method(device),
         "interpreted": device.type != "cuda"
         and os.environ.get("TRITON_INTERPRET", "0") == "1",  # per row: triton providers only
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "transformers": transformers_version,
-        "python": platform.python_version(),
+        **{k: v[k] for k in ("torch", "triton", "transformers", "python")},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **source_state(),
+        **{k: v[k] for k in ("commit", "dirty", "diff_sha256")},
         "scale": scale,
         "host": platform.node(),
     }

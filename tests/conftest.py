@@ -26,3 +26,26 @@ def pytest_terminal_summary(terminalreporter, exitstatus):
         from tests.drift import summary
 
         terminalreporter.write_line(summary(), red=True)
+
+
+# Markers by module, kept here in one table rather than in each file. `gpu`: the GPU proof, what
+# runs on a CUDA machine with FASTMFT_TEST_DEVICE=cuda (`pytest -m gpu`; tests inside other modules
+# carry @pytest.mark.gpu themselves). `chaos`: commands killed at random moments.
+MODULE_MARKERS = {
+    "tests/kernels/test_kernel_gpu_faithful.py": "gpu",
+    "tests/kernels/test_kernel_pooling.py": "gpu",
+    "tests/kernels/test_kernel_typicality.py": "gpu",
+    "tests/kernels/test_kernel_cross_entropy.py": "gpu",
+    "tests/kernels/test_kernel_errors.py": "gpu",
+    "tests/ops/test_mft_loss.py": "gpu",
+    "tests/ops/test_inner_step_cuda.py": "gpu",
+    "tests/cli/test_chaos.py": "chaos",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    root = config.rootpath
+    for item in items:
+        marker = MODULE_MARKERS.get(item.path.relative_to(root).as_posix())
+        if marker:
+            item.add_marker(marker)

@@ -19,6 +19,7 @@ LAYERS = {
     "fastmft.data": 2,  # sources, schema and validation, batching, the demo corpus
     "fastmft.runtime": 3,  # devices, process group, backbones, crash-safe files
     "fastmft.pipelines": 4,  # orchestration without argparse, and its figures
+    "fastmft.integrations": 4,  # other libraries' training loops (transformers.Trainer) over the ops
     "fastmft.cli": 5,  # commands
     "fastmft.__main__": 6,
     "fastmft": 6,  # the package's lazy re-exports

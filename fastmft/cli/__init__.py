@@ -11,7 +11,11 @@ import argparse
 import functools
 import importlib
 import os
+import re
 import sys
+import warnings
+from pathlib import Path
+from typing import Callable
 
 # command -> (its module in fastmft.cli, one-line help)
 COMMANDS = {
@@ -58,19 +62,48 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def flag_names(parser: argparse.ArgumentParser, command: str) -> Callable[[str], str]:
+    """The library's messages name a setting by its field, as `max_length`; at the command line
+    they name the flag that sets it (--max-length). Fields the command has no flag for stay as they are."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {a.dest: max(a.option_strings, key=len) for a in sub._actions if a.option_strings}
+    return lambda message: _FIELD.sub(lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def _one_line_warnings(command: str, in_flags: Callable[[str], str] = str) -> None:
+    """The library warns through ``warnings``; a command shows fastmft's warnings as one line
+    (``fastmft score: warning: ...``) and leaves other libraries' as Python formats them."""
+    package = str(Path(__file__).resolve().parents[1])
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(package):
+            print(f"fastmft {command}: warning: {in_flags(str(message))}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    in_flags = flag_names(parser, args.command)
     from fastmft.pipelines.plots import MissingMatplotlib
     from fastmft.runtime.backbone import BackboneNotFound
     from fastmft.runtime.quiet import quiet_libraries
 
     quiet_libraries()
+    _one_line_warnings(args.command, in_flags)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError, BackboneNotFound, MissingMatplotlib) as err:
-        print(f"fastmft {args.command}: error: {err}", file=sys.stderr)
+        print(f"fastmft {args.command}: error: {in_flags(str(err))}", file=sys.stderr)
         return 2

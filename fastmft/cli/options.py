@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import textwrap
 
 
 def add_column_arguments(parser) -> None:
@@ -90,8 +89,3 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="keep only rows whose 'split' column equals this")
     add_column_arguments(p)
     p.add_argument("--id-column", help="row identifier to print and save (default: the row number)")
-
-
-def shorten(text: str, width: int = 80) -> str:
-    """One line of at most ``width`` characters, cut at a word with an ellipsis when longer."""
-    return textwrap.shorten(text, width=width, placeholder=" …")

@@ -64,41 +64,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The ScoreConfig of the parsed options."""
+    """The ScoreConfig of the parsed options: every option is named after the field it sets."""
+    import dataclasses
+
     from fastmft.pipelines.typicality import ScoreConfig
 
-    return ScoreConfig(
-        inputs=list(args.inputs),
-        output=args.output,
-        text_column=args.text_column,
-        text_pair_column=args.text_pair_column,
-        label_column=args.label_column,
-        domain_column=args.domain_column,
-        id_column=args.id_column,
-        label_values=args.label_values,
-        domain_values=args.domain_values,
-        format=args.format,
-        backbone=args.backbone,
-        trust_remote_code=args.trust_remote_code,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        chunk_rows=args.chunk_rows,
-        alpha=args.alpha,
-        prototypes=args.prototypes,
-        temperature=args.temperature,
-        seed=args.seed,
-        quantize=args.quantize,
-        cache_dir=args.cache_dir,
-        rejects=args.rejects,
-        report=args.report,
-        top_k=args.top_k,
-        strict=args.strict,
-        restart=args.restart,
-        keep_cache=args.keep_cache,
-        device=args.device,
-        threads=args.threads,
-        progress=not args.no_progress,
-    )
+    fields = {f.name for f in dataclasses.fields(ScoreConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    return ScoreConfig(**{**given, "inputs": list(args.inputs), "progress": not args.no_progress})
 
 
 def _command(args: argparse.Namespace) -> int:

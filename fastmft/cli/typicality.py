@@ -14,7 +14,6 @@ from .options import (
     add_data_arguments,
     add_encoder_arguments,
     add_runtime_arguments,
-    shorten,
 )
 
 
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fastmft.data.synthetic import synthetic_dataset
     from fastmft.pipelines.typicality import score_dataset
-    from fastmft.pipelines.typicality.report import DomainReport
+    from fastmft.pipelines.typicality.report import DomainReport, shorten
     from fastmft.runtime.backbone import load_backbone
     from fastmft.runtime.dist import pick_device
 

@@ -20,7 +20,7 @@ def require_matplotlib():
         import matplotlib
     except ImportError:
         raise MissingMatplotlib(
-            "--plot needs matplotlib, which is not installed: `.venv/bin/pip install matplotlib` (or drop --plot)"
+            "`plot` needs matplotlib, which is not installed: `.venv/bin/pip install matplotlib` (or drop `plot`)"
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -55,9 +55,9 @@ def load_backbone(name_or_path: str | Path | None = None, *, trust_remote_code: 
 
 
 def check_max_length(model, max_length: int) -> None:
-    """``--max-length`` must fit the model's position embeddings (else a tensor-size error mid-encoding)."""
+    """``max_length`` must fit the model's position embeddings (else a tensor-size error mid-encoding)."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
         raise ValueError(
-            f"--max-length {max_length} is more than the model's {limit} positions (max_position_embeddings)"
+            f"`max_length` {max_length} is more than the model's {limit} positions (max_position_embeddings)"
         )

@@ -23,16 +23,16 @@ def is_main_process() -> bool:
 
 def pick_device(name: str | None) -> torch.device:
     """``name`` as given; ``"cuda"`` without an index (or None with CUDA present) is cuda:LOCAL_RANK.
-    A name torch does not know, or a CUDA device this machine lacks, is a ValueError naming --device."""
+    A name torch does not know, or a CUDA device this machine lacks, is a ValueError naming `device`."""
     if name:
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise ValueError(f"--device {name!r} is not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+            raise ValueError(f"`device` {name!r} is not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name!r}: this torch build or machine has no CUDA device")
+            raise ValueError(f"`device` {name!r}: this torch build or machine has no CUDA device")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise ValueError(f"`device` {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     if name and name != "cuda":
         return device
     if name == "cuda" or torch.cuda.is_available():

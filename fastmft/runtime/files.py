@@ -7,8 +7,8 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,10 +108,11 @@ class CheckpointDir:
             try:
                 return read(folder)
             except Exception as err:  # noqa: BLE001 - a damaged checkpoint: try the previous one
-                print(
-                    f"fastmft: warning: checkpoint {folder} is unreadable ({type(err).__name__}: {err}); "
+                warnings.warn(
+                    f"checkpoint {folder} is unreadable ({type(err).__name__}: {err}); "
                     "falling back to the previous complete checkpoint",
-                    file=sys.stderr,
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
         return None
 

@@ -83,7 +83,7 @@ def test_only_fastmft_bars_are_shown(tmp_path, capfd, library_bars_restored, no_
 
 
 def test_shorten_cuts_at_a_word_with_an_ellipsis():
-    from fastmft.cli.options import shorten
+    from fastmft.pipelines.typicality.report import shorten
 
     assert shorten("short text") == "short text"
     long = "word " * 40

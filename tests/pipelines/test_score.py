@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import tracemalloc
 from pathlib import Path
 
@@ -142,6 +143,12 @@ def test_scores_equal_float64_reference_and_rejects_add_up(corpus, tmp_path, mon
     best = max(range(len(rows)), key=lambda i: out["typicality"][i] if rows[i]["domain"] == "books" else -9)
     assert report["domains"]["books"]["most_typical"][0]["id"] == rows[best]["id"]
     assert len(report["domains"]["kitchen"]["least_typical"]) == 2
+    # every listed row carries its own text, shortened to 80 characters at a word
+    by_id = {r["id"]: r["text"] for r in rows}
+    listed = [e for dom in report["domains"].values() for e in dom["most_typical"] + dom["least_typical"]]
+    assert len(listed) == 12 and all(
+        e["text"] == textwrap.shorten(by_id[e["id"]], width=80, placeholder=" …") for e in listed
+    )
 
     # rerunning the finished command is a no-op that reports the same summary
     again = score_files(cfg)

@@ -138,7 +138,7 @@ def test_self_supervised_batches(corpus):
 
 
 def test_bad_configuration(corpus):
-    with pytest.raises(ValueError, match="epsilon must lie in"):
+    with pytest.raises(ValueError, match="`epsilon` must lie in"):
         build(corpus, 0, epsilon=2.0)
     selector, tasks = build(corpus, 0)
     with pytest.raises(ValueError, match="not part of the model"):
@@ -239,7 +239,7 @@ def test_a_kill_around_the_checkpoint_resumes_exactly_without_duplicate_log_line
 def test_bad_rates_are_named(corpus, tmp_path, capsys):
     from fastmft.cli import main
 
-    with pytest.raises(ValueError, match=r"inner_lr \(--inner-lr\) must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"`inner_lr` must be a finite number > 0"):
         build(corpus, 0, inner_lr=float("nan"))
     with pytest.raises(SystemExit):
         main(["select", "--inner-lr", "nan", "--output-dir", str(tmp_path / "run")])

@@ -78,14 +78,14 @@ class TaskSelector:
         if missing:
             raise ValueError(f"tasks {missing} are not part of the model: build MultiTaskModel with every task")
         if m < 1 or n < 1:
-            raise ValueError(f"m and n must be >= 1 (--m, --n), got m={m}, n={n}")
+            raise ValueError(f"`m` and `n` must be >= 1, got m={m}, n={n}")
         if inner not in ("sgd", "adam"):
-            raise ValueError(f"inner must be 'sgd' or 'adam' (--inner), got {inner!r}")
+            raise ValueError(f"`inner` must be 'sgd' or 'adam', got {inner!r}")
         if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"epsilon must lie in [0, 1] (--epsilon), got {epsilon}")
+            raise ValueError(f"`epsilon` must lie in [0, 1], got {epsilon}")
         for name, value in (("inner_lr", inner_lr), ("lr", lr)):
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number > 0, got {value!r}")
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
         if not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm must be a finite number >= 0, got {max_grad_norm!r}")
         self.model, self.sources, self.targets = model, list(sources), list(targets) if targets else None
@@ -212,7 +212,7 @@ class TaskSelector:
         holds one), appending one JSON line per episode to ``log``, then checkpointing. On resume
         the log is cut back to the lines the checkpoint accounts for, so no episode appears twice."""
         if episodes < 0:
-            raise ValueError(f"episodes (--episodes) must be >= 0, got {episodes}")
+            raise ValueError(f"`episodes` must be >= 0, got {episodes}")
         if checkpoint is not None:
             resumed = self.load(checkpoint)
             if log is not None:  # a log beside the checkpoint is the run's own
@@ -286,7 +286,7 @@ class TaskSelector:
 
         if Path(folder, "selector.json").is_file():  # the layout before checkpoints were one unit
             raise ValueError(
-                f"{folder} holds a checkpoint of an older fastmft; resume it with that version or use another --output-dir"
+                f"{folder} holds a checkpoint of an older fastmft; resume it with that version or use another `output_dir`"
             )
         found = CheckpointDir(Path(folder)).load(read)
         if found is None:

@@ -256,7 +256,7 @@ def build_tasks(
             if rows:
                 out.append(label_task(f"cls:{name}", rows))
     if not out:
-        raise ValueError("no source task: check --sources and the data")
+        raise ValueError("no source task: check `sources` and the data")
     if target_domain is None:
         return out, None
     rows = domain_rows(target_domain, "dev")

@@ -49,7 +49,7 @@ class RunStore:
         self.loaded: Path | None = None  # the checkpoint folder resumed from
         if self.folder is not None:
             if self.folder.exists() and not self.folder.is_dir():
-                raise ValueError(f"--output-dir {self.folder} is a file, not a folder")
+                raise ValueError(f"`output_dir` {self.folder} is a file, not a folder")
             if dist.main:
                 self.folder.mkdir(parents=True, exist_ok=True)
 

@@ -57,7 +57,7 @@ class TrainConfig:
     epochs: int = _setting(2, "fine-tuning epochs: per domain (s and the MFT methods), pooled (mix, mtl, adv)")
     batch_size: int = _setting(32, "global batch size (split over the ranks under torch.distributed)")
     lr: float = _setting(5e-5, "peak learning rate (AdamW, linear warmup then linear decay per phase)")
-    mft_lr: float | None = _setting(None, "learning rate of the MFT epochs (default: --lr)")
+    mft_lr: float | None = _setting(None, "learning rate of the MFT epochs (default: the learning rate `lr`)")
     weight_decay: float = _setting(0.01, "AdamW weight decay of the weight matrices")
     warmup_ratio: float = _setting(0.1, "fraction of each phase's steps spent warming up the learning rate")
     max_grad_norm: float = _setting(1.0, "gradient clipping norm (0: no clipping)")
@@ -97,7 +97,7 @@ class TrainConfig:
             if not self.layers or not all(
                 isinstance(l, int) and not isinstance(l, bool) and l >= 1 for l in self.layers
             ):
-                raise ValueError(f"layers (--layers) must be 1-based integer layer numbers, got {self.layers!r}")
+                raise ValueError(f"`layers` must be 1-based integer layer numbers, got {self.layers!r}")
             self.layers = tuple(self.layers)
         ints = {
             "mft_epochs": 0,
@@ -141,9 +141,9 @@ class TrainConfig:
                     f"{name} (--{option_name(name)}) must be a finite number {'in ' if high < math.inf else ''}{span}, got {value!r}"
                 )
         if self.mft_lr is not None and not (math.isfinite(self.mft_lr) and self.mft_lr > 0):
-            raise ValueError(f"mft_lr (--mft-lr) must be a finite number > 0, got {self.mft_lr!r}")
+            raise ValueError(f"`mft_lr` must be a finite number > 0, got {self.mft_lr!r}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout (--dropout) must lie in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"`dropout` must lie in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -484,7 +484,7 @@ class _PhaseTraining:
             step = int(self.first_bad.item())
             raise FloatingPointError(
                 f"{self.label}: the loss is not finite at step {step if step > 0 else '(on another rank)'} of this phase; "
-                "the last checkpoint is left as it was. Lower --lr / --mft-lr or check the data and options"
+                "the last checkpoint is left as it was. Lower `lr` / `mft_lr` or check the data and options"
             )
 
     def _checkpoint(self) -> None:

@@ -118,4 +118,4 @@ def check_encoder(encoder, cfg: TrainConfig, tokenising: bool = True) -> None:
         check_max_length(encoder, cfg.max_length)
     depth = encoder.config.num_hidden_layers
     if cfg.layers and max(cfg.layers) > depth:
-        raise ValueError(f"--layers {','.join(map(str, cfg.layers))}: the encoder has {depth} layers")
+        raise ValueError(f"`layers` {','.join(map(str, cfg.layers))}: the encoder has {depth} layers")

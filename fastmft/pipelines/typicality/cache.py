@@ -94,10 +94,10 @@ def open_cache(cache: Path):
     import fcntl
 
     if cache.exists() and not cache.is_dir():
-        raise ScoreError(f"--cache-dir {cache} is a file, not a folder")
+        raise ScoreError(f"`cache_dir` {cache} is a file, not a folder")
     if cache.is_dir() and not (cache / _MARKER).is_file() and any(cache.iterdir()):
         raise ScoreError(
-            f"--cache-dir {cache} is a non-empty folder that is not a fastmft score cache; "
+            f"`cache_dir` {cache} is a non-empty folder that is not a fastmft score cache; "
             "fastmft will not write into it or delete from it: pass an empty or new folder"
         )
     cache.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def open_cache(cache: Path):
         lock.close()
         raise ScoreError(
             f"another fastmft score run is using the cache {cache}; wait for it to finish "
-            "or pass another --output/--cache-dir"
+            "or pass another `output`/`cache_dir`"
         ) from None
     return lock
 

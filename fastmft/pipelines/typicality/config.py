@@ -109,44 +109,44 @@ class ScoreSummary:
 
 
 def check_config(cfg: ScoreConfig) -> None:
-    """Every option, before any work; each error names its option."""
+    """Every setting, before any work; each error names its field (the command line shows the flag)."""
     for option, value, low in (
-        ("--batch-size", cfg.batch_size, 1),
-        ("--chunk-rows", cfg.chunk_rows, 1),
-        ("--prototypes", cfg.prototypes, 1),
-        ("--max-length", cfg.max_length, 2),
-        ("--top-k", cfg.top_k, 1),
-        ("--threads", cfg.threads or 1, 1),
+        ("batch_size", cfg.batch_size, 1),
+        ("chunk_rows", cfg.chunk_rows, 1),
+        ("prototypes", cfg.prototypes, 1),
+        ("max_length", cfg.max_length, 2),
+        ("top_k", cfg.top_k, 1),
+        ("threads", cfg.threads or 1, 1),
     ):
         if not isinstance(value, int) or value < low:
-            raise ScoreError(f"{option} must be an integer >= {low}, got {value!r}")
+            raise ScoreError(f"`{option}` must be an integer >= {low}, got {value!r}")
     if not 0.0 <= cfg.alpha <= 1.0:
-        raise ScoreError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
+        raise ScoreError(f"`alpha` must lie in [0, 1], got {cfg.alpha}")
     if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
-        raise ScoreError(f"--temperature must be a finite number > 0, got {cfg.temperature}")
+        raise ScoreError(f"`temperature` must be a finite number > 0, got {cfg.temperature}")
 
 
 def check_outputs(cfg: ScoreConfig, sources: Sequence[Source]) -> None:
     """Before any work: every output path must be writable and none may be an input."""
     inputs = [Path(s.path) for s in sources]
-    named = [("--output", Path(cfg.output)), ("--rejects", cfg.rejects_path())]
+    named = [("output", Path(cfg.output)), ("rejects", cfg.rejects_path())]
     if cfg.report:
-        named.append(("--report", Path(cfg.report)))
+        named.append(("report", Path(cfg.report)))
     for option, path in named:
         if path.is_dir():
-            raise ScoreError(f"{option} {path} is a folder; give a file name")
+            raise ScoreError(f"`{option}` {path} is a folder; give a file name")
         for src in inputs:
             same = path.exists() and src.exists() and os.path.samefile(path, src)
             if same or path.resolve() == src.resolve() or src.resolve() in path.resolve().parents:
-                raise ScoreError(f"{option} {path} is an input ({src}); fastmft never overwrites its inputs")
+                raise ScoreError(f"`{option}` {path} is an input ({src}); fastmft never overwrites its inputs")
         parent = path.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
         if not parent.is_dir():
-            raise ScoreError(f"{option} {path}: {parent} is a file, not a folder")
+            raise ScoreError(f"`{option}` {path}: {parent} is a file, not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise ScoreError(f"{option} {path}: the folder {parent} is not writable")
+            raise ScoreError(f"`{option}` {path}: the folder {parent} is not writable")
     cache = cfg.cache_path()
     for src in inputs:
         if cache.resolve() == src.resolve() or src.resolve() in cache.resolve().parents:
-            raise ScoreError(f"--cache-dir {cache} is an input or inside one ({src})")
+            raise ScoreError(f"`cache_dir` {cache} is an input or inside one ({src})")

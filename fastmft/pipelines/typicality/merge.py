@@ -1,6 +1,7 @@
 """The last stage of the streaming pipeline (rank 0): the cached chunks, in input order, into one
 Parquet file (``id, domain, label, typicality``: every accepted row once), the rejects file (JSON
-lines: ``file, line, row, reason``) and the optional JSON report."""
+lines: ``file, line, row, reason``) and the optional JSON report (its listed rows' texts read
+back from the inputs, which the cache does not hold)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,24 @@ from pathlib import Path
 
 import numpy as np
 
-from fastmft.data import Vocab
+from fastmft.data import Source, Vocab, check_row, decode_record, iter_records
 from fastmft.runtime.files import atomic_json
 
 from .cache import crash_point, load_meta, scores_path
 from .config import ScoreConfig, ScoreSummary
 from .core import ScoreError
-from .report import DomainReport
+from .report import DomainReport, shorten
 
 
-def merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains: Vocab, total_rows: int) -> ScoreSummary:
+def merge(
+    cfg: ScoreConfig,
+    cache: Path,
+    n_chunks: int,
+    labels: Vocab,
+    domains: Vocab,
+    total_rows: int,
+    sources: list[Source],
+) -> ScoreSummary:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -70,7 +79,11 @@ def merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains: 
             )
             writer.write_table(table)
             crash_point("merge")
-            items = [(i, labels.values[y]) for i, y in zip(ids, meta["labels"].tolist())] if report.top_k else ()
+            items = (
+                [(i, labels.values[y], row) for i, y, row in zip(ids, meta["labels"].tolist(), meta["rows"].tolist())]
+                if report.top_k
+                else ()
+            )
             report.add(scores, meta["domains"], meta["rows"], items)
         rej.flush()
         os.fsync(rej.fileno())
@@ -92,20 +105,42 @@ def merge(cfg: ScoreConfig, cache: Path, n_chunks: int, labels: Vocab, domains: 
             else "the input has no rows"
         )
     if cfg.report:
-        atomic_json(Path(cfg.report), _report_json(cfg, report, domains))
+        texts = _texts(cfg, sources, labels, domains, _listed_rows(report, len(domains.values)))
+        atomic_json(Path(cfg.report), _report_json(cfg, report, domains, texts))
         summary.report = cfg.report
     os.replace(tmp, out)  # the output appears last: its presence means the run is complete
     record.unlink()
     return summary
 
 
-def _report_json(cfg: ScoreConfig, report: DomainReport, domains: Vocab) -> dict:
+def _listed_rows(report: DomainReport, num_domains: int) -> set[int]:
+    return {item[2] for d in range(num_domains) for _, item in report.most_typical(d) + report.least_typical(d)}
+
+
+def _texts(cfg: ScoreConfig, sources: list[Source], labels: Vocab, domains: Vocab, rows: set[int]) -> dict[int, str]:
+    """The text of each of ``rows`` (global row numbers, as pass one numbered them), in one read of
+    the inputs that decodes only those rows."""
+    columns, texts, index = cfg.columns(), {}, 0
+    for src in sources:
+        for _, payload in iter_records(src, columns.required()):
+            if index in rows:
+                texts[index] = check_row(decode_record(payload), columns, labels, domains).text
+            index += 1
+    if len(texts) != len(rows):
+        raise ScoreError(f"the inputs changed while scoring: {len(rows) - len(texts)} listed rows are gone")
+    return texts
+
+
+def _report_json(cfg: ScoreConfig, report: DomainReport, domains: Vocab, texts: dict[int, str]) -> dict:
+    def listed(entries):
+        return [{"id": i, "label": lab, "typicality": s, "text": shorten(texts[row])} for s, (i, lab, row) in entries]
+
     out = {"alpha": cfg.alpha, "prototypes": cfg.prototypes, "domains": {}}
     for d, name in enumerate(domains.values):
         out["domains"][str(name)] = {
             "rows": report.rows(d),
             "mean_typicality": report.mean(d),
-            "most_typical": [{"id": i, "label": lab, "typicality": s} for s, (i, lab) in report.most_typical(d)],
-            "least_typical": [{"id": i, "label": lab, "typicality": s} for s, (i, lab) in report.least_typical(d)],
+            "most_typical": listed(report.most_typical(d)),
+            "least_typical": listed(report.least_typical(d)),
         }
     return out

@@ -1,13 +1,21 @@
 """The report of a scored corpus, per domain: row count, mean typicality, and the k most and least
 typical rows. Fed part by part (in input order), so it holds only 2k rows per domain; both
-``fastmft score --report`` (JSON) and ``fastmft typicality`` (printed) read it."""
+``fastmft score --report`` (JSON) and ``fastmft typicality`` (printed) read it, and both show each
+listed row's text through :func:`shorten`."""
 
 from __future__ import annotations
 
 import heapq
+import textwrap
 from typing import Any, Sequence
 
 import numpy as np
+
+
+def shorten(text: str, width: int = 80) -> str:
+    """One line of at most ``width`` characters, cut at a word with an ellipsis when longer (as
+    Table 5 of the MFT paper shows instances)."""
+    return textwrap.shorten(text, width=width, placeholder=" …")
 
 
 class DomainReport:

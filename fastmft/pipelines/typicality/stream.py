@@ -62,9 +62,9 @@ import hashlib
 import json
 import math
 import queue
-import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -168,7 +168,7 @@ def _run_locked(
 
     summary = None
     if dist.rank == 0:
-        summary = merge(cfg, cache, n_chunks, labels, domains, state["rows"])
+        summary = merge(cfg, cache, n_chunks, labels, domains, state["rows"], sources)
         summary.seconds = time.perf_counter() - t0
         summary.rows_per_s = summary.rows / summary.seconds if summary.seconds > 0 else 0.0
         summary.resumed_chunks = len(mine) - len(todo)
@@ -199,8 +199,8 @@ def _manifest(cfg: ScoreConfig, sources: list[Source], cache: Path) -> dict:
         elif manifest.get("key") != key:
             if not cfg.restart:
                 raise ScoreError(
-                    f"the cache {cache} belongs to a different command or changed inputs; rerun with --restart "
-                    "to discard it, or pass another --cache-dir"
+                    f"the cache {cache} belongs to a different command or changed inputs; rerun with `restart` "
+                    "to discard it, or pass another `cache_dir`"
                 )
             manifest = None
         elif cfg.restart:
@@ -305,17 +305,16 @@ def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
 
     check_max_length(model, cfg.max_length)
     if not getattr(tokenizer, "is_fast", False):
-        print(
-            "fastmft score: warning: the tokenizer is not a fast (Rust) tokenizer; tokenisation will be slow",
-            file=sys.stderr,
+        warnings.warn(
+            "the tokenizer is not a fast (Rust) tokenizer; tokenisation will be slow", RuntimeWarning, stacklevel=2
         )
     model.eval()
     if cfg.quantize == "int8":
         if device.type != "cpu":
-            raise ScoreError("--quantize int8 is a CPU mode")
+            raise ScoreError("`quantize` int8 is a CPU mode")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=ours)
     elif cfg.quantize:
-        raise ScoreError(f"unknown --quantize {cfg.quantize!r} (int8)")
+        raise ScoreError(f"unknown `quantize` {cfg.quantize!r} (int8)")
     if device.type == "cuda":
         model = model.to(device=device, dtype=torch.bfloat16)
     else:
@@ -374,7 +373,7 @@ def _reader(cfg, sources, labels, domains, todo, n_chunks, tokenizer, out: queue
                         row = check_row(decode_record(payload), columns, labels, domains)
                     except Reject as rej:
                         if cfg.strict:
-                            raise ScoreError(rej.at(f"{src.path}, line {line}") + " (--strict)") from None
+                            raise ScoreError(rej.at(f"{src.path}, line {line}") + " (`strict`)") from None
                         ch.rejects.append({"file": src.path, "line": line, "row": index, "reason": rej.reason})
                     else:
                         ch.rows.append(index)

@@ -20,14 +20,14 @@ few-shot rows, and kitchen dev and test accuracy are recorded with per-row predi
 step used as the headline is the one with the lower mean target dev loss after the schedule
 (decided on dev, before test is read).
 
-Each cell is one JSON file under benchmarks/results/select_amazon_v2/<device kind>/ (settings,
+Each cell is one JSON file under benchmarks/experiments/results/select_amazon_v2/<device kind>/ (settings,
 device, versions, commit, per-episode utilities and their per-batch terms, compute split into
-scoring / training / fine-tuning, predictions). The earlier cells (benchmarks/results/select_amazon)
+scoring / training / fine-tuning, predictions). The earlier cells (benchmarks/experiments/results/select_amazon)
 stay as they were: they ran before the fixes of issue 16 (MLM over all splits, shared RNG).
 
-    python -m benchmarks.select_amazon run --seeds 0 1 2 --threads 1
-    python -m benchmarks.select_amazon run --device cuda --seeds 0 1 2 3 4 --m 8 --time-limit 300
-    python -m benchmarks.select_amazon table
+    python -m benchmarks.experiments.select_amazon run --seeds 0 1 2 --threads 1
+    python -m benchmarks.experiments.select_amazon run --device cuda --seeds 0 1 2 3 4 --m 8 --time-limit 300
+    python -m benchmarks.experiments.select_amazon table
 """
 
 from __future__ import annotations
@@ -42,19 +42,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "amazon"
-RESULTS = REPO / "benchmarks" / "results" / "select_amazon_v2"
+RESULTS = Path(__file__).resolve().parent / "results" / "select_amazon_v2"
 ARMS = ("selected-sgd", "selected-adam", "round-robin", "random", "round-robin-time", "none")
-
-
-def _few_shot(labels: list[int], fraction: float, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    keep = []
-    for y in sorted(set(labels)):
-        rows = [i for i, v in enumerate(labels) if v == y]
-        keep += rng.sample(rows, max(1, round(fraction * len(rows))))
-    return sorted(keep)
 
 
 def _evaluate(model, rows_ids, labels, device, pad_id) -> dict:
@@ -87,6 +78,7 @@ def _setup(seed: int, args, cache: dict, *, inner: str):
 
     from fastmft.data import Columns, prepare
     from fastmft.pipelines.selection import ClassificationTask, MultiTaskModel, TaskSelector, build_tasks
+    from fastmft.pipelines.trainer.inputs import few_shot_rows
     from fastmft.runtime.backbone import load_backbone
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -126,7 +118,8 @@ def _setup(seed: int, args, cache: dict, *, inner: str):
         )
     )
     rows = {s: [i for i in range(len(ds)) if domains[i] == target and split[i] == s] for s in ("train", "dev", "test")}
-    few = [rows["train"][j] for j in _few_shot([labels[i] for i in rows["train"]], args.fraction, seed)]
+    target_labels = [labels[i] for i in rows["train"]]
+    few = [rows["train"][j] for j in few_shot_rows(target_labels, [0] * len(target_labels), args.fraction, seed)]
     shot = ClassificationTask(
         "target",
         [ids[i] for i in few],
@@ -156,7 +149,7 @@ def _setup(seed: int, args, cache: dict, *, inner: str):
 def run_cell(arm: str, seed: int, args, cache: dict) -> dict:
     import torch
 
-    from .harness import device_name
+    from benchmarks.harness import device_name
 
     inner = "adam" if arm == "selected-adam" else "sgd"
     device, data, sources, shot, few, rows, model, selector = _setup(seed, args, cache, inner=inner)
@@ -280,7 +273,7 @@ def run_pilot(args, cache: dict, save) -> dict:
     each run, so a stopped pilot keeps what it measured."""
     import torch
 
-    from .harness import device_name
+    from benchmarks.harness import device_name
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = {
@@ -345,7 +338,7 @@ def _settings(cell: dict) -> dict:
 def render(results: Path) -> str:
     import numpy as np
 
-    from .mft_amazon import bootstrap, mcnemar
+    from benchmarks.experiments.stats import bootstrap, mcnemar, mean_std
 
     lines = [
         "# Task selection on the Amazon reviews (kitchen target, few-shot), rebuilt for issue 16",
@@ -374,10 +367,6 @@ def render(results: Path) -> str:
                 lines.append(f"| {arm} | 0 | pending |" + " - |" * 9)
                 continue
 
-            def ms(xs, digits):
-                spread = f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else ""
-                return f"{statistics.fmean(xs):.{digits}f}{spread}"
-
             pair = ""
             both = [(c, cells[f"round-robin_seed{c['seed']}"]) for c in got if f"round-robin_seed{c['seed']}" in cells]
             if arm != "round-robin" and both:  # over the seeds both arms finished
@@ -400,9 +389,9 @@ def render(results: Path) -> str:
             explored = sum(bool(e.get("explored")) for e in harmful) if arm.startswith("selected") else "-"
             comp = lambda k: f"{statistics.fmean(c['compute_s'][k] for c in got):.0f}"  # noqa: E731
             lines.append(
-                f"| {arm} | {len(got)} | {ms([c['after_schedule_dev']['loss'] for c in got], 3)} | "
-                f"{ms([100 * c['after_schedule_dev']['accuracy'] for c in got], 1)} | "
-                f"{ms([100 * c['test']['accuracy'] for c in got], 1)} | {pair or '-'} | {sn_text} | "
+                f"| {arm} | {len(got)} | {mean_std([c['after_schedule_dev']['loss'] for c in got], 3)} | "
+                f"{mean_std([100 * c['after_schedule_dev']['accuracy'] for c in got], 1)} | "
+                f"{mean_std([100 * c['test']['accuracy'] for c in got], 1)} | {pair or '-'} | {sn_text} | "
                 + ", ".join(f"{k} {v}" for k, v in sorted(picks.items()))
                 + f" | {len(harmful)} ({explored}) | {comp('scoring')} | {comp('training')} | {comp('finetune')} |"
             )
@@ -445,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.select_amazon",
+        prog="python -m benchmarks.experiments.select_amazon",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -488,12 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "pilot"):
         import torch
 
-        from .mft_amazon import _versions
+        from benchmarks.harness import versions
 
         if args.threads:
             torch.set_num_threads(args.threads)
         kind = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-        cache, start = {"versions": _versions()}, time.perf_counter()
+        cache, start = {"versions": versions()}, time.perf_counter()
         if args.command == "pilot":
             path = args.results_dir / kind / "pilot" / "pilot.json"
             if path.exists():

@@ -1,16 +1,16 @@
-"""The pre-registered MFT experiment on the Amazon reviews (benchmarks/results/amazon_protocol.md).
+"""The pre-registered MFT experiment on the Amazon reviews (benchmarks/experiments/results/amazon_protocol.md).
 
 Every cell is one (arm, training fraction, seed) run of fastmft's trainer with all-MiniLM-L6-v2 on
 the fixed split of ../shared/data/amazon (read in place, never copied into the repository). A
-finished cell is one JSON file under ``benchmarks/results/mft_amazon/<device kind>/<cell>.json``:
+finished cell is one JSON file under ``benchmarks/experiments/results/mft_amazon/<device kind>/<cell>.json``:
 settings, device, versions, commit, date, wall time, per-domain accuracy and macro-F1, and the
 per-row predictions (with the row ids and gold labels) on test and on dev, so that paired
 statistics can be computed from the files alone. Diagnostic arms (placebo, probe) see dev only.
 
-    python -m benchmarks.mft_amazon run --cells fewshot5,primary --threads 1      # CPU, resumable
-    python -m benchmarks.mft_amazon run --cells all --device cuda --time-limit 480  # one GPU call
-    python -m benchmarks.mft_amazon list --cells all                               # what would run
-    python -m benchmarks.mft_amazon table                                          # TABLE.md
+    python -m benchmarks.experiments.mft_amazon run --cells fewshot5,primary --threads 1      # CPU, resumable
+    python -m benchmarks.experiments.mft_amazon run --cells all --device cuda --time-limit 480  # one GPU call
+    python -m benchmarks.experiments.mft_amazon list --cells all                               # what would run
+    python -m benchmarks.experiments.mft_amazon table                                          # TABLE.md
 
 Cells run in the order given (groups expand in the protocol's priority order); a cell whose JSON
 exists is skipped. ``--time-limit`` is wall seconds for the whole process: no cell starts once it
@@ -24,18 +24,17 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 # The Table 3 reproduction's hyper-parameters, unchanged, and the paper's Table 3 averages.
-from benchmarks.repro_amazon import HYPER, PAPER
+from benchmarks.experiments.repro_amazon import HYPER, PAPER
+from benchmarks.experiments.stats import bootstrap, mcnemar
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "mft_amazon"
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results" / "mft_amazon"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "amazon"
 DEFAULT_WORK = Path(os.environ.get("FASTMFT_CACHE", Path.home() / ".cache" / "fastmft")) / "mft_amazon"
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
@@ -119,25 +118,6 @@ def expand(spec: str) -> list[Cell]:
 
 def cell_path(results: Path, kind: str, cell: Cell) -> Path:
     return results / kind / f"{cell.name}.json"
-
-
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    import fastmft
-
-    from .harness import _git
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "fastmft": fastmft.__version__,
-        "commit": os.environ.get("FASTMFT_COMMIT") or _git("rev-parse", "HEAD"),  # a device copy has no .git
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-    }
 
 
 def _load(cache: dict, data_dir: Path, tokenizer, fraction: int, seed: int):
@@ -241,10 +221,9 @@ def run_cell(
     """Run (or resume) one cell; True when finished and its JSON written."""
     import torch
 
+    from benchmarks.harness import device_name
     from fastmft.pipelines import trainer
     from fastmft.runtime.backbone import load_backbone
-
-    from .harness import device_name
 
     path = cell_path(results, kind, cell)
     if path.is_file():
@@ -370,40 +349,6 @@ def correct(record: dict, split: str):
     return np.concatenate([np.equal(record[split][d]["pred"], record[split][d]["gold"]).astype(float) for d in DOMAINS])
 
 
-def bootstrap(
-    matrix, *, blocks: int = len(DOMAINS), resamples: int = 10_000, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of ``matrix`` [seeds, rows] and its two-level bootstrap 95 % percentile interval:
-    seeds resampled with replacement, then rows resampled within each of ``blocks`` equal blocks
-    (the domains)."""
-    import numpy as np
-
-    m = np.asarray(matrix, dtype=float)
-    s_n, n = m.shape
-    rng = np.random.default_rng(seed)
-    block = n // blocks
-    stats = np.empty(resamples)
-    for start in range(0, resamples, 500):
-        b = min(500, resamples - start)
-        si = rng.integers(0, s_n, (b, s_n))
-        ri = np.concatenate([k * block + rng.integers(0, block, (b, block)) for k in range(blocks)], 1)
-        stats[start : start + b] = m[si[:, :, None], ri[:, None, :]].mean((1, 2))
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return float(m.mean()), float(lo), float(hi)
-
-
-def mcnemar(a, b) -> tuple[int, int, float]:
-    """Exact two-sided McNemar test on paired 0/1 correctness: (a right b wrong, b right a wrong, p)."""
-    n01 = int(((a == 1) & (b == 0)).sum())
-    n10 = int(((a == 0) & (b == 1)).sum())
-    n = n01 + n10
-    if n == 0:
-        return n01, n10, 1.0
-    k = min(n01, n10)
-    p = 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return n01, n10, min(1.0, p)
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:+.1f}" if x < 0 or x > 0 else "+0.0"
 
@@ -422,7 +367,7 @@ def paired(cells: dict, a: Cell, b: Cell, split: str) -> dict | None:
         return None
     ca = np.stack([correct(cells[dataclasses.replace(a, seed=s).name], split) for s in seeds])
     cb = np.stack([correct(cells[dataclasses.replace(b, seed=s).name], split) for s in seeds])
-    mean, lo, hi = bootstrap(ca - cb)
+    mean, lo, hi = bootstrap(ca - cb, blocks=len(DOMAINS))
     block = ca.shape[1] // len(DOMAINS)
     per_domain = {}
     for k, d in enumerate(DOMAINS):
@@ -447,7 +392,7 @@ def _arm_row(cells: dict, arm: str, fraction: int, split: str, matched: bool = F
     if not got:
         return f"| {label} | " + " | ".join("pending" for _ in DOMAINS) + " | pending | 0/5 | - |"
     per = [f"{100 * np.mean([c[split][d]['accuracy'] for c in got]):.1f}" for d in DOMAINS]
-    mean, lo, hi = bootstrap(np.stack([correct(c, split) for c in got]))
+    mean, lo, hi = bootstrap(np.stack([correct(c, split) for c in got]), blocks=len(DOMAINS))
     wall = np.mean([c["wall_time_s"] for c in got])
     return (
         f"| {label} | " + " | ".join(per) + f" | **{100 * mean:.1f}** [{100 * lo:.1f}, {100 * hi:.1f}] | "
@@ -605,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.mft_amazon",
+        prog="python -m benchmarks.experiments.mft_amazon",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -651,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     kind = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     # the code this process loaded: later commits in the same checkout must not be recorded instead
-    start, cache = time.perf_counter(), {"versions": _versions()}
+    from benchmarks.harness import versions
+
+    start, cache = time.perf_counter(), {"versions": versions()}
     for i, c in enumerate(cells):
         left = None if args.time_limit is None else args.time_limit - (time.perf_counter() - start)
         if left is not None and left <= 0:

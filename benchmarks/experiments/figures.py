@@ -1,4 +1,4 @@
-"""Figures of the committed experiments: ``python -m benchmarks.figures [--out DIR | --record]``.
+"""Figures of the committed experiments: ``python -m benchmarks.experiments.figures [--out DIR | --record]``.
 
 - ``table3.png``: the Amazon Table 3 reproduction (``results/amazon_table3/<method>_seed<s>.json``)
   as grouped bars, test accuracy per domain and on average, mean over the finished seeds with the
@@ -8,7 +8,7 @@
   accuracy of each row.
 
 Written to ``runs/figures/`` (untracked) by default; ``--record`` writes them next to their data in
-``benchmarks/results/`` (the copies the README shows). Needs matplotlib.
+``benchmarks/experiments/results/`` (the copies the README shows). Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LOCAL_OUT = Path(__file__).resolve().parent.parent / "runs" / "figures"
+LOCAL_OUT = Path(__file__).resolve().parents[2] / "runs" / "figures"
 
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("benchmarks.figures: error: needs matplotlib: `.venv/bin/pip install matplotlib`") from None
+        raise SystemExit(
+            "benchmarks.experiments.figures: error: needs matplotlib: `.venv/bin/pip install matplotlib`"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -49,7 +51,7 @@ def table3(folder: Path, path: Path) -> Path:
         cell = json.loads(f.read_text())
         cells.setdefault(cell["method"], []).append(cell)
     if not cells:
-        raise SystemExit(f"benchmarks.figures: error: no <method>_seed<s>.json in {folder}")
+        raise SystemExit(f"benchmarks.experiments.figures: error: no <method>_seed<s>.json in {folder}")
     methods = [m for m in METHODS if m in cells]
     domains = sorted({d for cs in cells.values() for c in cs for d in c["accuracy"]})
     groups = [*domains, "average"]
@@ -84,7 +86,7 @@ def table3(folder: Path, path: Path) -> Path:
 def picks(folder: Path, path: Path) -> Path:
     runs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
     if not runs:
-        raise SystemExit(f"benchmarks.figures: error: no selection results (*.json) in {folder}")
+        raise SystemExit(f"benchmarks.experiments.figures: error: no selection results (*.json) in {folder}")
     runs.sort(key=lambda r: (r["schedule"] != "selected", r["schedule"], r["seed"]))
     tasks = sorted({t for r in runs for t in r["picks"]})
     plt = _pyplot()
@@ -108,14 +110,18 @@ def picks(folder: Path, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.figures", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.experiments.figures", description=__doc__.splitlines()[0]
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--out",
         type=Path,
-        help=f"folder for the PNGs (default {LOCAL_OUT.relative_to(RESULTS.parent.parent)}/, untracked)",
+        help=f"folder for the PNGs (default {LOCAL_OUT.relative_to(LOCAL_OUT.parents[1])}/, untracked)",
     )
-    where.add_argument("--record", action="store_true", help="write them into benchmarks/results/ beside their data")
+    where.add_argument(
+        "--record", action="store_true", help="write them into benchmarks/experiments/results/ beside their data"
+    )
     args = parser.parse_args(argv)
     table_dir, select_dir = RESULTS / "amazon_table3", RESULTS / "select_amazon"
     out_table = table_dir if args.record else (args.out or LOCAL_OUT)
