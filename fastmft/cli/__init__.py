@@ -12,7 +12,9 @@ import functools
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -102,8 +104,42 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     _one_line_warnings(args.command, in_flags)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # SIGTERM ends a run as Ctrl-C does
     try:
+        if args.command != "demo-data":
+            _check_backend(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError, BackboneNotFound, MissingMatplotlib) as err:
         print(f"fastmft {args.command}: error: {in_flags(str(err))}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a folder made read-only during the run: nothing is half-written
+        print(f"fastmft {args.command}: error: {in_flags(str(err))}; rerun the same command to resume", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as stop:
+        print(f"fastmft {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is: files are closed and temporaries removed as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _check_backend(args) -> None:
+    """FASTMFT_BACKEND against the device the command will use, before any data is read."""
+    import torch
+
+    from fastmft.ops.dispatch import check_backend
+
+    try:
+        device = torch.device(args.device) if getattr(args, "device", None) else None
+    except RuntimeError:
+        return  # the command names the bad --device itself
+    check_backend(device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))

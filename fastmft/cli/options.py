@@ -46,14 +46,24 @@ def add_runtime_arguments(parser) -> None:
 
 
 def add_threads_argument(parser) -> None:
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
+
+
+def thread_count(text: str) -> int:
+    """argparse type of --threads: an integer from 1 to the machine's CPU count."""
+    import os
+
+    value, cpus = positive_int(text), os.cpu_count() or 1
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"must be at most this machine's {cpus} CPUs, got {text!r}")
+    return value
 
 
 def add_encoder_arguments(parser, command: str, seed_help: str) -> None:
     """--max-length, --batch-size (defaults from ENCODER_DEFAULTS) and --seed."""
     defaults = ENCODER_DEFAULTS[command]
     parser.add_argument(
-        "--max-length", type=positive_int, default=defaults["max_length"], help="tokens per row after truncation"
+        "--max-length", type=max_length, default=defaults["max_length"], help="tokens per row after truncation"
     )
     parser.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], help="rows per batch")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
@@ -67,6 +77,14 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def max_length(text: str) -> int:
+    """argparse type of --max-length: an integer >= 2 ([CLS] and [SEP] alone take two tokens)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}")
     return value
 
 

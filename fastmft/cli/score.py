@@ -79,9 +79,17 @@ def _command(args: argparse.Namespace) -> int:
     from fastmft.pipelines.typicality import score_files
     from fastmft.runtime.dist import is_main_process
 
-    if args.plot:
-        plots.require_matplotlib()
-    summary = score_files(config_from_args(args))
+    cfg = config_from_args(args)
+    if args.plot:  # before any work, as score_files checks its own outputs
+        from pathlib import Path
+
+        from fastmft.pipelines.typicality.config import check_distinct_outputs
+
+        plots.check_plot_path(args.plot)
+        named = [("output", Path(cfg.output)), ("rejects", cfg.rejects_path()), ("plot", Path(args.plot))]
+        named += [("report", Path(cfg.report))] if cfg.report else []
+        check_distinct_outputs([*named, ("cache_dir", cfg.cache_path())])
+    summary = score_files(cfg)
     if is_main_process():
         print(summary.text())
         if args.plot:

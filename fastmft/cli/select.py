@@ -6,6 +6,18 @@ from pathlib import Path
 
 
 def _run_cli(args) -> int:
+    from fastmft.runtime.files import claim_run_folder
+
+    if args.episodes < 0:
+        raise ValueError(f"--episodes must be >= 0, got {args.episodes}")
+    lock = claim_run_folder(Path(args.output_dir), "`output_dir`", legacy="checkpoint")
+    try:
+        return _select(args, Path(args.output_dir))
+    finally:
+        lock.close()
+
+
+def _select(args, out: Path) -> int:
     import collections
 
     import torch
@@ -17,11 +29,6 @@ def _run_cli(args) -> int:
 
     from ..data import Columns, prepare
 
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} is a file, not a folder")
-    if args.episodes < 0:
-        raise ValueError(f"--episodes must be >= 0, got {args.episodes}")
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,6 +54,12 @@ def _run_cli(args) -> int:
         split_column=args.split_column,
         unlabeled_splits=None if args.unlabeled_splits == "all" else args.unlabeled_splits.split(","),
     )
+    for task in [*sources, *(targets or [])]:  # batches are drawn with replacement: more rows only repeat
+        if task.batch_size > len(task.input_ids):
+            print(
+                f"--batch-size {task.batch_size}: task {task.name} has {len(task.input_ids)} rows; its batches hold that many"
+            )
+            task.batch_size = len(task.input_ids)
     model = MultiTaskModel(encoder, [*sources, *(targets or [])]).to(device)
     selector = TaskSelector(
         model,
@@ -60,7 +73,6 @@ def _run_cli(args) -> int:
         seed=args.seed,
         inner=args.inner,
     )
-    out.mkdir(parents=True, exist_ok=True)
     print(
         f"task selection ({selector.mode}): sources {[s.name for s in sources]}, targets {[t.name for t in targets or []]}, on {device}"
     )

@@ -115,8 +115,12 @@ def _cli_train(args: argparse.Namespace) -> int:
     methods = [method_key(m) for m in args.method.split(",") if m.strip()]
     if not methods:
         raise ValueError(f"--method {args.method!r} names no method; choose from {', '.join(METHODS)}")
-    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise ValueError(f"--output-dir {args.output_dir} is a file, not a folder")
+    if args.output_dir:  # before any loading: each method's run folder is writable and fastmft's
+        from fastmft.runtime.files import check_run_folder
+
+        for m in methods:
+            out = Path(args.output_dir) / m if len(methods) > 1 else Path(args.output_dir)
+            check_run_folder(out, "`output_dir`", legacy="checkpoint.json")
     try:
         return _cli_train_body(args, config_from_args(args, methods[0]), methods)
     finally:

@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from ..data import Columns, prepare
 
     if args.plot:
-        from fastmft.pipelines.plots import require_matplotlib
+        from fastmft.pipelines.plots import check_plot_path
 
-        require_matplotlib()  # before the encoder runs, not after
+        check_plot_path(args.plot)  # before the encoder runs, not after
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,6 +5,7 @@ and the streaming scorer (a reject with its reason) use, with one set of reasons
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -38,8 +39,19 @@ def value_key(value) -> str:
 
 
 def usable_value(value) -> bool:
-    """A label or domain value a row may carry: not missing or empty, not a JSON list or object."""
-    return value is not None and value != "" and not isinstance(value, (list, dict))
+    """A label or domain value a row may carry: not missing or empty, not a non-finite number
+    (a NaN is a missing value in Parquet and pandas), not a JSON list or object."""
+    return _value_problem(value) is None
+
+
+def _value_problem(value) -> str | None:
+    if value is None or value == "":
+        return "missing"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"not a finite number ({value})"
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'list' if isinstance(value, list) else 'object'}, not a value"
+    return None
 
 
 @dataclass(frozen=True)
@@ -149,12 +161,11 @@ def check_row(row: Mapping, columns: Columns, labels: Vocab, domains: Vocab) -> 
     ids = []
     for column, vocab in ((columns.label, labels), (columns.domain, domains)):
         v = row.get(column)
-        if v is None or v == "":
+        problem = _value_problem(v)
+        if problem == "missing":
             raise Reject(f"missing {vocab.name} ({column!r})")
-        if isinstance(v, (list, dict)):
-            raise Reject(
-                f"{vocab.name} ({column!r}) is a JSON {'list' if isinstance(v, list) else 'object'}, not a value"
-            )
+        if problem:
+            raise Reject(f"{vocab.name} ({column!r}) is {problem}")
         i = vocab.get(v)
         if i is None:
             raise Reject(f"unknown {vocab.name} {v!r}", known=vocab.values)

@@ -7,6 +7,8 @@ of results (``check_finite``) that every implementation and caller raises throug
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -87,6 +89,20 @@ def same_device(*named: tuple[str, torch.Tensor]) -> None:
 def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def real(name: str, value, *, minimum: float | None = None) -> float:
+    """A finite real number (a Python or NumPy number or a one-element tensor; not a bool or a
+    string), at least ``minimum`` when given."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
     return value
 
 

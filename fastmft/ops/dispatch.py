@@ -138,6 +138,17 @@ def _kind(op: str, device: torch.device) -> str:
     return "triton"
 
 
+def check_backend(device: torch.device) -> None:
+    """Whether the current backend can run on ``device`` (ValueError naming FASTMFT_BACKEND if not):
+    what the commands check before reading any data."""
+    name = current_backend()
+    if name == "triton" and device.type != "cuda" and not interpreter():
+        raise ValueError(
+            f"FASTMFT_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported, "
+            f"and the device here is {device.type}; use FASTMFT_BACKEND=torch or auto"
+        )
+
+
 def which(op: str, device: torch.device | str) -> str:
     """Which implementation :func:`resolve` picks now: "compiled", "triton" or "torch"."""
     return _kind(op, torch.device(device))

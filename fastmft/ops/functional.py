@@ -80,7 +80,7 @@ def typicality(
         raise TypeError(
             f"prototypes must be fastmft.Prototypes or fastmft.MultiPrototypes, got {type(prototypes).__name__}"
         )
-    if not 0.0 <= float(alpha) <= 1.0:
+    if not 0.0 <= _checks.real("alpha", alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
     K, M, _, D = centers.shape
     _checks.floating("embeddings", embeddings)

@@ -100,8 +100,7 @@ def inner_step(
     params, grads = list(params), list(grads)
     if len(grads) != len(params):
         raise ValueError(f"params has {len(params)} tensors but grads has {len(grads)}")
-    if isinstance(lr, Tensor):
-        lr = float(lr)
+    lr = _checks.real("lr", lr)
     outs = None
     if out is not None:
         outs = out.views if isinstance(out, FlatParams) else list(out)

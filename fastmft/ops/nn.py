@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -55,10 +56,13 @@ class MFTLoss(nn.Module):
         _checks.positive_int("hidden_size", hidden_size)
         _checks.positive_int("num_labels", num_labels)
         _checks.positive_int("num_domains", num_domains)
+        layers = tuple(layers)
+        if not layers or any(isinstance(l, bool) or not isinstance(l, numbers.Integral) or l < 1 for l in layers):
+            raise ValueError(f"layers must be a non-empty sequence of 1-based layer indices (ints), got {layers}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers must not repeat a layer, got {layers}")
         self.layers = tuple(int(l) for l in layers)
-        if not self.layers or min(self.layers) < 1:
-            raise ValueError(f"layers must be a non-empty sequence of 1-based layer indices, got {tuple(layers)}")
-        self.lam = float(lam)
+        self.lam = _checks.real("lam", lam, minimum=0.0)
         self.num_labels, self.num_domains = num_labels, num_domains
         self.label_head = nn.Linear(hidden_size, num_labels)
         self.domain_heads = nn.ModuleList(nn.Linear(hidden_size, num_domains) for _ in self.layers)
@@ -104,6 +108,8 @@ class MFTLoss(nn.Module):
                     f"{name} has shape {tuple(hidden_states[l].shape)}; every layer must be "
                     f"[B, T, D] = {tuple(last.shape)} like hidden_states[-1]"
                 )
+        if last.shape[1] < 1:
+            raise ValueError("hidden_states have no token (T = 0): the label head reads the first ([CLS]) token")
         n = last.shape[0]
         # One host read checks every index of the step; the heads below skip their own checks.
         specs = [("labels", labels, n, self.num_labels, -100), ("domains", domains, n, self.num_domains, None)]

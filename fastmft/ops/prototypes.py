@@ -34,6 +34,22 @@ class Prototypes(_Cells):
     centers: Tensor
     counts: Tensor
 
+    def __post_init__(self):
+        _check_cells(self, "[K, M, D]", 3)
+
+
+def _check_cells(cells, shape_hint: str, rank: int) -> None:
+    """centers a float tensor of ``rank`` dims, counts an integer tensor shaped like centers
+    without its last dim: a mismatch would index out of range in typicality."""
+    _checks.floating("prototypes.centers", cells.centers)
+    _checks.rank("prototypes.centers", cells.centers, rank, shape_hint=shape_hint)
+    _checks.tensor("prototypes.counts", cells.counts)
+    if tuple(cells.counts.shape) != tuple(cells.centers.shape[:-1]):
+        raise ValueError(
+            f"prototypes.counts has shape {tuple(cells.counts.shape)}, but centers of shape "
+            f"{tuple(cells.centers.shape)} need {tuple(cells.centers.shape[:-1])}"
+        )
+
 
 @dataclass(frozen=True)
 class MultiPrototypes(_Cells):
@@ -46,6 +62,7 @@ class MultiPrototypes(_Cells):
     temperature: float = 0.1
 
     def __post_init__(self):
+        _check_cells(self, "[K, M, J, D]", 4)
         # 0, a negative or a non-finite temperature makes every membership weight NaN or inverted
         if not (
             isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0

@@ -28,6 +28,29 @@ def require_matplotlib():
     return plt
 
 
+def check_plot_path(path: str | Path) -> Path:
+    """Before any work: ``--plot`` names a file that can be written (not a folder, its folder
+    writable), and matplotlib is installed. Returns the path."""
+    from fastmft.runtime.files import check_writable
+
+    require_matplotlib()
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"`plot` {path} is a folder; give a file name such as {path / 'typicality.png'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"`plot` {path}: {parent} is a file, not a folder")
+    check_writable(parent, f"`plot` {path}: the folder")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    kinds = FigureCanvasAgg.get_supported_filetypes()
+    if path.suffix and path.suffix[1:].lower() not in kinds:
+        raise ValueError(f"`plot` {path}: matplotlib cannot write {path.suffix} files ({', '.join(sorted(kinds))})")
+    return path
+
+
 def typicality_histogram(scores: Sequence[float], domains: Sequence[str], path: str | Path, title: str = "") -> Path:
     """One step histogram of the typicality per domain, on shared bins; returns the PNG's path."""
     import numpy as np
@@ -52,7 +75,7 @@ def typicality_histogram(scores: Sequence[float], domains: Sequence[str], path: 
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format=path.suffix[1:].lower() or "png")  # the exact name, suffix or not
     plt.close(fig)
     return path
 

@@ -56,6 +56,68 @@ def atomic_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str)), mode="w")
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """A real write in ``folder`` (a uniquely named empty file, removed at once): permission bits do
+    not tell an immutable or read-only-mounted folder, nor anything to root. ValueError if it fails."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fastmft-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{what} {folder} is not writable ({err.strerror})") from None
+
+
+RUN_MARKER = ".fastmft-run"  # in a run folder (train, select): fastmft created or adopted it
+
+
+def check_run_folder(folder: Path, option: str, legacy: str) -> None:
+    """Before any work: ``folder`` is (or can be made) a writable folder that is fastmft's: new,
+    empty, marked with RUN_MARKER, or holding ``legacy`` (what an older fastmft's run left there).
+    Anything else holds a user's files and is refused, as score's cache is."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {folder} is a file, not a folder")
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {folder}: {parent} is a file, not a folder")
+    check_writable(parent, f"{option} {folder}: the folder")
+    if (
+        folder.is_dir()
+        and not (folder / RUN_MARKER).is_file()
+        and not (folder / legacy).exists()
+        and any(folder.iterdir())
+    ):
+        raise ValueError(
+            f"{option} {folder} is a non-empty folder that fastmft did not create; fastmft will not write "
+            "into it: pass a new or empty folder"
+        )
+
+
+def claim_run_folder(folder: Path, option: str, legacy: str):
+    """:func:`check_run_folder`, then create or mark the folder and lock it for this run; returns
+    the open lock file (the lock lasts until it is closed or the process ends)."""
+    import fcntl
+
+    folder = Path(folder)
+    check_run_folder(folder, option, legacy)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_MARKER).touch()
+        lock = open(folder / ".lock", "a")
+    except OSError as err:  # read-only or immutable although the permission bits allow it
+        raise ValueError(f"{option} {folder}: cannot write there ({err.strerror})") from None
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(
+            f"another fastmft run is using {option} {folder}; wait for it to finish or pass another folder"
+        ) from None
+    return lock
+
+
 def trim_lines(path: Path, keep: int) -> None:
     """Keep the first ``keep`` complete lines of an append-only log (lines logged after the
     checkpoint a run resumes from, or half a line cut by a kill, would otherwise repeat)."""
@@ -88,9 +150,17 @@ class CheckpointDir:
         return sorted(found, reverse=True)
 
     def current(self) -> Path | None:
+        """The folder the pointer names; None when there is no pointer or it does not name one of
+        this root's checkpoint folders (a damaged or crafted pointer never leads outside it)."""
         if not self.pointer.is_file():
             return None
-        return self.root / json.loads(self.pointer.read_text())["folder"]
+        try:
+            name = json.loads(self.pointer.read_text())["folder"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(name, str) or not self._folder_re.match(name):
+            return None
+        return self.root / name
 
     def candidates(self) -> list[Path]:
         """The published checkpoint first, then older complete ones (newest first)."""
@@ -104,13 +174,24 @@ class CheckpointDir:
     def load(self, read: Callable[[Path], Any]) -> Any:
         """``read(folder)`` of the newest checkpoint that reads; a broken one is reported and the
         previous one used. None when there is no checkpoint."""
-        for folder in self.candidates():
+        candidates = self.candidates()
+        if self.pointer.is_file() and self.current() is None:
+            warnings.warn(
+                f"{self.pointer} does not name a checkpoint folder of {self.root}; ignoring it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        for i, folder in enumerate(candidates):
             try:
                 return read(folder)
             except Exception as err:  # noqa: BLE001 - a damaged checkpoint: try the previous one
+                then = (
+                    f"falling back to the previous complete checkpoint {candidates[i + 1].name}"
+                    if i + 1 < len(candidates)
+                    else "there is no earlier checkpoint: starting from the beginning"
+                )
                 warnings.warn(
-                    f"checkpoint {folder} is unreadable ({type(err).__name__}: {err}); "
-                    "falling back to the previous complete checkpoint",
+                    f"checkpoint {folder} is unreadable ({type(err).__name__}: {err}); {then}",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -136,6 +136,9 @@ def test_typicality_weights_reach_the_loss(data, backbone):
 def test_stored_typicality_is_what_training_uses(data, backbone, tmp_path):
     from safetensors.torch import save_file
 
+    from fastmft.runtime.files import RUN_MARKER
+
+    (tmp_path / RUN_MARKER).touch()  # the run folder of an earlier run, which stored its typicality
     save_file({"typicality": torch.zeros(len(data.train))}, str(tmp_path / "typicality.safetensors"))
     _run(data, backbone, tmp_path, method="full", log_every=1, epochs=1)
     mft = [s for s in _steps(tmp_path) if s["phase"] == "mft"]

@@ -221,10 +221,15 @@ def test_rss_flat_across_calls():
 def test_nonfinite_policy(model):
     gen = torch.Generator().manual_seed(6)
     src, targets = batch(gen), [batch(gen)]
-    huge = float("inf")  # theta - inf * grad: inf (or NaN where a grad is 0)
+
+    # A finite lr (an infinite one is refused) times gradients near 1e29 overflows float32:
+    # theta' holds inf (or NaN).
+    def loss_fn(mod, b):
+        return mod(**b).loss * 1e30
+
     with pytest.raises(NonFiniteError):
-        TaskUtilityScorer(model, None, lr=huge).score(src, targets)
-    assert TaskUtilityScorer(model, None, lr=huge, nonfinite="-inf").score(src, targets) == float("-inf")
+        TaskUtilityScorer(model, loss_fn, lr=1e10).score(src, targets)
+    assert TaskUtilityScorer(model, loss_fn, lr=1e10, nonfinite="-inf").score(src, targets) == float("-inf")
     with pytest.raises(ValueError):
         TaskUtilityScorer(model, None, nonfinite="skip")
 

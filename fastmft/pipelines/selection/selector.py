@@ -88,6 +88,7 @@ class TaskSelector:
                 raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
         if not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
             raise ValueError(f"max_grad_norm must be a finite number >= 0, got {max_grad_norm!r}")
+        check_scoring_memory(list(sources), list(targets or sources), m)
         self.model, self.sources, self.targets = model, list(sources), list(targets) if targets else None
         self.m, self.n, self.epsilon, self.max_grad_norm = m, n, epsilon, max_grad_norm
         self.inner = inner
@@ -300,6 +301,38 @@ class TaskSelector:
         self.episodes_done, self.log_lines = meta["episodes_done"], meta["log_lines"]
         self.explore.setstate(_decode_random(meta["explore"]))
         return True
+
+
+# Bytes per token of a held batch: input ids, attention mask and labels (int64 each).
+_BATCH_TOKEN_BYTES = 24
+
+
+def check_scoring_memory(sources: list[Task], targets: list[Task], m: int) -> None:
+    """An episode holds m batches of every source and every target task at once: refuse, before
+    any work, an m or batch size whose batches (padded to each task's longest row) would take more
+    than half the memory available now."""
+    need = sum(
+        m * t.batch_size * max(len(ids) for ids in t.input_ids) * _BATCH_TOKEN_BYTES for t in [*sources, *targets]
+    )
+    available = _available_memory()
+    if available is not None and need > available / 2:
+        raise ValueError(
+            f"m={m} batches of batch_size={max(t.batch_size for t in [*sources, *targets])} rows per task "
+            f"(--m, --batch-size) would hold about {need / 2**30:.1f} GiB of scoring batches per episode, more "
+            f"than half the {available / 2**30:.1f} GiB of memory available: lower --m or --batch-size"
+        )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _encode_random(r: random.Random) -> list:

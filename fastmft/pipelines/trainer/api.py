@@ -59,11 +59,16 @@ def train(
     encoder, tokenizer = _load_encoder(backbone)
     check_encoder(encoder, cfg, tokenising=data is None)
     store = RunStore(output_dir, dist)
-    if data is None:
-        data = _default_data(source, eval_source, columns, tokenizer, cfg)
-    result = MethodRun(cfg, encoder, tokenizer, data, store, dist).run()
-    if store.folder is not None and dist.main and result.complete:
-        atomic_write(store.folder / "result.json", lambda f: f.write(json.dumps(result.to_dict(), indent=1)), mode="w")
+    try:
+        if data is None:
+            data = _default_data(source, eval_source, columns, tokenizer, cfg)
+        result = MethodRun(cfg, encoder, tokenizer, data, store, dist).run()
+        if store.folder is not None and dist.main and result.complete:
+            atomic_write(
+                store.folder / "result.json", lambda f: f.write(json.dumps(result.to_dict(), indent=1)), mode="w"
+            )
+    finally:
+        store.close()
     return result
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastmft.runtime.dist import Dist
-from fastmft.runtime.files import CheckpointDir, trim_lines
+from fastmft.runtime.files import CheckpointDir, check_run_folder, claim_run_folder, trim_lines
 
 # The layout of state.json and its checkpoint folder; a checkpoint of another version is refused.
 _STATE_VERSION = 2
@@ -47,11 +47,17 @@ class RunStore:
         }
         self.checkpoints = CheckpointDir(self.folder) if self.folder is not None else None
         self.loaded: Path | None = None  # the checkpoint folder resumed from
+        self._lock = None
         if self.folder is not None:
-            if self.folder.exists() and not self.folder.is_dir():
-                raise ValueError(f"`output_dir` {self.folder} is a file, not a folder")
-            if dist.main:
-                self.folder.mkdir(parents=True, exist_ok=True)
+            check_run_folder(self.folder, "`output_dir`", legacy=self.checkpoints.pointer.name)
+            if dist.main:  # a second run on the folder stops here instead of racing this one
+                self._lock = claim_run_folder(self.folder, "`output_dir`", legacy=self.checkpoints.pointer.name)
+
+    def close(self) -> None:
+        """Release the run folder's lock."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def path(self, name: str) -> Path | None:
         return None if self.folder is None else self.folder / name
@@ -65,12 +71,15 @@ class RunStore:
             )
 
         def read(folder: Path) -> tuple[Path, dict]:
+            """Every file of the checkpoint must read (else the previous checkpoint is used): the
+            state, the weights' header and size, the optimizer's archive."""
             state = json.loads((folder / "state.json").read_text())
-            if (folder / "model.safetensors").exists():
+            if state.get("epoch") or state.get("batch") or (folder / "model.safetensors").exists():
                 from safetensors import safe_open
 
-                with safe_open(str(folder / "model.safetensors"), "pt"):  # a readable header, or the previous one
+                with safe_open(str(folder / "model.safetensors"), "pt"):
                     pass
+                torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
             return folder, state
 
         found = self.checkpoints.load(read)

@@ -75,6 +75,7 @@ def fingerprint(sources: Sequence[Source]) -> list:
 # them): the only files it ever deletes there.
 _MARKER = ".fastmft-score-cache"
 _LOCK = ".lock"
+_ADOPTED = "adopted\n"  # the marker's content when the user gave the (empty) folder
 _OWN_NAME = re.compile(
     r"^\.?(chunk-\d{7}\.(emb\.npy|meta\.npz|scores\.npy)|prototypes\.pt|manifest\.json|merge-temps\.json)"
     r"(\.[^/]*\.tmp)?$"
@@ -100,8 +101,10 @@ def open_cache(cache: Path):
             f"`cache_dir` {cache} is a non-empty folder that is not a fastmft score cache; "
             "fastmft will not write into it or delete from it: pass an empty or new folder"
         )
+    created = not cache.exists()
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / _MARKER).touch()
+    if not (cache / _MARKER).is_file():  # whether the folder is fastmft's to remove after success
+        (cache / _MARKER).write_text("" if created else _ADOPTED)
     lock = open(cache / _LOCK, "a")
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,16 +119,25 @@ def open_cache(cache: Path):
 
 def close_cache(cache: Path, lock, keep: bool) -> None:
     """After success without --keep-cache: remove the cache's files, then the folder if it is empty."""
+    ours = not keep and (cache / _MARKER).read_text() != _ADOPTED
     if not keep:
         discard_cache(cache)
         for name in (_MARKER, _LOCK):
             (cache / name).unlink(missing_ok=True)
     lock.close()
-    if not keep:
+    if ours:  # a folder the user gave (empty) stays
         try:
             cache.rmdir()
         except OSError:  # not empty: something else lives there now
             pass
+
+
+def encoded_rows(cache: Path) -> bool:
+    """Whether any cached chunk holds an accepted row (a run that encoded nothing lost nothing)."""
+    return any(
+        _OWN_NAME.match(f.name) and not f.name.startswith(".") and np.load(f, mmap_mode="r").shape[0] > 0
+        for f in cache.glob("chunk-*.emb.npy")
+    )
 
 
 def emb_path(cache: Path, c: int) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fastmft.data import Columns, Source
+from fastmft.runtime.files import check_writable
 
 from .core import ScoreError
 
@@ -120,6 +121,8 @@ def check_config(cfg: ScoreConfig) -> None:
     ):
         if not isinstance(value, int) or value < low:
             raise ScoreError(f"`{option}` must be an integer >= {low}, got {value!r}")
+    if cfg.threads and cfg.threads > (os.cpu_count() or 1):
+        raise ScoreError(f"`threads` must be at most this machine's {os.cpu_count()} CPUs, got {cfg.threads}")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise ScoreError(f"`alpha` must lie in [0, 1], got {cfg.alpha}")
     if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
@@ -144,9 +147,29 @@ def check_outputs(cfg: ScoreConfig, sources: Sequence[Source]) -> None:
             parent = parent.parent
         if not parent.is_dir():
             raise ScoreError(f"`{option}` {path}: {parent} is a file, not a folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ScoreError(f"`{option}` {path}: the folder {parent} is not writable")
+        try:
+            check_writable(parent, f"`{option}` {path}: the folder")
+        except ValueError as err:
+            raise ScoreError(str(err)) from None
     cache = cfg.cache_path()
     for src in inputs:
         if cache.resolve() == src.resolve() or src.resolve() in cache.resolve().parents:
             raise ScoreError(f"`cache_dir` {cache} is an input or inside one ({src})")
+    check_distinct_outputs([*named, ("cache_dir", cache)])
+
+
+def check_distinct_outputs(named: Sequence[tuple[str, Path]]) -> None:
+    """No two outputs may be one file, and none may lie in or be the cache folder (its clean-up
+    would remove it): one would silently replace the other. ``named``: (field, path) pairs, the
+    cache folder as ``cache_dir``."""
+    seen: dict[Path, str] = {}
+    cache = next((p.resolve() for name, p in named if name == "cache_dir"), None)
+    for name, path in named:
+        if name == "cache_dir":
+            continue
+        real = path.resolve()
+        if real in seen:
+            raise ScoreError(f"`{name}` {path} is the same file as {seen[real]}; give each output its own name")
+        if cache is not None and (real == cache or cache in real.parents):
+            raise ScoreError(f"`{name}` {path} is inside the cache folder {cache}; give it a path outside it")
+        seen[real] = f"`{name}` {path}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -49,8 +50,9 @@ def merge(
     # a rerun after a kill removes exactly those and nothing else.
     record = cache / "merge-temps.json"
     if record.is_file():
-        for stale in json.loads(record.read_text()):
-            Path(stale).unlink(missing_ok=True)
+        for stale in _own_temporaries(record, (out, rej_path)):
+            if not stale.is_dir():
+                stale.unlink(missing_ok=True)
     tmp, rtmp = (p.with_name(f".{p.name}.{secrets.token_hex(8)}.tmp") for p in (out, rej_path))
     atomic_json(record, [str(tmp), str(rtmp)])
     with pq.ParquetWriter(tmp, schema) as writer, open(rtmp, "w", encoding="utf-8") as rej:
@@ -91,9 +93,9 @@ def merge(
         raise ScoreError(f"internal error: {summary.rows} rows merged, {total_rows} expected")
     if summary.rejected:
         os.replace(rtmp, rej_path)
-    else:  # no rejects file for a run without rejects (an old one of this output would mislead)
+    else:  # no rejects file for a run without rejects: an old one at this output path would mislead
         rtmp.unlink()
-        if rej_path.is_file() and not rej_path.stat().st_size:
+        if rej_path.is_file():
             rej_path.unlink()
     if not summary.scored:
         tmp.unlink()
@@ -111,6 +113,27 @@ def merge(
     os.replace(tmp, out)  # the output appears last: its presence means the run is complete
     record.unlink()
     return summary
+
+
+def _own_temporaries(record: Path, outputs: tuple[Path, ...]) -> list[Path]:
+    """The paths listed in ``record`` that are exactly the temporary names merge gives ``outputs``
+    (``.<name>.<16 hex digits>.tmp`` in the output's own folder). The cache may be shared and
+    written by others: any other entry is ignored, so a crafted list never deletes a stranger's file."""
+    try:
+        listed = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return []
+    own = []
+    for entry in listed if isinstance(listed, list) else []:
+        path = Path(entry) if isinstance(entry, str) else None
+        for out in outputs:
+            if (
+                path is not None
+                and re.fullmatch(rf"\.{re.escape(out.name)}\.[0-9a-f]{{16}}\.tmp", path.name)
+                and path.parent.resolve() == out.parent.resolve()
+            ):
+                own.append(out.parent / path.name)
+    return own
 
 
 def _listed_rows(report: DomainReport, num_domains: int) -> set[int]:

@@ -137,7 +137,10 @@ def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSumm
         summary = _run_locked(cfg, dist, model, tokenizer, t0, sources, cache)
     except BaseException:
         if lock is not None:
-            lock.close()
+            if cfg.keep_cache or chunks.encoded_rows(cache):
+                lock.close()
+            else:  # nothing encoded: leave nothing that would block the corrected command
+                chunks.close_cache(cache, lock, keep=False)
         raise
     if lock is not None:
         chunks.close_cache(cache, lock, cfg.keep_cache)
@@ -197,7 +200,7 @@ def _manifest(cfg: ScoreConfig, sources: list[Source], cache: Path) -> dict:
         if manifest.get("status") == "complete" and not Path(cfg.output).exists() and manifest.get("key") == key:
             manifest = None  # the output was removed since: run again
         elif manifest.get("key") != key:
-            if not cfg.restart:
+            if not cfg.restart and chunks.encoded_rows(cache):
                 raise ScoreError(
                     f"the cache {cache} belongs to a different command or changed inputs; rerun with `restart` "
                     "to discard it, or pass another `cache_dir`"
