@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.experiments import figures, mft_amazon, repro_amazon, select_amazon
+from benchmarks.experiments import figures, mft_amazon, repro_amazon, select_amazon, typsel_amazon
 
 ROOT = Path(__file__).resolve().parents[3]
 RESULTS = ROOT / "benchmarks" / "experiments" / "results"
@@ -19,6 +19,7 @@ RESULTS = ROOT / "benchmarks" / "experiments" / "results"
         ("amazon_table3", lambda folder: repro_amazon.render(None)),
         ("mft_amazon", mft_amazon.render),
         ("select_amazon_v2", select_amazon.render),
+        ("typsel", typsel_amazon.render),
     ],
 )
 def test_committed_tables_rerender_from_their_cells(folder, render):
