@@ -1,0 +1,1 @@
+"""The pre-registered experiments: their runners, protocols and results."""
