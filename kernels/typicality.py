@@ -23,24 +23,33 @@ exact path: a pass for max|x_i|, then the same GEMM on x_i * s_i with s_i the po
 brings max|x_i| into [1, 4) (so the scaling itself is exact), and
 cos = (x s . u) / max(|x s|, eps s). Rows in [eps^2, inf) have max(|x|, eps) = |x|.
 
-Precision of the products. fp32 embeddings: ``input_precision="tf32x3"`` (x = x_hi + x_lo and
-U = U_hi + U_lo in tf32, three MMAs, the lo*lo term dropped): about 2^-21 relative per product,
-against 2^-11 for plain tf32. float16/bfloat16 embeddings are exact operands; U is split on the
-host into hi = dtype(U) and lo = dtype(U - hi), two MMAs into the same accumulator, so U carries
-about 16 (bf16) or 22 (fp16) significant bits. The FLOPs are negligible at C <= 64: 2 * 2 * CELLS
-per element, about 0.26 ms at 4M x 768 bf16 on an H100-class GPU, under the 1.5 ms memory time.
-The Triton interpreter's tl.dot is wrong for bfloat16 operands, so there (only there,
-DOT_FP32) the bf16 operands are converted to float32 first.
+Precision of the products. U is split on the host into U_hi + U_lo in the MMA's operand type
+(``_centre_matrix``). float16/bfloat16 embeddings are exact MMA operands: two MMAs (x U_hi +
+x U_lo) into one accumulator, U carried to about 16 (bf16) or 22 (fp16) bits. float32 embeddings
+are split in the kernel as x = x_hi + x_lo, x_hi rounded to tf32 by integer ops on its bits (add
+half an ulp, clear the low 13 bits: 2 instructions per element) and x_lo = x - x_hi exact; three
+tf32 MMAs x_hi U_hi + x_hi U_lo + x_lo U_hi (the tensor cores truncate x_lo to tf32; x_lo U_lo,
+< 2^-21 |x_d u_d|, is dropped): about 2^-21 relative per product, against 2^-11 for plain tf32.
+Triton's own ``tf32x3`` does the same but rounds x and U with cvt.rna.tf32 in every step, several
+SASS instructions per value on sm_90, where U's rounding here is done once on the host. The
+FLOPs are negligible at C <= 64: 2 * 2 * CELLS per element (16-bit), about 0.26 ms at 4M x 768 on
+an H100-class GPU, under the 1.5 ms memory time. The Triton interpreter's tl.dot is wrong for
+bfloat16 operands, so there (only there, DOT_FP32) they are converted to float32 first.
 
-Tuning. Tiles are data (GEMM_* below): BLOCK_D keeps a tile row at <= 128 bytes (64 bf16, 32 fp32
-columns), so a [128, BLOCK_D] stage is 16 KB, and ``tl.range(..., num_stages=GEMM_STAGES)`` turns
-the loads of x and U into asynchronous copies GEMM_STAGES - 1 steps ahead (about 48 KB in flight
-per program). BLOCK_N is 128 (64 at 64 cells, to keep the [BLOCK_N, CELLS] float32 accumulator at
-<= 32 registers per thread with 4 warps). U is re-read by every program (CELLS * D * 4 bytes, from
-L2): 1/8 of the bytes of x at 16 cells, BLOCK_N = 128 and 16-bit inputs (hi + lo). The pointers
-advance by BLOCK_D columns each step (no per-element index arithmetic), and EVEN_D (D a multiple
-of BLOCK_D) drops the column mask. U is zero-padded to a multiple of BLOCK_D rows, so its loads
-are never masked.
+Tuning (sm_90, read from the SASS; numbers in benchmarks/results once measured). Tiles are data
+(GEMM_* below): BLOCK_D keeps a tile row at <= 128 bytes (64 bf16, 32 fp32 columns), so a
+[128, BLOCK_D] stage is 16 KB, and ``tl.range(..., num_stages=GEMM_STAGES)`` turns the loads of x
+and U into 16-byte asynchronous copies GEMM_STAGES - 1 steps ahead (32 KB of x in flight per
+program; 45 KB of shared memory). fp32 with BLOCK_D = 64 spilled (255 registers). BLOCK_N is 128
+(64 at 64 cells, so the [BLOCK_N, CELLS] float32 accumulator stays at <= 32 registers per thread
+with 4 warps). U is stored transposed, [2, CELLS, D_PAD] (D contiguous: the K-major operand the
+tf32 MMA needs, loaded with 16-byte copies), zero-padded to D_PAD, a multiple of BLOCK_D, so its
+loads are never masked; every program re-reads it from L2 (1/8 of the bytes of x at 16 cells and
+BLOCK_N = 128). The pointers advance by BLOCK_D columns each step, EVEN_D (D a multiple of
+BLOCK_D) drops the column mask, and the squares are summed per group of VEC columns that one
+thread holds (a 16-byte load), so the cross-thread sum runs once after the loop, not per step
+(24 shuffles per step before). ``tl.assume(D > 0)`` removes the loop's zero-trip path, whose
+moves into the accumulator registers made ptxas serialise the MMAs (C7515).
 
 More than 64 cells (``_typicality_gather_kernel``): the FLOPs of the all-cells product grow with
 K * M while only K columns are used, so there the previous kernel runs: per D block the row is
@@ -164,7 +173,7 @@ def _cell_dots(
     stride_x_col,
     row_offsets,  # [BLOCK_N] int64: row index * stride_x_row
     in_rows,  # [BLOCK_N] bool
-    centres_ptr,  # U [2, D_PAD, CELLS] = (hi, lo), contiguous
+    centres_ptr,  # U^T [2, CELLS, D_PAD] = (hi, lo), contiguous
     D,
     D_PAD,
     row_scale,  # [BLOCK_N] float32 powers of two (SCALED only)
@@ -229,18 +238,18 @@ def _typicality_kernel(
     stride_labels,  # [N] integer class of each row, in [0, M)
     domains_ptr,
     stride_domains,  # [N] integer domain of each row, in [0, K)
-    centres_ptr,  # U [2, D_PAD, CELLS] = (hi, lo), contiguous: column k * M + m is the unit centre u[k, m]
+    centres_ptr,  # U^T [2, CELLS, D_PAD] = (hi, lo), contiguous: row k * M + m is the unit centre u[k, m]
     cell_present_ptr,  # [K * M] int8: 1 where the (k, m) cell has rows
     out_ptr,  # t [N] float32
     N,
     D,
-    D_PAD,  # rows of U: D rounded up to a multiple of BLOCK_D (zero rows)
+    D_PAD,  # D rounded up to a multiple of BLOCK_D (U's zero padding)
     M,
     num_cells,  # K * M
     alpha,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    CELLS: tl.constexpr,  # columns of U: num_cells padded to a power of two >= 16
+    CELLS: tl.constexpr,  # num_cells padded to a power of two >= 16 (zero centres)
     EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no column mask
     DOT_FP32: tl.constexpr,  # interpreter only: 16-bit operands converted to float32 for tl.dot
     NUM_STAGES: tl.constexpr,
@@ -427,8 +436,8 @@ def _sum_chunks_kernel(
 
 
 def _centre_matrix(unit_centers: torch.Tensor, dtype: torch.dtype, cfg: dict) -> torch.Tensor:
-    """U [2, D_PAD, CELLS] = (hi, lo): unit centre (k, m) in column k * M + m, zero columns up to
-    CELLS and zero rows up to D_PAD (a multiple of BLOCK_D). hi is U rounded to the MMA's operand
+    """U^T [2, CELLS, D_PAD] = (hi, lo): unit centre (k, m) in row k * M + m, zero rows up to
+    CELLS and zero columns up to D_PAD (a multiple of BLOCK_D). hi is U rounded to the MMA's operand
     type (tf32 values in float32 for float32 embeddings, else their 16-bit dtype), lo = U - hi
     likewise, so hi + lo carries U to 2^-21 (tf32), 2^-16 (bfloat16) or 2^-22 (float16, bar
     subnormals) relative."""
