@@ -86,10 +86,14 @@ MIN_FAST_SQUARE_NORM = tl.constexpr(1e-16)
 
 # Tile table of the GEMM kernel. CELLS = K * M padded to a power of two >= 16 (tl.dot's minimum);
 # CELLS -> BLOCK_N keeps the float32 accumulator at <= 32 registers per thread with 4 warps;
-# BLOCK_D by the embeddings' element size (a tile row <= 128 bytes).
+# BLOCK_D by the embeddings' element size (a tile row <= 128 bytes): the largest that divides D.
+# When none does, the loop masks columns, and the masks of every stage cost registers: at D = 700
+# the [128, 64] and [128, 32] tiles spilled (255 registers), and float32 [64, 32] at 64 cells.
 GEMM_CELLS = (16, 32, 64)
 GEMM_ROWS = {16: 128, 32: 128, 64: 64}  # CELLS -> BLOCK_N
 GEMM_BLOCK_D = {4: (16, 32), 2: (16, 32, 64)}  # element size -> BLOCK_D choices
+GEMM_MASKED_BLOCK_D = {4: (16,), 2: (16, 32)}  # D a multiple of none of the above
+GEMM_MASKED_ROWS = 64
 GEMM_STAGES = 3
 MAX_GEMM_CELLS = GEMM_CELLS[-1]
 
@@ -106,22 +110,26 @@ NUM_WARPS = 4
 def gemm_tile(D: int, cells: int, dtype: torch.dtype) -> dict:
     """The GEMM kernel's tile for D columns, ``cells`` = K * M <= MAX_GEMM_CELLS and the embeddings' dtype."""
     block_cells = _util.fit(cells, GEMM_CELLS)
-    block_d = _util.fit(D, GEMM_BLOCK_D[dtype.itemsize])
-    return dict(
-        BLOCK_N=GEMM_ROWS[block_cells],
-        BLOCK_D=block_d,
-        CELLS=block_cells,
-        EVEN_D=D % block_d == 0,
-        num_warps=NUM_WARPS,
-    )
+    dividing = [c for c in GEMM_BLOCK_D[dtype.itemsize] if D % c == 0]
+    rows = GEMM_ROWS[block_cells]
+    if dividing:
+        block_d, even_d = max(dividing), True
+    else:
+        block_d, even_d, rows = _util.fit(D, GEMM_MASKED_BLOCK_D[dtype.itemsize]), False, min(rows, GEMM_MASKED_ROWS)
+    return dict(BLOCK_N=rows, BLOCK_D=block_d, CELLS=block_cells, EVEN_D=even_d, num_warps=NUM_WARPS)
 
 
 def gemm_tiles() -> list[dict]:
-    """Every tile the GEMM kernel can take (with the dtype whose element size picks BLOCK_D)."""
-    return [
-        dict(dtype=dtype, **gemm_tile(block_d - (0 if even else 3), cells, dtype))
+    """Every tile the GEMM kernel can take, each with a width D that picks it and the dtype whose
+    element size does: D = BLOCK_D (a multiple), and odd D (a column mask)."""
+    widths = {
+        dtype: (*GEMM_BLOCK_D[dtype.itemsize], *(d - 3 for d in GEMM_MASKED_BLOCK_D[dtype.itemsize]))
         for dtype in (torch.float32, torch.bfloat16)
-        for block_d, cells, even in itertools.product(GEMM_BLOCK_D[dtype.itemsize], GEMM_CELLS, (True, False))
+    }
+    return [
+        dict(dtype=dtype, D=D, **gemm_tile(D, cells, dtype))
+        for dtype, ds in widths.items()
+        for D, cells in itertools.product(ds, GEMM_CELLS)
     ]
 
 

@@ -70,8 +70,7 @@ GEMM_DOMAINS_CLASSES = {16: (3, 5), 32: (5, 6), 64: (7, 9)}
 @pytest.mark.parametrize("cfg", kt.gemm_tiles(), ids=str)
 def test_typicality_every_tile(cfg, rng):
     cfg = dict(cfg)
-    tile_dtype = cfg.pop("dtype")
-    D = cfg["BLOCK_D"] - (0 if cfg["EVEN_D"] else 3)
+    tile_dtype, D = cfg.pop("dtype"), cfg.pop("D")  # D = BLOCK_D, or odd (a column mask)
     K, M = GEMM_DOMAINS_CLASSES[cfg["CELLS"]]
     N = 2 * cfg["BLOCK_N"] + 3  # several programs, a ragged last one
     # the element size picks the tile: float32 alone, or both 16-bit dtypes
