@@ -238,6 +238,34 @@ def _cell_dots(
 
 
 @triton.jit
+def _fast_path(square_norm):
+    """Rows whose squared norm is in [eps^2, inf): max(|x|, eps) = |x| and nothing overflowed."""
+    return (square_norm >= MIN_FAST_SQUARE_NORM) & (square_norm < float("inf"))
+
+
+@triton.jit
+def _typicality_epilogue(
+    dots, square_norm, scale, rows, in_rows, store, labels_ptr, stride_labels, domains_ptr, stride_domains,
+    cell_present_ptr, out_ptr, M, num_cells, alpha, CELLS: tl.constexpr,
+):  # fmt: skip
+    """t of the rows from (x s) . u for every cell, |x s|^2 and s; stored where ``store``."""
+    # cos = (x s . u) / (max(|x|, eps) s) = (x s . u) / max(|x s|, eps s)
+    cos = dots / tl.maximum(tl.sqrt(square_norm), COS_EPS * scale)[:, None]
+    y = tl.load(labels_ptr + rows * stride_labels, mask=in_rows, other=0).to(tl.int32)
+    k = tl.load(domains_ptr + rows * stride_domains, mask=in_rows, other=0).to(tl.int32)
+    cells = tl.arange(0, CELLS)
+    cell_domain = cells // M
+    cell_class = cells - cell_domain * M
+    present = tl.load(cell_present_ptr + cells, mask=cells < num_cells, other=0) != 0
+    own = tl.sum(tl.where(cells[None, :] == (k * M + y)[:, None], cos, 0.0), axis=1)
+    others = (cell_class[None, :] == y[:, None]) & (cell_domain[None, :] != k[:, None]) & present[None, :]
+    n_other = tl.sum(others.to(tl.float32), axis=1)
+    other = tl.sum(tl.where(others, cos, 0.0), axis=1) / tl.maximum(n_other, 1.0)
+    t = tl.where(n_other > 0, alpha * own + (1.0 - alpha) * other, own)
+    tl.store(out_ptr + rows, t, mask=store)
+
+
+@triton.jit
 def _typicality_kernel(
     x_ptr,
     stride_x_row,
@@ -249,6 +277,8 @@ def _typicality_kernel(
     centres_ptr,  # U^T [2, CELLS, D_PAD] = (hi, lo), contiguous: row k * M + m is the unit centre u[k, m]
     cell_present_ptr,  # [K * M] int8: 1 where the (k, m) cell has rows
     out_ptr,  # t [N] float32
+    exact_count_ptr,  # [1] int32, zero before the GEMM kernel: programs that need the exact path
+    exact_programs_ptr,  # [programs] int32: their ids, first exact_count entries, in any order
     N,
     D,
     D_PAD,  # D rounded up to a multiple of BLOCK_D (U's zero padding)
@@ -265,48 +295,78 @@ def _typicality_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows = rows < N
-    row_offsets = rows * stride_x_row
     dots, square_norm = _cell_dots(
-        x_ptr, stride_x_col, row_offsets, in_rows, centres_ptr, D, D_PAD, 1.0,
+        x_ptr, stride_x_col, rows * stride_x_row, in_rows, centres_ptr, D, D_PAD, 1.0,
         BLOCK_N, BLOCK_D, CELLS, EVEN_D, DOT_FP32, False, NUM_STAGES,
     )  # fmt: skip
-    scale = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
-    exact = in_rows & ~((square_norm >= MIN_FAST_SQUARE_NORM) & (square_norm < float("inf")))
-    if tl.max(exact.to(tl.int32), axis=0) > 0:
-        # Slow path (zero, tiny, huge or non-finite rows in this program): max|x| per row, then
-        # the same product on x * s with s = 2^(127 - e), e the biased exponent of max|x|.
-        arange_d = tl.arange(0, BLOCK_D)
+    fast = _fast_path(square_norm)
+    if tl.min((fast | ~in_rows).to(tl.int32), axis=0) == 0:
+        # A row for the exact path: list this program (integer atomics; the list order does not
+        # change any result), and _typicality_exact_kernel rewrites those rows.
+        tl.store(exact_programs_ptr + tl.atomic_add(exact_count_ptr, 1), pid)
+    _typicality_epilogue(
+        dots, square_norm, 1.0, rows, in_rows, in_rows, labels_ptr, stride_labels, domains_ptr, stride_domains,
+        cell_present_ptr, out_ptr, M, num_cells, alpha, CELLS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _typicality_exact_kernel(
+    x_ptr,
+    stride_x_row,
+    stride_x_col,  # embeddings [N, D], any strides, float32/float16/bfloat16
+    labels_ptr,
+    stride_labels,  # [N] integer class of each row, in [0, M)
+    domains_ptr,
+    stride_domains,  # [N] integer domain of each row, in [0, K)
+    centres_ptr,  # U^T [2, CELLS, D_PAD] = (hi, lo), contiguous: row k * M + m is the unit centre u[k, m]
+    cell_present_ptr,  # [K * M] int8: 1 where the (k, m) cell has rows
+    out_ptr,  # t [N] float32
+    exact_count_ptr,  # [1] int32, zero before the GEMM kernel: programs that need the exact path
+    exact_programs_ptr,  # [programs] int32: their ids, first exact_count entries, in any order
+    N,
+    D,
+    D_PAD,  # D rounded up to a multiple of BLOCK_D (U's zero padding)
+    M,
+    num_cells,  # K * M
+    alpha,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CELLS: tl.constexpr,  # num_cells padded to a power of two >= 16 (zero centres)
+    EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no column mask
+    DOT_FP32: tl.constexpr,  # interpreter only: 16-bit operands converted to float32 for tl.dot
+    NUM_STAGES: tl.constexpr,
+):
+    """The exact path: for each program listed by _typicality_kernel (a fixed grid strides over
+    the list), max|x| and sum x^2 per row, then the GEMM on x * s with s = 2^(127 - e), e the
+    biased exponent of max|x|, and the epilogue for the rows off the fast path."""
+    arange_d = tl.arange(0, BLOCK_D)
+    for i in range(tl.program_id(0), tl.load(exact_count_ptr), tl.num_programs(0)):
+        pid = tl.load(exact_programs_ptr + i)
+        rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_rows = rows < N
+        row_offsets = rows * stride_x_row
         max_abs = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for d0 in tl.range(0, D, BLOCK_D, num_stages=1):
+        square_norm = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
             offs_d = (d0 + arange_d).to(tl.int64)
             x = tl.load(
                 x_ptr + row_offsets[:, None] + offs_d[None, :] * stride_x_col,
                 mask=in_rows[:, None] & (offs_d < D)[None, :],
                 other=0.0,
-            )
-            max_abs = tl.maximum(max_abs, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+            ).to(tl.float32)
+            max_abs = tl.maximum(max_abs, tl.max(tl.abs(x), axis=1))
+            square_norm += tl.sum(x * x, axis=1)
         biased_exponent = max_abs.to(tl.int32, bitcast=True) >> 23  # 255 for Inf/NaN: they stay non-finite
-        scale = tl.where(exact, (tl.maximum(254 - biased_exponent, 1) << 23).to(tl.float32, bitcast=True), 1.0)
-        exact_dots, exact_square_norm = _cell_dots(
+        scale = (tl.maximum(254 - biased_exponent, 1) << 23).to(tl.float32, bitcast=True)
+        dots, scaled_square_norm = _cell_dots(
             x_ptr, stride_x_col, row_offsets, in_rows, centres_ptr, D, D_PAD, scale,
             BLOCK_N, BLOCK_D, CELLS, EVEN_D, DOT_FP32, True, 1,
         )  # fmt: skip
-        dots = tl.where(exact[:, None], exact_dots, dots)
-        square_norm = tl.where(exact, exact_square_norm, square_norm)
-    # cos = (x s . u) / (max(|x|, eps) s) = (x s . u) / max(|x s|, eps s)
-    cos = dots / tl.maximum(tl.sqrt(square_norm), COS_EPS * scale)[:, None]
-    y = tl.load(labels_ptr + rows * stride_labels, mask=in_rows, other=0).to(tl.int32)
-    k = tl.load(domains_ptr + rows * stride_domains, mask=in_rows, other=0).to(tl.int32)
-    cells = tl.arange(0, CELLS)
-    cell_domain = cells // M
-    cell_class = cells - cell_domain * M
-    present = tl.load(cell_present_ptr + cells, mask=cells < num_cells, other=0) != 0
-    own = tl.sum(tl.where(cells[None, :] == (k * M + y)[:, None], cos, 0.0), axis=1)
-    others = (cell_class[None, :] == y[:, None]) & (cell_domain[None, :] != k[:, None]) & present[None, :]
-    n_other = tl.sum(others.to(tl.float32), axis=1)
-    other = tl.sum(tl.where(others, cos, 0.0), axis=1) / tl.maximum(n_other, 1.0)
-    t = tl.where(n_other > 0, alpha * own + (1.0 - alpha) * other, own)
-    tl.store(out_ptr + rows, t, mask=in_rows)
+        _typicality_epilogue(
+            dots, scaled_square_norm, scale, rows, in_rows, in_rows & ~_fast_path(square_norm), labels_ptr,
+            stride_labels, domains_ptr, stride_domains, cell_present_ptr, out_ptr, M, num_cells, alpha, CELLS,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -500,11 +560,16 @@ def typicality(
         cfg = gemm_tile(D, K * M, embeddings.dtype)
         centres = _centre_matrix(u, embeddings.dtype, cfg)
         interpreted_bf16 = _util.interpreter() and embeddings.dtype == torch.bfloat16
+        programs = triton.cdiv(N, cfg["BLOCK_N"])
+        exact_count = torch.zeros((1,), dtype=torch.int32, device=device)
+        exact_programs = torch.empty((programs,), dtype=torch.int32, device=device)
+        args = (*rows, *indices, centres, present, out, exact_count, exact_programs, N, D, centres.shape[2])
+        args = (*args, M, K * M, float(alpha))
         with _util.on_device(device):
-            _typicality_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-                *rows, *indices, centres, present, out, N, D, centres.shape[2], M, K * M, float(alpha),
-                DOT_FP32=interpreted_bf16, NUM_STAGES=GEMM_STAGES, **cfg,
-            )  # fmt: skip
+            _typicality_kernel[(programs,)](*args, DOT_FP32=interpreted_bf16, NUM_STAGES=GEMM_STAGES, **cfg)
+            # No host read: a fixed grid reads the count on the device (and exits when it is 0).
+            exact_grid = min(programs, _util.num_sms(device))
+            _typicality_exact_kernel[(exact_grid,)](*args, DOT_FP32=interpreted_bf16, NUM_STAGES=1, **cfg)
         return out
     cfg = gather_tile(D, K)
     with _util.on_device(device):

@@ -264,6 +264,7 @@ def test_every_launch_is_guarded_by_the_tensors_device(monkeypatch, rng):
         "_pool_bwd_kernel",
         "_prototype_sums_kernel",
         "_typicality_kernel",
+        "_typicality_exact_kernel",
         "_mhce_fwd_kernel",
         "_mhce_bwd_kernel",
     }

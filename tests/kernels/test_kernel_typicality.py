@@ -184,18 +184,22 @@ def test_padded_cells_single_domain_and_absent_classes(monkeypatch, rng):
     assert_close(t, ref, torch.float32)
     own = typicality64(x, y, k, *prototypes64(x, y, k, M, K), 1.0)
     assert_close(t[y < 3], own[y < 3], torch.float32)
-    assert launched == ["_typicality_kernel"] * 2
+    assert launched == ["_typicality_kernel", "_typicality_exact_kernel"] * 2
 
 
-@pytest.mark.parametrize("K, M, kernel", [(8, 8, "_typicality_kernel"), (5, 13, "_typicality_gather_kernel")])
-def test_cells_pick_the_kernel(K, M, kernel, monkeypatch, rng):
-    """Up to MAX_GEMM_CELLS = 64 cells the GEMM kernel runs, beyond it the gather kernel."""
+@pytest.mark.parametrize(
+    "K, M, kernels",
+    [(8, 8, ["_typicality_kernel", "_typicality_exact_kernel"]), (5, 13, ["_typicality_gather_kernel"])],
+)
+def test_cells_pick_the_kernel(K, M, kernels, monkeypatch, rng):
+    """Up to MAX_GEMM_CELLS = 64 cells the GEMM kernel runs (and the exact path's, which finds no
+    program listed here), beyond it the gather kernel."""
     launched = _launches(monkeypatch)
     x = torch.randn(150, 24, generator=rng).to(DEVICE)
     y = torch.randint(0, M, (150,), generator=rng).to(DEVICE)
     k = torch.randint(0, K, (150,), generator=rng).to(DEVICE)
     t, ref = _typicality_vs_oracle(x, y, k, M, K)
-    assert launched == [kernel]
+    assert launched == kernels
     assert_close(t, ref, torch.float32)
 
 
