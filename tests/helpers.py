@@ -33,6 +33,32 @@ def assert_kernel_close(actual, expected, dtype):
     assert_close(actual, expected, dtype, KERNEL_TOLERANCES)
 
 
+def emulate_tf32_tensor_cores(monkeypatch):
+    """In the Triton interpreter, give tl.dot(..., input_precision="tf32") float32 operands the
+    precision of the tensor cores: 10 mantissa bits, the low 13 bits dropped (the interpreter
+    otherwise multiplies in full float32 and would hide a missing correction term). No-op on a GPU."""
+    if DEVICE.type != "cpu":
+        return
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    real_dot = builder.create_dot
+
+    def truncated(h):
+        if h.data.dtype != np.float32:
+            return h
+        return interpreter.TensorHandle((h.data.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32), h.dtype)
+
+    def create_dot(a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32:
+            a, b = truncated(a), truncated(b)
+        return real_dot(a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(builder, "create_dot", create_dot)
+
+
 def assert_flag_contract(device):
     """fastmft._C's op returns the non-finite flag as a 0-d bool tensor on the params' device, both
     parts alike (csrc/inner_step.h): from the kernels (a contiguous tensor) and from the ATen path

@@ -80,7 +80,8 @@ def masked_mean_pool(layers: Sequence[Tensor], attention_mask: Tensor, skip_cls:
 
 @_triton("prototype_sums")
 def prototype_sums(embeddings: Tensor, cells: Tensor, num_cells: int) -> tuple[Tensor, Tensor]:
-    """Per-cell float32 sums [C, D] and int64 counts [C]; not differentiable (statistics)."""
+    """Per-cell float32 sums [C, D] and int64 counts [C], the same bits on every run (no float
+    atomics); not differentiable (statistics)."""
     with torch.no_grad():
         return _typ.prototype_sums(embeddings.detach(), cells, num_cells)
 

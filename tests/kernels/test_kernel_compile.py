@@ -45,7 +45,10 @@ SCRIPT = textwrap.dedent(
         pooling.pool_backward(torch.randn(3, 4, 768).to(bf16), mask, counts, True, 33, bf16)
         x = torch.randn(100, 768).to(bf16)
         y = torch.zeros(100, dtype=torch.int64)
-        kt.typicality(x, y, y, torch.randn(5, 3, 768), torch.ones(5, 3, dtype=torch.bool), 0.5)
+        for xx in (x, x.float()):  # the GEMM kernel (16-bit: hi/lo centres; fp32: tf32 hi/lo split)
+            kt.typicality(xx, y, y, torch.randn(5, 3, 768), torch.ones(5, 3, dtype=torch.bool), 0.5)
+        kt.typicality(x, y, y, torch.randn(5, 20, 768), torch.ones(5, 20, dtype=torch.bool), 0.5)  # gather kernel
+        kt._sum_chunks_kernel.run(torch.zeros(3, 64), torch.zeros(64), 3, 64, BLOCK=1024, grid=(1,), warmup=True)
         for native, xx in ((False, x.float()), (True, x)):  # fp32 (ieee dot) and 16-bit (tensor-core dot)
             kt._prototype_sums_kernel.run(
                 xx, 768, 1, y, 1, torch.zeros(15, 768), torch.zeros(15, dtype=torch.int64), 100, 768, 15, 128,
@@ -70,7 +73,9 @@ SCRIPT = textwrap.dedent(
     async16 = lambda ptx: re.search(r"cp\.async\.cg\.shared\.global[\w:.]*\s+\[[^]]*\], \[[^]]*\], 0x10", ptx)
     assert any(async16(p) for p in compiled["_pool_fwd_kernel"]), "pool forward loads are not 16-byte async copies"
     assert any(vector("st", p) for p in compiled["_pool_bwd_kernel"]), "pool backward stores are not vectorised"
-    assert any(vector("ld", p) for p in compiled["_typicality_kernel"]), "typicality loads are not vectorised"
+    # The typicality GEMM kernel's loads are pipelined: 16-byte asynchronous copies, in both dtypes.
+    assert all(async16(p) for p in compiled["_typicality_kernel"]), "typicality loads are not 16-byte async copies"
+    assert any(vector("ld", p) for p in compiled["_typicality_gather_kernel"]), "gather loads are not vectorised"
     # The cross-entropy's row-per-thread tiles: a row of a contiguous 4- or 8-class bf16 head is one
     # 8- or 16-byte load (its row stride is a compile-time constant).
     rows = lambda ptx: re.search(r"ld\.global[\w:.]*\.v[24]\.b32", ptx) is not None
@@ -93,7 +98,10 @@ def test_kernels_compile_for_sm90():
         "_pool_fwd_kernel",
         "_pool_bwd_kernel",
         "_typicality_kernel",
+        "_typicality_exact_kernel",
+        "_typicality_gather_kernel",
         "_prototype_sums_kernel",
+        "_sum_chunks_kernel",
         "_mhce_fwd_kernel",
         "_mhce_bwd_kernel",
     }
@@ -126,6 +134,7 @@ def test_no_register_spills_at_benchmark_configurations():
         "_pool_fwd_kernel",
         "_pool_bwd_kernel",
         "_typicality_kernel",
+        "_typicality_exact_kernel",
         "_prototype_sums_kernel",
         "_mhce_fwd_kernel",
         "_mhce_bwd_kernel",

@@ -63,20 +63,40 @@ def test_pool_every_tile(cfg, rng):
             assert_close(h.grad, r.grad, dtype)
 
 
-@pytest.mark.parametrize("cfg", kt.typicality_tiles(), ids=str)
+# K * M cells that pick each CELLS of the GEMM kernel, padded (not a power of two)
+GEMM_DOMAINS_CLASSES = {16: (3, 5), 32: (5, 6), 64: (7, 9)}
+
+
+@pytest.mark.parametrize("cfg", kt.gemm_tiles(), ids=str)
 def test_typicality_every_tile(cfg, rng):
-    D, K, M = cfg["BLOCK_D"], cfg["BLOCK_K"], 2
-    assert kt.typicality_tile(D, K) == cfg
+    cfg = dict(cfg)
+    tile_dtype, D = cfg.pop("dtype"), cfg.pop("D")  # D = BLOCK_D, or odd (a column mask)
+    K, M = GEMM_DOMAINS_CLASSES[cfg["CELLS"]]
     N = 2 * cfg["BLOCK_N"] + 3  # several programs, a ragged last one
+    # the element size picks the tile: float32 alone, or both 16-bit dtypes
+    for dtype in [torch.float32] if tile_dtype == torch.float32 else [torch.float16, torch.bfloat16]:
+        assert kt.gemm_tile(D, K * M, dtype) == cfg
+        _check_typicality(N, D, K, M, dtype, rng)
+
+
+@pytest.mark.parametrize("cfg", kt.gather_tiles(), ids=str)
+def test_typicality_gather_every_tile(cfg, rng):
+    D, K = cfg["BLOCK_D"], cfg["BLOCK_K"]
+    M = kt.MAX_GEMM_CELLS // K + 1  # more cells than the GEMM kernel takes
+    assert kt.gather_tile(D, K) == cfg
     for dtype in DTYPES:
-        x = _randn(N, D, g=rng, dtype=dtype)
-        y = torch.randint(0, M, (N,), generator=rng).to(DEVICE)
-        k = torch.randint(0, K, (N,), generator=rng).to(DEVICE)
-        centers, counts = prototypes64(x, y, k, M, K)
-        protos = fastmft.Prototypes(centers.float(), counts)
-        with fastmft.use_backend("triton"):
-            t = fastmft.typicality(x, y, k, protos, alpha=0.3)
-        assert_close(t, typicality64(x, y, k, protos.centers, counts, 0.3), dtype)
+        _check_typicality(2 * cfg["BLOCK_N"] + 3, D, K, M, dtype, rng)
+
+
+def _check_typicality(N, D, K, M, dtype, rng):
+    x = _randn(N, D, g=rng, dtype=dtype)
+    y = torch.randint(0, M, (N,), generator=rng).to(DEVICE)
+    k = torch.randint(0, K, (N,), generator=rng).to(DEVICE)
+    centers, counts = prototypes64(x, y, k, M, K)
+    protos = fastmft.Prototypes(centers.float(), counts)
+    with fastmft.use_backend("triton"):
+        t = fastmft.typicality(x, y, k, protos, alpha=0.3)
+    assert_close(t, typicality64(x, y, k, protos.centers, counts, 0.3), dtype)
 
 
 @pytest.mark.parametrize("cfg", kt.sums_tiles(), ids=str)
@@ -244,6 +264,7 @@ def test_every_launch_is_guarded_by_the_tensors_device(monkeypatch, rng):
         "_pool_bwd_kernel",
         "_prototype_sums_kernel",
         "_typicality_kernel",
+        "_typicality_exact_kernel",
         "_mhce_fwd_kernel",
         "_mhce_bwd_kernel",
     }

@@ -13,9 +13,10 @@ encoder run once. :func:`score_files` runs these stages:
   encoder runs under ``torch.inference_mode`` (bf16 on CUDA), the last layer is masked-mean pooled
   (:mod:`.embed`), and the chunk's float32 embeddings go to the on-disk cache (:mod:`.cache`). A
   non-finite embedding or score is an error naming the rows.
-* **prototypes**: a :class:`~fastmft.ops.prototypes.PrototypeAccumulator` on the CPU is fed
-  each chunk of the cache (deterministic; all-reduced across ranks), and the prototypes are saved in the cache,
-  so a resumed pass two uses exactly the same ones.
+* **prototypes**: a :class:`~fastmft.ops.prototypes.PrototypeAccumulator` on the CPU is fed the
+  sums of each chunk of the cache, taken on the scoring device (deterministic: the GPU kernel has
+  no float atomics; all-reduced across ranks), and the prototypes are saved in the cache, so a
+  resumed pass two uses exactly the same ones.
 * **score** (pass two): typicality per chunk from the cache only.
 * **merge** (rank 0, :mod:`.merge`): the chunks in input order into one Parquet file with columns
   ``id, domain, label, typicality`` (every accepted input row exactly once, in input order), a
@@ -465,15 +466,16 @@ def _encode(cfg, sources, labels, domains, todo, n_chunks, dist, model, tokenize
 
 def _prototypes(cfg: ScoreConfig, dist: Dist, cache: Path, mine: list[int], n_chunks: int, M: int, K: int):
     """The prototypes of all cached chunks, computed once and saved in the cache (every rank reads
-    them back). The sums run on the CPU, where the cached embeddings are read: that is
-    deterministic (the GPU kernel's atomics are not), so two runs give the same bits."""
+    them back). Each chunk is summed on the scoring device (the prototype-sum kernel on a GPU,
+    which reduces per-chunk partials in a fixed order, or the reference on the CPU) into a float64
+    accumulator on the CPU: deterministic either way, so two runs give the same bits."""
     path = cache / "prototypes.pt"
     device = dist.device
     dim = np.load(chunks.emb_path(cache, 0), mmap_mode="r").shape[1] if n_chunks else 1
     if not dist.broadcast_obj(path.exists() if dist.rank == 0 else None):
         if cfg.prototypes == 1:
             cpu = torch.device("cpu")
-            acc = accumulate(_cached_parts(cache, mine, cpu), M, K, dim, cpu)
+            acc = accumulate(_cached_parts(cache, mine, device), M, K, dim, cpu)
             if dist.world > 1:
                 acc.all_reduce()
             p = acc.result()
