@@ -39,7 +39,11 @@ from benchmarks.harness import LOCAL_RESULTS_DIR, RESULTS_DIR, Case, environment
 MODELS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
 }
-PROVIDERS = ("fastmft-score", "naive", "peer")  # the standalone mode also knows "fastmft-score-int8"
+PROVIDERS = ("fastmft-score", "naive", "peer")
+# The standalone mode also knows fastmft-score-<precision> (fp32, bf16, int8: `fastmft score
+# --precision`) and st-fp32 / st-bf16: sentence-transformers' own length-sorted encode (the optional
+# `bench` extra) with the same prototype and typicality formula.
+PRECISION_PROVIDERS = {"fastmft-score-fp32": "fp32", "fastmft-score-bf16": "bf16", "fastmft-score-int8": "int8"}
 _BUILT: dict[str, str] = {}
 
 
@@ -154,9 +158,14 @@ def peer_pipeline(path, n_rows, model, tok, *, max_length, batch_size, device, a
     lv, dv = _vocab(rows, "label"), _vocab(rows, "domain")
     y = np.array([lv[r["label"]] for r in rows])
     d = np.array([dv[r["domain"]] for r in rows])
-    K, M = len(dv), len(lv)
+    return prototype_typicality(emb, y, d, alpha)
+
+
+def prototype_typicality(emb: np.ndarray, y: np.ndarray, d: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The MFT typicality of every row from its embedding, in numpy (what a peer pipeline writes)."""
+    K, M = int(d.max()) + 1, int(y.max()) + 1
     unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
-    scores = np.zeros(len(rows), dtype=np.float32)
+    scores = np.zeros(len(emb), dtype=np.float32)
     centers = np.zeros((K, M, emb.shape[1]))
     counts = np.zeros((K, M))
     for k in range(K):
@@ -166,11 +175,34 @@ def peer_pipeline(path, n_rows, model, tok, *, max_length, batch_size, device, a
             if sel.any():
                 centers[k, m] = emb[sel].mean(0)
     cu = centers / np.maximum(np.linalg.norm(centers, axis=-1, keepdims=True), 1e-8)
-    for i in range(len(rows)):
+    for i in range(len(emb)):
         cos = cu[:, y[i]] @ unit[i]
         others = [cos[k] for k in range(K) if k != d[i] and counts[k, y[i]] > 0]
         scores[i] = alpha * cos[d[i]] + (1 - alpha) * np.mean(others) if others else cos[d[i]]
     return scores
+
+
+def sentence_transformers_pipeline(path, n_rows, model_name, *, max_length, batch_size, device, dtype, alpha=0.5):
+    """sentence-transformers' ``encode`` (its own length sorting and mean pooling, no
+    normalisation) in ``dtype`` weights, then :func:`prototype_typicality`."""
+    from sentence_transformers import SentenceTransformer
+
+    from fastmft.runtime.backbone import default_backbone_path
+
+    if model_name != "minilm":
+        raise SystemExit("the sentence-transformers providers run the default MiniLM only")
+    rows = read_rows(path, n_rows)
+    full = SentenceTransformer(str(default_backbone_path()), device=str(device), local_files_only=True)
+    # Transformer + mean pooling: the MFT embedding E(x), without the Normalize module
+    st = SentenceTransformer(modules=[full[0], full[1]], device=str(device))
+    st.max_seq_length = max_length
+    st.to(dtype)
+    emb = st.encode([r["text"] for r in rows], batch_size=batch_size, convert_to_numpy=False, show_progress_bar=False)
+    emb = torch.stack(emb).float().numpy()
+    lv, dv = _vocab(rows, "label"), _vocab(rows, "domain")
+    y = np.array([lv[r["label"]] for r in rows])
+    d = np.array([dv[r["domain"]] for r in rows])
+    return prototype_typicality(emb, y, d, alpha)
 
 
 def fastmft_pipeline(
@@ -185,7 +217,7 @@ def fastmft_pipeline(
     chunk_rows=4096,
     model=None,
     tok=None,
-    quantize=None,
+    precision=None,
 ):
     """``fastmft score`` on the first ``n_rows`` rows of ``path`` (the whole file when it has no more)."""
     from fastmft.pipelines.typicality import ScoreConfig, score_files
@@ -202,7 +234,7 @@ def fastmft_pipeline(
         progress=False,
         restart=True,
         device=str(device),
-        quantize=quantize,
+        precision=precision,
     )
     return score_files(cfg, model=model, tokenizer=tok)
 
@@ -285,23 +317,44 @@ def _one(args) -> dict:
     common = dict(max_length=args.max_length, batch_size=args.batch_size, device=device)
     (data,) = args.data  # main() hands each subprocess one prepared file
     t0 = time.perf_counter()
+    extra = {}
     if args.provider.startswith("fastmft-score"):
         workdir = tempfile.mkdtemp(prefix="fastmft-bench-score-out-")
-        quantize = "int8" if args.provider.endswith("-int8") else None
+        precision = PRECISION_PROVIDERS.get(args.provider)
         s = fastmft_pipeline(
-            data, args.rows, args.model, workdir=workdir, chunk_rows=args.chunk_rows, quantize=quantize, **common
+            data, args.rows, args.model, workdir=workdir, chunk_rows=args.chunk_rows, precision=precision, **common
         )
-        n = s.scored
+        n, extra["precision"] = s.scored, s.precision
         if args.scores_out:
-            shutil.copy(Path(workdir) / "scores.parquet", args.scores_out)
+            import pyarrow.parquet as pq
+
+            np.save(args.scores_out, np.asarray(pq.read_table(Path(workdir) / "scores.parquet")["typicality"]))
         shutil.rmtree(workdir, ignore_errors=True)
+    elif args.provider.startswith("st-"):
+        import sentence_transformers
+
+        dtype = {"st-fp32": torch.float32, "st-bf16": torch.bfloat16}[args.provider]
+        scores = sentence_transformers_pipeline(data, args.rows, args.model, dtype=dtype, **common)
+        n, extra["sentence_transformers"] = len(scores), sentence_transformers.__version__
+        if args.scores_out:
+            np.save(args.scores_out, scores)
     else:
         model, tok = _load(args.model, device)
         fn = naive_pipeline if args.provider == "naive" else peer_pipeline
         n = len(fn(data, args.rows, model, tok, **common))
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"provider": args.provider, "rows": n, "wall_s": wall, "rows_per_s": n / wall, "peak_rss_bytes": rss}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "provider": args.provider,
+        "rows": n,
+        "wall_s": wall,
+        "rows_per_s": n / wall,
+        # CPU seconds of the whole process (all threads, model loading included): on a shared,
+        # loaded core they move far less than the wall time
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        **extra,
+    }
 
 
 def main(argv=None) -> int:
@@ -323,13 +376,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--provider", help=argparse.SUPPRESS)  # internal: run one provider in this process
-    p.add_argument("--scores-out", help=argparse.SUPPRESS)  # internal: where fastmft-score* keeps its scores
+    p.add_argument("--scores-out", help=argparse.SUPPRESS)  # internal: where fastmft-score* and st-* keep their scores
     p.add_argument("--label", help="free-form note stored with the rows")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--out", help="JSON lines file the rows are appended to (default runs/bench/score.jsonl, untracked)"
     )
     where.add_argument("--record", action="store_true", help="append to the committed benchmarks/results/score.jsonl")
+    p.add_argument("--repeat", type=int, default=1, help="rounds; each runs every provider once, in order")
+    p.add_argument(
+        "--reference-scores", help="fp32 scores (.npy, input order) to compare against (default: the first fp32 run's)"
+    )
+    p.add_argument("--keep-reference", help="save the reference fp32 scores to this .npy file")
     args = p.parse_args(argv)
     if args.provider:
         print("RESULT " + json.dumps(_one(args)))
@@ -350,80 +408,93 @@ def main(argv=None) -> int:
     else:
         data = _corpus(args.rows)
         data_name = f"synthetic-{args.rows}"
-    results = []
-    scores = {}
     # device name, versions, date, commit (the kernel harness's timing fields do not apply here)
     env = {
         k: v
         for k, v in environment(torch.device(args.device), "").items()
         if k not in ("timing_method", "interpreted", "scale")
     }
-    for provider in args.providers.split(","):
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_score",
-            "--provider",
-            provider,
-            "--data",
-            data,
-            "--rows",
-            str(args.rows),
-            "--model",
-            args.model,
-            "--max-length",
-            str(args.max_length),
-            "--batch-size",
-            str(args.batch_size),
-            "--chunk-rows",
-            str(args.chunk_rows),
-            "--device",
-            args.device,
-        ]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        if provider.startswith("fastmft-score"):
-            scores[provider] = str(Path(data).with_name(f"scores-{provider}.parquet"))
-            cmd += ["--scores-out", scores[provider]]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        row = json.loads(line[0][7:])
-        row.update(
-            env,
-            process_wall_s=time.perf_counter() - t0,
-            data=data_name,
-            model=args.model,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            device=args.device,
-            threads=args.threads or torch.get_num_threads(),
-            cpus=os.cpu_count(),
-            cpus_allowed=len(os.sched_getaffinity(0)),
-            loadavg=os.getloadavg()[0],
-            note=args.label,
-        )
-        if provider == "fastmft-score-int8" and "fastmft-score" in scores:
-            import pyarrow.parquet as pq
-
-            a = np.asarray(pq.read_table(scores["fastmft-score"])["typicality"])
-            b = np.asarray(pq.read_table(scores[provider])["typicality"])
-            ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-            row["spearman_vs_fp32"] = float(np.corrcoef(ra, rb)[0, 1])
-            row["max_abs_diff_vs_fp32"] = float(np.abs(a - b).max())
-        results.append(row)
-        print(
-            f"{provider:14s} {row['rows']:7d} rows {row['wall_s']:8.1f} s {row['rows_per_s']:8.1f} rows/s "
-            f"peak RSS {row['peak_rss_bytes'] / 2**20:8.1f} MiB (load {row['loadavg']:.1f})"
-        )
     out = Path(args.out) if args.out else (RESULTS_DIR if args.record else LOCAL_RESULTS_DIR) / "score.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
-        for row in results:
-            f.write(json.dumps(row) + "\n")
+    reference = np.load(args.reference_scores) if args.reference_scores else None
+    for round_ in range(args.repeat):
+        for provider in args.providers.split(","):  # interleaved: each round runs every provider once
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_score",
+                "--provider",
+                provider,
+                "--data",
+                data,
+                "--rows",
+                str(args.rows),
+                "--model",
+                args.model,
+                "--max-length",
+                str(args.max_length),
+                "--batch-size",
+                str(args.batch_size),
+                "--chunk-rows",
+                str(args.chunk_rows),
+                "--device",
+                args.device,
+            ]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            scores_path = None
+            if provider.startswith(("fastmft-score", "st-")):
+                scores_path = str(Path(data).with_name(f"scores-{provider}-{round_}.npy"))
+                cmd += ["--scores-out", scores_path]
+            t0 = time.perf_counter()
+            load_before = os.getloadavg()[0]
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false")
+            )
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            row = json.loads(line[0][7:])
+            row.update(
+                env,
+                process_wall_s=time.perf_counter() - t0,
+                data=data_name,
+                model=args.model,
+                max_length=args.max_length,
+                batch_size=args.batch_size,
+                device=args.device,
+                threads=args.threads or torch.get_num_threads(),
+                cpus=os.cpu_count(),
+                cpus_allowed=len(os.sched_getaffinity(0)),
+                loadavg_before=load_before,
+                loadavg=os.getloadavg()[0],
+                round=round_,
+                note=args.label,
+            )
+            if scores_path is not None:
+                got = np.load(scores_path)
+                if reference is None and row.get("precision") == "fp32" and provider.startswith("fastmft-score"):
+                    reference = got  # the first fastmft fp32 run is the reference of all the others
+                    if args.keep_reference:
+                        np.save(args.keep_reference, got)
+                if reference is not None and len(reference) == len(got):
+                    ra, rb = np.argsort(np.argsort(reference)), np.argsort(np.argsort(got))
+                    row["spearman_vs_fp32"] = float(np.corrcoef(ra, rb)[0, 1])
+                    row["max_abs_diff_vs_fp32"] = float(np.abs(reference - got).max())
+            with open(out, "a", encoding="utf-8") as f:  # each row at once: a long run keeps what it measured
+                f.write(json.dumps(row) + "\n")
+            fidelity = (
+                f" Spearman {row['spearman_vs_fp32']:.5f} max|diff| {row['max_abs_diff_vs_fp32']:.2g}"
+                if "spearman_vs_fp32" in row
+                else ""
+            )
+            print(
+                f"{provider:20s} {row['rows']:7d} rows {row['wall_s']:8.1f} s ({row['cpu_s']:.1f} CPU s) "
+                f"{row['rows_per_s']:8.1f} rows/s peak RSS {row['peak_rss_bytes'] / 2**20:8.1f} MiB "
+                f"(load {load_before:.1f}-{row['loadavg']:.1f}){fidelity}",
+                flush=True,
+            )
     return 0
 
 

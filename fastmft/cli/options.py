@@ -69,6 +69,18 @@ def add_encoder_arguments(parser, command: str, seed_help: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
+def add_precision_arguments(parser) -> None:
+    """--precision of the encoder (and --quantize int8, its old spelling), for score and typicality."""
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        help="the encoder's precision; pooling, prototypes and typicality stay fp32. Default: bf16 on CUDA "
+        "and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32. int8 (CPU) is faster and less faithful "
+        "(docs/performance.md)",
+    )
+    parser.add_argument("--quantize", choices=("int8",), help="the same as --precision int8 (the old name)")
+
+
 def positive_int(text: str) -> int:
     """argparse type of counts such as --threads: an integer >= 1."""
     try:

@@ -11,7 +11,13 @@ def _csv_list(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .options import add_backbone_arguments, add_column_arguments, add_encoder_arguments, add_runtime_arguments
+    from .options import (
+        add_backbone_arguments,
+        add_column_arguments,
+        add_encoder_arguments,
+        add_precision_arguments,
+        add_runtime_arguments,
+    )
 
     p.add_argument(
         "inputs",
@@ -45,9 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the own-domain prototype (default 0.5)")
     p.add_argument("--prototypes", type=int, default=1, help="prototypes per (domain, label) cell, J (default 1)")
     p.add_argument("--temperature", type=float, default=0.1, help="soft membership temperature for J > 1 (default 0.1)")
-    p.add_argument(
-        "--quantize", choices=("int8",), help="CPU only: dynamic int8 quantisation of the encoder's linear layers"
-    )
+    add_precision_arguments(p)
     p.add_argument("--cache-dir", help="cache and resume folder (default: OUTPUT.score-cache)")
     p.add_argument(
         "--rejects", help="rejected rows as JSON lines with file, line, reason (default: OUTPUT.rejects.jsonl)"

@@ -189,7 +189,8 @@ def _cli_train_body(args: argparse.Namespace, cfg: TrainConfig, methods: list[st
     print(f"\n{args.metric} (%) per domain; evaluation rows: {counts}")
     print(format_table(results, args.metric))
     print(
-        f"wall time {time.perf_counter() - t0:.0f} s ({', '.join(f'{METHOD_NAMES[m]} {r.wall_time_s:.0f} s' for m, r in results.items())})"
+        f"wall time {time.perf_counter() - t0:.0f} s ({', '.join(f'{METHOD_NAMES[m]} {r.wall_time_s:.0f} s' for m, r in results.items())}); "
+        f"precision {next(iter(results.values())).precision}"
     )
     if args.json:
         for r in results.values():

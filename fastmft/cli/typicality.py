@@ -13,6 +13,7 @@ from .options import (
     add_backbone_arguments,
     add_data_arguments,
     add_encoder_arguments,
+    add_precision_arguments,
     add_runtime_arguments,
 )
 
@@ -24,6 +25,7 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the own-domain prototype (default 0.5)")
     p.add_argument("--prototypes", type=int, default=1, help="prototypes per (domain, label) cell, J (default 1)")
     add_encoder_arguments(p, "typicality", seed_help="seed of the multi-prototype k-means (J > 1)")
+    add_precision_arguments(p)
     p.add_argument("--top", type=int, default=3, help="instances to show per domain at each end (default 3)")
     p.add_argument(
         "--synthetic-per-domain",
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from fastmft.pipelines.typicality.report import DomainReport, shorten
     from fastmft.runtime.backbone import load_backbone
     from fastmft.runtime.dist import pick_device
+    from fastmft.runtime.precision import merge_quantize_alias, resolve_precision
 
     from ..data import Columns, prepare
 
@@ -65,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
         columns = Columns(id="id")
     model, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
     device = pick_device(args.device)
+    precision = resolve_precision(merge_quantize_alias(args.precision, args.quantize), device)
     model.to(device)
     data = prepare(source, tokenizer, columns, max_length=args.max_length, split=args.split)
     ds = data.dataset
     print(
         f"{len(ds)} rows, {len(data.domain_vocab)} domains {data.domain_vocab.values}, "
-        f"{len(data.label_vocab)} labels {data.label_vocab.values}; backbone {args.backbone or 'all-MiniLM-L6-v2 (default)'} on {device}"
+        f"{len(data.label_vocab)} labels {data.label_vocab.values}; backbone {args.backbone or 'all-MiniLM-L6-v2 (default)'} on {device}, "
+        f"{precision} encoder (pooling, prototypes and typicality in fp32)"
     )
     result = score_dataset(
         model,
@@ -84,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         pad_token_id=tokenizer.pad_token_id or 0,
         seed=args.seed,
         progress=not args.no_progress,
+        precision=precision,
     )
     scores = result.scores.numpy()
     ids = ds[columns.id] if columns.id else list(range(len(ds)))

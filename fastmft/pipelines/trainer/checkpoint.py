@@ -94,8 +94,9 @@ class RunStore:
         saved = {k: v for k, v in state.get("config", {}).items() if k not in _RESUME_FREE}
         now = {k: v for k, v in config.items() if k not in _RESUME_FREE}
         now = json.loads(json.dumps(now))  # tuples -> lists, as saved
-        if saved != now:
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        # a setting added after the checkpoint was written is absent there: it matches at None
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
             raise ValueError(
                 f"{folder} was written with other settings ({', '.join(diff)}): use another output folder or the same settings"
             )

@@ -79,7 +79,11 @@ class TrainConfig:
     )
     seed: int = _setting(0, "random seed of sampling, dropout, classifier initialisation and few-shot rows")
     device: str | None = _setting(None, "torch device (default: this rank's cuda device when available, else cpu)")
-    bf16: bool = _setting(True, "autocast to bfloat16 on CUDA")
+    bf16: bool = _setting(True, "autocast to bfloat16 on CUDA (when --precision is not given)")
+    precision: str | None = _setting(
+        None,
+        "fp32 or bf16 (autocast, on CPU too) for the typicality pass and training (default: bf16 on CUDA, else fp32)",
+    )
     log_every: int = _setting(10, "steps between metric lines (0: none)")
     checkpoint_every: int = _setting(0, "steps between mid-epoch checkpoints (0: at the end of each epoch only)")
     stop_after_steps: int | None = _setting(
@@ -142,6 +146,9 @@ class TrainConfig:
                 )
         if self.mft_lr is not None and not (math.isfinite(self.mft_lr) and self.mft_lr > 0):
             raise ValueError(f"`mft_lr` must be a finite number > 0, got {self.mft_lr!r}")
+        if self.precision not in (None, "fp32", "bf16"):
+            hint = "; int8 is a scoring mode (fastmft score, typicality)" if self.precision == "int8" else ""
+            raise ValueError(f"`precision` must be fp32 or bf16, got {self.precision!r}{hint}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must lie in [0, 1), got {self.dropout!r}")
 
@@ -161,6 +168,7 @@ class TrainResult:
     device: str = ""
     steps: int = 0
     dev_per_domain: dict[str, dict] = field(default_factory=dict)  # the same on TrainData.dev, when given
+    precision: str = ""  # the precision that ran: fp32 or bf16 (autocast)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -84,7 +84,8 @@ class MethodRun:
             train_rows=len(data.train),
             eval_rows=len(data.eval),
         )
-        self.autocast = dist.device.type == "cuda" and cfg.bf16
+        self.precision = cfg.precision or ("bf16" if dist.device.type == "cuda" and cfg.bf16 else "fp32")
+        self.autocast = self.precision == "bf16"
         self.typicality: Tensor | None = None  # per training row, for the MFT epochs of tw and full
         self.meta: nn.Module | None = None  # the meta-learned encoder of this call's MFT epochs
         self.stopped = False
@@ -171,6 +172,7 @@ class MethodRun:
             str(self.dist.device),
             self.store.state["global_step"],
             dev_per_domain,
+            self.precision,
         )
         if done and not self.store.state.get("result_logged"):
             self.store.state["result_logged"] = True

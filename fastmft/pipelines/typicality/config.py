@@ -36,7 +36,10 @@ class ScoreConfig:
     prototypes: int = 1
     temperature: float = 0.1
     seed: int = 0
-    quantize: str | None = None  # None | "int8" (CPU: dynamic int8 quantisation of nn.Linear)
+    precision: str | None = (
+        None  # the encoder's: fp32 | bf16 | int8 (None: the device's default, fastmft.runtime.precision)
+    )
+    quantize: str | None = None  # the old name of precision="int8", kept as an alias
     cache_dir: str | None = None
     rejects: str | None = None
     report: str | None = None
@@ -66,7 +69,7 @@ class ScoreConfig:
         "prototypes",
         "temperature",
         "seed",
-        "quantize",
+        "precision",  # resolved before the key is made: a cache never mixes precisions
         "strict",
     )
 
@@ -95,6 +98,7 @@ class ScoreSummary:
     report: str | None = None
     resumed_chunks: int = 0
     already_complete: bool = False  # a rerun of a finished command (--keep-cache): times are the first run's
+    precision: str = ""  # the encoder's precision that ran
 
     def text(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) or "none"
@@ -103,6 +107,11 @@ class ScoreSummary:
             f"{self.rows} rows: {self.scored} scored, {self.rejected} rejected ({reasons}); "
             + (f"already complete (the first run took {timing})" if self.already_complete else timing)
             + (f", {self.resumed_chunks} chunks resumed from the cache" if self.resumed_chunks else "")
+            + (
+                f"\nprecision: {self.precision} encoder; pooling, prototypes and typicality in fp32"
+                if self.precision
+                else ""
+            )
             + f"\nscores: {self.output}"
             + (f"\nrejects: {self.rejects}" if self.rejected else "")
             + (f"\nreport: {self.report}" if self.report else "")

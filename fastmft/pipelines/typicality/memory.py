@@ -10,8 +10,9 @@ import datasets
 import torch
 
 from fastmft.ops.prototypes import MultiPrototypes, Prototypes
+from fastmft.runtime.precision import prepare_encoder, resolve_precision
 
-from .core import accumulate, cell_prototypes, check_finite, score_rows
+from .core import ScoreError, accumulate, cell_prototypes, check_finite, score_rows
 from .embed import embed
 
 
@@ -36,10 +37,29 @@ def score_dataset(
     pad_token_id: int = 0,
     seed: int = 0,
     progress: bool = True,
+    precision: str | None = "fp32",
 ) -> TypicalityScores:
     """Typicality of every row of a tokenised dataset with integer ``labels`` and ``domains``.
+    ``precision`` is the encoder's (fp32, bf16: autocast, int8: a quantised copy on the CPU;
+    :mod:`fastmft.runtime.precision`; None: the device's default); embeddings, prototypes and
+    scores are float32 whatever it is.
     A non-finite embedding or score is a ScoreError naming the rows (by index)."""
-    emb = embed(model, dataset, batch_size=batch_size, device=device, pad_token_id=pad_token_id, progress=progress)
+    if precision != "fp32":
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        try:
+            precision = resolve_precision(precision, dev)
+        except ValueError as err:
+            raise ScoreError(str(err)) from None
+        model = prepare_encoder(model, precision, dev, cast_weights=False)
+    emb = embed(
+        model,
+        dataset,
+        batch_size=batch_size,
+        device=device,
+        pad_token_id=pad_token_id,
+        progress=progress,
+        precision=precision,
+    )
     rows = range(len(dataset))
     check_finite(emb.numpy(), rows, "the encoder's embedding")
     labels = torch.tensor(dataset["labels"], dtype=torch.long)

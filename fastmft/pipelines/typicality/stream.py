@@ -10,7 +10,7 @@ encoder run once. :func:`score_files` runs these stages:
   ``chunk_rows`` consecutive input rows. A background thread parses, checks
   (:func:`fastmft.data.check_row`) and tokenises (fast tokenizer) the next chunk while the encoder
   runs on the current one; each chunk is sorted by length (longest first) and cut into batches, the
-  encoder runs under ``torch.inference_mode`` (bf16 on CUDA), the last layer is masked-mean pooled
+  encoder runs under ``torch.inference_mode`` in ``--precision`` (:mod:`fastmft.runtime.precision`), the last layer is masked-mean pooled
   (:mod:`.embed`), and the chunk's float32 embeddings go to the on-disk cache (:mod:`.cache`). A
   non-finite embedding or score is an error naming the rows.
 * **prototypes**: a :class:`~fastmft.ops.prototypes.PrototypeAccumulator` on the CPU is fed the
@@ -116,6 +116,7 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
     dist = Dist(cfg.device)
     try:
         try:
+            cfg = replace(cfg, precision=_precision(cfg, dist.device), quantize=None)
             summary = _run(cfg, dist, model, tokenizer, t0)
         except ScoreError:
             raise
@@ -127,6 +128,16 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
         return summary
     finally:
         dist.close()
+
+
+def _precision(cfg: ScoreConfig, device: torch.device) -> str:
+    """The encoder's precision this run uses (the cache key holds it, never None)."""
+    from fastmft.runtime.precision import merge_quantize_alias, resolve_precision
+
+    try:
+        return resolve_precision(merge_quantize_alias(cfg.precision, cfg.quantize), device)
+    except ValueError as err:
+        raise ScoreError(str(err)) from None
 
 
 def _run(cfg: ScoreConfig, dist: Dist, model, tokenizer, t0: float) -> ScoreSummary:
@@ -176,6 +187,7 @@ def _run_locked(
         summary.seconds = time.perf_counter() - t0
         summary.rows_per_s = summary.rows / summary.seconds if summary.seconds > 0 else 0.0
         summary.resumed_chunks = len(mine) - len(todo)
+        summary.precision = cfg.precision
         state["status"], state["summary"] = "complete", asdict(summary)
         atomic_json(cache / "manifest.json", state)  # first: a kill during the clean-up that follows is harmless
     return dist.broadcast_obj(summary)
@@ -201,7 +213,15 @@ def _manifest(cfg: ScoreConfig, sources: list[Source], cache: Path) -> dict:
         if manifest.get("status") == "complete" and not Path(cfg.output).exists() and manifest.get("key") == key:
             manifest = None  # the output was removed since: run again
         elif manifest.get("key") != key:
-            if not cfg.restart and chunks.encoded_rows(cache):
+            refuse = not cfg.restart and chunks.encoded_rows(cache)  # a cache with rows is never mixed
+            cached = manifest.get("command", {}).get("args", {}).get("precision")
+            if refuse and cached is not None and cached != cfg.precision:
+                raise ScoreError(
+                    f"the cache {cache} holds embeddings of the {cached} encoder, this run's is {cfg.precision}; "
+                    f"rerun with `precision` {cached} to resume it, `restart` to discard it, or pass another "
+                    "`cache_dir`"
+                )
+            if refuse:
                 raise ScoreError(
                     f"the cache {cache} belongs to a different command or changed inputs; rerun with `restart` "
                     "to discard it, or pass another `cache_dir`"
@@ -300,8 +320,7 @@ class _Chunk:
 
 
 def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
-    ours = model is None or tokenizer is None
-    if ours:
+    if model is None or tokenizer is None:
         from fastmft.runtime.backbone import load_backbone
 
         model, tokenizer = load_backbone(cfg.backbone, trust_remote_code=cfg.trust_remote_code)
@@ -312,18 +331,9 @@ def _load_model(cfg: ScoreConfig, device, model=None, tokenizer=None):
         warnings.warn(
             "the tokenizer is not a fast (Rust) tokenizer; tokenisation will be slow", RuntimeWarning, stacklevel=2
         )
-    model.eval()
-    if cfg.quantize == "int8":
-        if device.type != "cpu":
-            raise ScoreError("`quantize` int8 is a CPU mode")
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=ours)
-    elif cfg.quantize:
-        raise ScoreError(f"unknown `quantize` {cfg.quantize!r} (int8)")
-    if device.type == "cuda":
-        model = model.to(device=device, dtype=torch.bfloat16)
-    else:
-        model = model.to(device)
-    return model, tokenizer
+    from fastmft.runtime.precision import prepare_encoder
+
+    return prepare_encoder(model, cfg.precision, device), tokenizer
 
 
 def _reader(cfg, sources, labels, domains, todo, n_chunks, tokenizer, out: queue.Queue, stop: threading.Event):
@@ -435,7 +445,7 @@ def _encode(cfg, sources, labels, domains, todo, n_chunks, dist, model, tokenize
             if isinstance(ch, BaseException):
                 raise ch
             emb = torch.zeros(len(ch.rows), dim, dtype=torch.float32)
-            embed_batches(model, ch.batches, emb, dist.device, on_batch)
+            embed_batches(model, ch.batches, emb, dist.device, on_batch, precision=cfg.precision)
             ch.batches = []
             check_finite(emb.numpy(), ch.ids, "the encoder's embedding")
             meta = dict(
