@@ -119,7 +119,7 @@ class Int8Linear(torch.nn.Module):
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` (on the CPU) whose nn.Linear layers are :class:`Int8Linear`."""
     model = copy.deepcopy(model).cpu().float()
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
                 setattr(module, child_name, Int8Linear(child))
