@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,7 @@ def config(corpus, tmp_path, name="out", **kw):
     _, bert, _, path = corpus
     kw.setdefault("inputs", [str(path)])
     kw.setdefault("domain_values", ["books", "electronics", "kitchen"])
+    kw.setdefault("precision", "fp32")  # the same test on every CPU (the default follows the CPU's bf16)
     return ScoreConfig(
         output=str(tmp_path / f"{name}.parquet"),
         backbone=str(bert),
@@ -580,6 +582,8 @@ def test_bom_default_text_ids_and_a_rerun_summary(corpus, tmp_path):
         (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
         (["--device", "cuda"], "--device 'cuda': this torch build or machine has no CUDA device"),
         (["--threads", "-1"], "argument --threads: must be an integer >= 1"),
+        (["--quantize", "int8", "--precision", "bf16"], "--quantize int8 contradicts --precision bf16"),
+        (["--precision", "fp16"], "argument --precision: invalid choice"),
     ],
 )
 def test_bad_options_are_one_line_errors(corpus, tmp_path, capsys, args, message):
@@ -605,3 +609,33 @@ def test_bad_options_are_one_line_errors(corpus, tmp_path, capsys, args, message
     last = err.strip().splitlines()[-1]  # (library loading bars may come before it)
     assert last.startswith("fastmft score: error: ") and message in last and "Traceback" not in err
     assert not list(tmp_path.glob("*.parquet"))
+
+
+def test_precision_is_reported_and_a_cache_of_another_precision_is_refused(corpus, tmp_path):
+    path = _small(corpus, tmp_path)
+    fp32 = score_files(config(corpus, tmp_path, inputs=[str(path)], keep_cache=True))
+    assert fp32.precision == "fp32" and "precision: fp32 encoder" in fp32.text()
+    t32 = np.asarray(read(fp32.output)["typicality"])
+    bf16 = config(corpus, tmp_path, inputs=[str(path)], precision="bf16")
+    with pytest.raises(ScoreError, match="holds embeddings of the fp32 encoder, this run's is bf16; rerun with"):
+        score_files(bf16)
+    assert np.array_equal(np.asarray(read(fp32.output)["typicality"]), t32)  # refused: nothing was touched
+    got = score_files(replace(bf16, restart=True))
+    t16 = np.asarray(read(got.output)["typicality"])
+    assert got.precision == "bf16" and "precision: bf16 encoder" in got.text()
+    # bf16 encoder, fp32 pooling and typicality: close to fp32 (the bf16 atol of the dtype table)
+    # and not the same numbers (the cache was not reused)
+    assert 0 < np.abs(t16 - t32).max() <= 2e-2
+
+
+def test_quantize_int8_is_an_alias_of_precision_int8(corpus, tmp_path, capsys):
+    from fastmft.cli import main
+
+    path = _small(corpus, tmp_path)
+    api = score_files(config(corpus, tmp_path, inputs=[str(path)], precision=None, quantize="int8"))
+    assert api.precision == "int8"
+    cli = _cli_args(corpus, tmp_path / "cli.parquet")
+    cli[0] = str(path)
+    assert main(["score", *cli, "--quantize", "int8"]) == 0
+    assert "precision: int8 encoder" in capsys.readouterr().out
+    assert read(tmp_path / "cli.parquet")["typicality"] == read(api.output)["typicality"]

@@ -435,6 +435,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step(data, backbone, monkey
         (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
         (["--threads", "-1"], "argument --threads: must be an integer >= 1"),
         (["--max-length", "129"], "--max-length 129 is more than the model's 128 positions"),
+        (["--precision", "int8"], "int8 is a scoring mode"),
     ],
 )
 def test_bad_options_are_one_line_errors(corpus, backbone, tmp_path, capsys, args, message):
@@ -509,3 +510,30 @@ def test_placebo_permutes_typicality_within_each_domain():
         idx = [i for i, d in enumerate(domains) if d == k]
         assert sorted(out[idx].tolist()) == sorted(t[idx].tolist())
     assert torch.equal(out, loop.shuffle_within(t, domains, seed=5))
+
+
+def test_bf16_training_on_cpu_runs_in_bf16_and_stays_close_to_fp32(data, backbone, tmp_path):
+    kw = dict(method="full", mft_epochs=1, epochs=1, log_every=1, device="cpu")
+    fp32 = _run(data, backbone, tmp_path / "fp32", precision="fp32", **kw)
+    bf16 = _run(data, backbone, tmp_path / "bf16", precision="bf16", **kw)
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert _run(data, backbone, None, **kw).precision == "fp32"  # the CPU default: the experiments' fp32
+    from safetensors.torch import load_file
+
+    t32, t16 = (load_file(str(tmp_path / p / "typicality.safetensors"))["typicality"] for p in ("fp32", "bf16"))
+    # the typicality pass ran under bf16 autocast (pooling and scores in fp32): close, not equal
+    assert 0 < float((t32 - t16).abs().max()) <= 2e-2
+    first32, first16 = _steps(tmp_path / "fp32")[0]["loss"], _steps(tmp_path / "bf16")[0]["loss"]
+    assert first32 != first16 and first16 == pytest.approx(first32, rel=2e-2)
+
+
+def test_a_checkpoint_from_before_the_precision_setting_resumes(data, backbone, tmp_path):
+    kw = dict(method="s", epochs=1, log_every=1)
+    assert not _run(data, backbone, tmp_path, stop_after_steps=1, **kw).complete
+    (state_path,) = tmp_path.glob("checkpoint-*/state.json")
+    state = json.loads(state_path.read_text())
+    del state["config"]["precision"]  # as written by a fastmft without the setting
+    state_path.write_text(json.dumps(state))
+    assert _run(data, backbone, tmp_path, **kw).complete
+    with pytest.raises(ValueError, match="other settings.*precision"):
+        _run(data, backbone, tmp_path, precision="bf16", **kw)
