@@ -357,6 +357,19 @@ def _one(args) -> dict:
     }
 
 
+def _wait_for_scores(path: str, timeout_s: float = 6 * 3600) -> np.ndarray:
+    """The scores in ``path``, waiting for a concurrent fp32 run to write them (one pinned core
+    per precision: the slow fp32 reference may finish last)."""
+    t0 = time.perf_counter()
+    while True:
+        try:
+            return np.load(path)
+        except (OSError, ValueError, EOFError):
+            if time.perf_counter() - t0 > timeout_s:
+                raise
+            time.sleep(10)
+
+
 def main(argv=None) -> int:
     import subprocess
     import sys
@@ -385,7 +398,9 @@ def main(argv=None) -> int:
     where.add_argument("--record", action="store_true", help="append to the committed benchmarks/results/score.jsonl")
     p.add_argument("--repeat", type=int, default=1, help="rounds; each runs every provider once, in order")
     p.add_argument(
-        "--reference-scores", help="fp32 scores (.npy, input order) to compare against (default: the first fp32 run's)"
+        "--reference-scores",
+        help="fp32 scores (.npy, input order) to compare against, waited for if a concurrent run has not yet "
+        "written them (default: the first fp32 run's)",
     )
     p.add_argument("--keep-reference", help="save the reference fp32 scores to this .npy file")
     args = p.parse_args(argv)
@@ -416,7 +431,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out) if args.out else (RESULTS_DIR if args.record else LOCAL_RESULTS_DIR) / "score.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    reference = np.load(args.reference_scores) if args.reference_scores else None
+    reference = None
     for round_ in range(args.repeat):
         for provider in args.providers.split(","):  # interleaved: each round runs every provider once
             cmd = [
@@ -474,6 +489,8 @@ def main(argv=None) -> int:
             )
             if scores_path is not None:
                 got = np.load(scores_path)
+                if reference is None and args.reference_scores:
+                    reference = _wait_for_scores(args.reference_scores)
                 if reference is None and row.get("precision") == "fp32" and provider.startswith("fastmft-score"):
                     reference = got  # the first fastmft fp32 run is the reference of all the others
                     if args.keep_reference:
