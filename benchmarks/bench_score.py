@@ -357,17 +357,36 @@ def _one(args) -> dict:
     }
 
 
-def _wait_for_scores(path: str, timeout_s: float = 6 * 3600) -> np.ndarray:
-    """The scores in ``path``, waiting for a concurrent fp32 run to write them (one pinned core
-    per precision: the slow fp32 reference may finish last)."""
-    t0 = time.perf_counter()
-    while True:
-        try:
-            return np.load(path)
-        except (OSError, ValueError, EOFError):
-            if time.perf_counter() - t0 > timeout_s:
-                raise
-            time.sleep(10)
+def _fidelity(reference: np.ndarray, got: np.ndarray) -> dict:
+    ra, rb = np.argsort(np.argsort(reference)), np.argsort(np.argsort(got))
+    return {
+        "spearman_vs_fp32": float(np.corrcoef(ra, rb)[0, 1]),
+        "max_abs_diff_vs_fp32": float(np.abs(reference - got).max()),
+    }
+
+
+def _fidelity_rows(args) -> int:
+    """--fidelity: rows of kept scores against --reference-scores, no timing."""
+    if not args.reference_scores:
+        raise SystemExit("--fidelity needs --reference-scores")
+    reference = np.load(args.reference_scores)
+    out = Path(args.out) if args.out else (RESULTS_DIR if args.record else LOCAL_RESULTS_DIR) / "score.jsonl"
+    env = {
+        k: v
+        for k, v in environment(torch.device("cpu"), "").items()
+        if k not in ("timing_method", "interpreted", "scale")
+    }
+    with open(out, "a", encoding="utf-8") as f:
+        for path in args.fidelity:
+            got = np.load(path)
+            if len(got) != len(reference):
+                raise SystemExit(f"{path}: {len(got)} scores, the reference has {len(reference)}")
+            name = Path(path).stem.removeprefix("scores-").rsplit("-", 1)[0]
+            row = {"provider": name, "kind": "fidelity", "rows": len(got), **_fidelity(reference, got), **env}
+            row["note"] = args.label
+            f.write(json.dumps(row) + "\n")
+            print(f"{name:20s} Spearman {row['spearman_vs_fp32']:.5f} max|diff| {row['max_abs_diff_vs_fp32']:.2g}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -398,15 +417,23 @@ def main(argv=None) -> int:
     where.add_argument("--record", action="store_true", help="append to the committed benchmarks/results/score.jsonl")
     p.add_argument("--repeat", type=int, default=1, help="rounds; each runs every provider once, in order")
     p.add_argument(
-        "--reference-scores",
-        help="fp32 scores (.npy, input order) to compare against, waited for if a concurrent run has not yet "
-        "written them (default: the first fp32 run's)",
+        "--reference-scores", help="fp32 scores (.npy, input order) to compare against (default: the first fp32 run's)"
+    )
+    p.add_argument("--keep-scores", help="folder to keep each run's scores in (scores-PROVIDER-ROUND.npy)")
+    p.add_argument(
+        "--fidelity",
+        nargs="+",
+        metavar="SCORES_NPY",
+        help="run nothing: append one row per kept scores file with its Spearman and max |diff| against "
+        "--reference-scores (for runs made concurrently, one per core, before the fp32 reference existed)",
     )
     p.add_argument("--keep-reference", help="save the reference fp32 scores to this .npy file")
     args = p.parse_args(argv)
     if args.provider:
         print("RESULT " + json.dumps(_one(args)))
         return 0
+    if args.fidelity:
+        return _fidelity_rows(args)
     if args.data:  # the first --rows rows of the files in order, in a temporary file outside the repository
         files = sorted({f for pattern in args.data for f in (glob.glob(pattern) or [pattern])})
         data = str(Path(tempfile.mkdtemp(prefix="fastmft-bench-score-")) / f"first-{args.rows}.jsonl")
@@ -459,7 +486,9 @@ def main(argv=None) -> int:
                 cmd += ["--threads", str(args.threads)]
             scores_path = None
             if provider.startswith(("fastmft-score", "st-")):
-                scores_path = str(Path(data).with_name(f"scores-{provider}-{round_}.npy"))
+                folder = Path(args.keep_scores) if args.keep_scores else Path(data).parent
+                folder.mkdir(parents=True, exist_ok=True)
+                scores_path = str(folder / f"scores-{provider}-{round_}.npy")
                 cmd += ["--scores-out", scores_path]
             t0 = time.perf_counter()
             load_before = os.getloadavg()[0]
@@ -490,15 +519,13 @@ def main(argv=None) -> int:
             if scores_path is not None:
                 got = np.load(scores_path)
                 if reference is None and args.reference_scores:
-                    reference = _wait_for_scores(args.reference_scores)
+                    reference = np.load(args.reference_scores)
                 if reference is None and row.get("precision") == "fp32" and provider.startswith("fastmft-score"):
                     reference = got  # the first fastmft fp32 run is the reference of all the others
                     if args.keep_reference:
                         np.save(args.keep_reference, got)
                 if reference is not None and len(reference) == len(got):
-                    ra, rb = np.argsort(np.argsort(reference)), np.argsort(np.argsort(got))
-                    row["spearman_vs_fp32"] = float(np.corrcoef(ra, rb)[0, 1])
-                    row["max_abs_diff_vs_fp32"] = float(np.abs(reference - got).max())
+                    row.update(_fidelity(reference, got))
             with open(out, "a", encoding="utf-8") as f:  # each row at once: a long run keeps what it measured
                 f.write(json.dumps(row) + "\n")
             fidelity = (
