@@ -365,7 +365,7 @@ def _fidelity(reference: np.ndarray, got: np.ndarray) -> dict:
     }
 
 
-def _fidelity_rows(args) -> int:
+def _fidelity_rows(args, data_name: str) -> int:
     """--fidelity: rows of kept scores against --reference-scores, no timing."""
     if not args.reference_scores:
         raise SystemExit("--fidelity needs --reference-scores")
@@ -383,7 +383,15 @@ def _fidelity_rows(args) -> int:
                 raise SystemExit(f"{path}: {len(got)} scores, the reference has {len(reference)}")
             name = Path(path).stem.removeprefix("scores-").rsplit("-", 1)[0]
             row = {"provider": name, "kind": "fidelity", "rows": len(got), **_fidelity(reference, got), **env}
-            row["note"] = args.label
+            row.update(
+                data=data_name,
+                model=args.model,
+                max_length=args.max_length,
+                batch_size=args.batch_size,
+                device=args.device,
+                threads=args.threads,
+                note=args.label,
+            )
             f.write(json.dumps(row) + "\n")
             print(f"{name:20s} Spearman {row['spearman_vs_fp32']:.5f} max|diff| {row['max_abs_diff_vs_fp32']:.2g}")
     return 0
@@ -432,8 +440,7 @@ def main(argv=None) -> int:
     if args.provider:
         print("RESULT " + json.dumps(_one(args)))
         return 0
-    if args.fidelity:
-        return _fidelity_rows(args)
+
     if args.data:  # the first --rows rows of the files in order, in a temporary file outside the repository
         files = sorted({f for pattern in args.data for f in (glob.glob(pattern) or [pattern])})
         data = str(Path(tempfile.mkdtemp(prefix="fastmft-bench-score-")) / f"first-{args.rows}.jsonl")
@@ -450,6 +457,8 @@ def main(argv=None) -> int:
     else:
         data = _corpus(args.rows)
         data_name = f"synthetic-{args.rows}"
+    if args.fidelity:
+        return _fidelity_rows(args, data_name)
     # device name, versions, date, commit (the kernel harness's timing fields do not apply here)
     env = {
         k: v

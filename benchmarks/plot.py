@@ -400,18 +400,26 @@ def score_section(path: Path) -> list[str]:
     if not path.is_file():
         return []
     runs: dict[tuple, dict[str, dict]] = {}
+    fidelity: dict[tuple, dict] = {}  # bench_score --fidelity rows: Spearman of runs timed without a reference
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
             key = (r["data"], r["model"], r["max_length"], r["batch_size"], r["device"], r.get("threads"))
+            if r.get("kind") == "fidelity":
+                fidelity[(*key, r["provider"])] = r
+                continue
             runs.setdefault(key, {})[r["provider"]] = r  # a rerun of a provider replaces its earlier row
+    for key, by in runs.items():
+        for name, r in by.items():
+            if r.get("spearman_vs_fp32") is None and (*key, name) in fidelity:
+                r["spearman_vs_fp32"] = fidelity[(*key, name)]["spearman_vs_fp32"]
     lines = [
         "## fastmft score end to end (`benchmarks/results/score.jsonl`)",
         "",
         "Whole process, one fresh subprocess per provider: `fastmft-score` (the command), `naive` (random order, "
         "batches padded to max length, two encoder passes), `peer` (sentence-transformers style: length-sorted, "
-        "all embeddings in memory, typicality in numpy); `-int8` is the optional CPU mode (Spearman of its "
-        "scores against fp32 shown).",
+        "all embeddings in memory, typicality in numpy); `-fp32`/`-bf16`/`-int8`: `--precision`, `st-*`: "
+        "sentence-transformers' encode (Spearman of the scores against fastmft fp32 shown where measured).",
         "",
     ]
     for (data, model, max_len, batch, device, threads), by in runs.items():

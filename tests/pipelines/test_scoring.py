@@ -79,6 +79,7 @@ def test_in_memory_and_streaming_give_the_same_scores(tiny, tmp_path, num_protot
         device="cpu",
         threads=1,
         progress=False,
+        precision="fp32",  # as score_dataset's default (the command's follows the CPU)
     )
     assert score_files(cfg, model=model, tokenizer=tok).scored == len(rows)
     out = pq.read_table(cfg.output).to_pydict()
