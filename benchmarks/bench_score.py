@@ -12,8 +12,9 @@ Providers (one timed call = score every row of the corpus, from the JSONL file t
   longest row, every embedding held in memory, prototypes and typicality in numpy.
 ``items`` = rows, so results carry rows/s. Mode ``inference-fp32`` on CPU, ``inference-bf16`` on CUDA.
 
-``python -m benchmarks.bench_score --data FILE.jsonl --rows N --model minilm`` measures the three
-providers once each in fresh subprocesses (wall time, rows/s and peak RSS of the whole process, which
+``python -m benchmarks.bench_score --data FILE.jsonl --rows N --model minilm`` measures the
+providers (default: the three above; also ``fastmft-score-fp32|bf16|int8`` and ``st-fp32|bf16``)
+in fresh subprocesses, ``--repeat`` rounds interleaved (wall time, rows/s and peak RSS of the whole process, which
 the harness cannot see: it counts torch allocations only) and appends rows to
 ``runs/bench/score.jsonl`` (untracked; ``--record``: the committed ``benchmarks/results/score.jsonl``). The data is read from the given file and never copied.
 """
@@ -281,7 +282,14 @@ def cases(scale: str, device) -> Iterable[Case]:
             mode,
             size,
             lambda b=bound, name=size["model"], workdir=workdir: fastmft_pipeline(
-                b["path"], b["n"], name, workdir=workdir, model=b["model"], tok=b["tok"], **b["common"]
+                b["path"],
+                b["n"],
+                name,
+                workdir=workdir,
+                model=b["model"],
+                tok=b["tok"],
+                precision=mode.split("-")[1],  # the mode's, as the baselines run: not the CPU's default
+                **b["common"],
             ),
             items=n,
         )
