@@ -108,9 +108,7 @@ class Int8Linear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features).float()
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
         q = torch.round(rows / scale).clamp_(-127, 127).to(torch.int8)
-        if q.shape[0] <= 16:  # _int_mm wants more than 16 rows: pad (a tiny last batch)
-            q = torch.cat([q, q.new_zeros(17 - q.shape[0], q.shape[1])])
-        y = torch._int_mm(q, self.weight_int8)[: rows.shape[0]].float().mul_(scale).mul_(self.weight_scale)
+        y = torch._int_mm(q, self.weight_int8).float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
