@@ -44,7 +44,7 @@ def test_default_precision_follows_the_cpu(monkeypatch):
 
 
 def test_bad_precisions_are_refused():
-    with pytest.raises(ValueError, match="--precision must be one of fp32, bf16, int8"):
+    with pytest.raises(ValueError, match="`precision` must be one of fp32, bf16, int8"):
         P.resolve_precision("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="int8 is a CPU mode"):
         P.resolve_precision("int8", torch.device("cuda"))
@@ -54,7 +54,7 @@ def test_quantize_is_an_alias_of_precision_int8():
     assert P.merge_quantize_alias(None, "int8") == "int8"
     assert P.merge_quantize_alias("int8", "int8") == "int8"
     assert P.merge_quantize_alias("bf16", None) == "bf16"
-    with pytest.raises(ValueError, match="contradicts --precision bf16"):
+    with pytest.raises(ValueError, match="contradicts `precision` bf16"):
         P.merge_quantize_alias("bf16", "int8")
 
 
