@@ -289,6 +289,8 @@ def _cli_args(corpus, out):
         "--no-progress",
         "--domain-values",
         "books,electronics,kitchen",
+        "--precision",
+        "fp32",  # as config(): the in-process runs these are compared with
     ]
 
 
@@ -636,6 +638,8 @@ def test_quantize_int8_is_an_alias_of_precision_int8(corpus, tmp_path, capsys):
     assert api.precision == "int8"
     cli = _cli_args(corpus, tmp_path / "cli.parquet")
     cli[0] = str(path)
+    at = cli.index("--precision")
+    del cli[at : at + 2]
     assert main(["score", *cli, "--quantize", "int8"]) == 0
     assert "precision: int8 encoder" in capsys.readouterr().out
     assert read(tmp_path / "cli.parquet")["typicality"] == read(api.output)["typicality"]
