@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fastmft.cli import main
 from fastmft.data.synthetic import synthetic_corpus
@@ -36,6 +37,10 @@ def test_demo_data_then_typicality(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "== domain books: 8 rows" in printed and printed.count("most typical") == 2
+    from fastmft.runtime.precision import default_precision
+
+    ran = default_precision(torch.device("cpu"))  # the CPU's default: no --precision given
+    assert f"on cpu, {ran} encoder (pooling, prototypes and typicality in fp32)" in printed
     shown = [line for line in printed.splitlines() if line.startswith("    +") or line.startswith("    -")]
     assert len(shown) == 2 * 2 * 2, "2 domains x 2 ends x --top 2"
     for line in shown:
