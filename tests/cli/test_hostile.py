@@ -184,7 +184,7 @@ def test_scoring_batches_that_would_not_fit_in_memory_are_refused():
 
     task = ClassificationTask("cls:a", [[2, 7, 3]] * 4, [0, 1, 0, 1], 2, batch_size=4)
     check_scoring_memory([task], [task], m=2)  # a few hundred bytes
-    with pytest.raises(ValueError, match=r"--m, --batch-size"):
+    with pytest.raises(ValueError, match=r"`m`=.*`batch_size`="):
         check_scoring_memory([task], [task], m=10**12)
 
 

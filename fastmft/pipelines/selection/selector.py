@@ -317,9 +317,9 @@ def check_scoring_memory(sources: list[Task], targets: list[Task], m: int) -> No
     available = _available_memory()
     if available is not None and need > available / 2:
         raise ValueError(
-            f"m={m} batches of batch_size={max(t.batch_size for t in [*sources, *targets])} rows per task "
-            f"(--m, --batch-size) would hold about {need / 2**30:.1f} GiB of scoring batches per episode, more "
-            f"than half the {available / 2**30:.1f} GiB of memory available: lower --m or --batch-size"
+            f"`m`={m} batches of `batch_size`={max(t.batch_size for t in [*sources, *targets])} rows per task "
+            f"would hold about {need / 2**30:.1f} GiB of scoring batches per episode, more "
+            f"than half the {available / 2**30:.1f} GiB of memory available: lower `m` or `batch_size`"
         )
 
 

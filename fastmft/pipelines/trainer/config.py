@@ -79,7 +79,7 @@ class TrainConfig:
     )
     seed: int = _setting(0, "random seed of sampling, dropout, classifier initialisation and few-shot rows")
     device: str | None = _setting(None, "torch device (default: this rank's cuda device when available, else cpu)")
-    bf16: bool = _setting(True, "autocast to bfloat16 on CUDA (when --precision is not given)")
+    bf16: bool = _setting(True, "autocast to bfloat16 on CUDA (when `precision` is not given)")
     precision: str | None = _setting(
         None,
         "fp32 or bf16 (autocast, on CPU too) for the typicality pass and training (default: bf16 on CUDA, else fp32)",
