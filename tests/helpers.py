@@ -118,3 +118,20 @@ def tiny_bert(folder, words=(), *, layers=2, hidden=16, seed=0):
 # Two processes of a fastmft command under torchrun (gloo on CPU): the arguments after "-m".
 def two_process_command(command: str) -> list[str]:
     return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmft", command]
+
+
+def tiny_bert_corpus(root, n, *, domains=2, seed=0):
+    """A synthetic corpus of ``n`` rows written to ``root/rows.jsonl`` and a tiny BERT whose
+    vocabulary covers its words (``root/bert``): returns (bert folder, data file, rows)."""
+    import json
+    from pathlib import Path
+
+    from fastmft.data.synthetic import synthetic_corpus
+
+    root = Path(root)
+    rows = synthetic_corpus(n, domains=domains, seed=seed)
+    words = " ".join(r["text"] for r in rows).replace(".", " ").replace(",", " ").split()
+    bert = tiny_bert(root / "bert", words, layers=2, hidden=16)
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return bert, data, rows

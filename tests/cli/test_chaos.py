@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from fastmft.cli import main
-from fastmft.data.synthetic import synthetic_corpus
-from tests.helpers import tiny_bert
+from tests.helpers import tiny_bert_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 KILLS = int(os.environ.get("FASTMFT_CHAOS_KILLS", "2"))
@@ -27,11 +26,7 @@ KILLS = int(os.environ.get("FASTMFT_CHAOS_KILLS", "2"))
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("chaos")
-    rows = synthetic_corpus(48, domains=2, seed=1)
-    words = " ".join(r["text"] for r in rows).replace(".", " ").replace(",", " ").split()
-    bert = tiny_bert(root / "bert", words, layers=2, hidden=16)
-    data = root / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bert, data, rows = tiny_bert_corpus(root, 48, seed=1)
     big = root / "big.jsonl"  # score: enough rows that encoding takes a few seconds
     big.write_text("".join(json.dumps(dict(rows[i % len(rows)], id=f"r{i}")) + "\n" for i in range(3000)))
     return root, bert, data, big

@@ -19,10 +19,9 @@ import pytest
 import torch
 
 from fastmft.cli import main
-from fastmft.data.synthetic import synthetic_corpus
 from fastmft.pipelines.typicality import ScoreConfig, ScoreError, score_files
 from fastmft.pipelines.typicality import cache as score_cache
-from tests.helpers import tiny_bert
+from tests.helpers import tiny_bert_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,11 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    rows = synthetic_corpus(16, domains=2, seed=5)
-    words = " ".join(r["text"] for r in rows).replace(".", " ").replace(",", " ").split()
-    bert = tiny_bert(root / "bert", words, layers=2, hidden=16)
-    data = root / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bert, data, rows = tiny_bert_corpus(root, 16, seed=5)
     return root, bert, data, rows
 
 
