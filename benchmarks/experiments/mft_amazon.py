@@ -545,6 +545,21 @@ def render(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def add_cell_run_arguments(p: argparse.ArgumentParser, work: Path, results: Path) -> None:
+    """The options of an experiment's `run` command besides --cells (this runner's and typsel_amazon's)."""
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--work-dir", type=Path, default=work, help=f"checkpoints (default {work})")
+    p.add_argument("--results-dir", type=Path, default=results, help="cell JSON files go to RESULTS/<device kind>/")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="wall seconds for the whole process: no cell starts after, a running one checkpoints",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -561,17 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         default="primary",
         help="comma-separated groups (primary, secondary, fewshot, fewshot5/10/20, diagnostics, all) or cell names (full_seed0, s_fs5_seed2)",
     )
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help=f"checkpoints (default {DEFAULT_WORK})")
-    p.add_argument("--results-dir", type=Path, default=RESULTS, help="cell JSON files go to RESULTS/<device kind>/")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        help="wall seconds for the whole process: no cell starts after, a running one checkpoints",
-    )
-    p.add_argument("--no-progress", action="store_true")
+    add_cell_run_arguments(p, DEFAULT_WORK, RESULTS)
     ls = sub.add_parser("list", help="print the cells of --cells and whether each is done")
     ls.add_argument("--cells", default="all")
     ls.add_argument("--results-dir", type=Path, default=RESULTS)

@@ -396,15 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cells", default="registered", help="'registered' (the protocol's order) or cell names (top_seed0)"
     )
-    p.add_argument("--data-dir", type=Path, default=mft_amazon.DEFAULT_DATA)
-    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help=f"checkpoints (default {DEFAULT_WORK})")
-    p.add_argument("--results-dir", type=Path, default=RESULTS, help="cell JSON files go to RESULTS/<device kind>/")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument(
-        "--time-limit", type=float, help="wall seconds for the process: no cell starts after, a running one checkpoints"
-    )
-    p.add_argument("--no-progress", action="store_true")
+    mft_amazon.add_cell_run_arguments(p, DEFAULT_WORK, RESULTS)
     ls = sub.add_parser("list", help="print the cells of --cells and whether each is done")
     ls.add_argument("--cells", default="registered")
     ls.add_argument("--results-dir", type=Path, default=RESULTS)
