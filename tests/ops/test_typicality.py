@@ -75,6 +75,20 @@ def test_zero_vectors_use_the_epsilon_contract(rng):
     assert t[0] == 0 and torch.isfinite(t).all()
 
 
+def test_cosine_below_eps_shrinks_with_the_norm(rng):
+    """|x| < 1e-8: cos(x, c) = |x| / 1e-8 times the direction's cosine (the eps contract, not
+    scale-free), so rows scaled by 1e-30 get 1e-22 |x| times the typicality of their direction."""
+    e, y, d = rows(30, 8, 2, 3, rng)
+    P = fastmft.class_prototypes(e, y, d, 2, 3)
+    tiny = e * 1e-30
+    t = fastmft.typicality(tiny, y, d, P).double()
+    direction = typicality64(e, y, d, P.centers, P.counts, 0.5)
+    expected = typicality64(tiny, y, d, P.centers, P.counts, 0.5)
+    norms = tiny.double().norm(dim=1)
+    assert torch.allclose(expected, norms / 1e-8 * direction, rtol=1e-6, atol=0)  # the oracle itself
+    assert torch.allclose(t, expected, rtol=1e-5, atol=0)  # float32: relative, the values are ~1e-22
+
+
 def test_large_n_is_chunked_exactly(rng, monkeypatch):
     import fastmft.ops.reference as ref
 
