@@ -55,7 +55,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     for name, (module, help) in COMMANDS.items():
         if name == command:
+            from .options import add_config_argument
+
             importlib.import_module(f"{__name__}.{module}").register_cli(sub, help)
+            add_config_argument(sub.choices[name])
             for action in sub.choices[name]._actions:  # argparse prints no help line (nor default) without help
                 if action.help is None and _has_default(action):
                     action.help = "(default: %(default)s)"
@@ -67,10 +70,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 _FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
 def flag_names(parser: argparse.ArgumentParser, command: str) -> Callable[[str], str]:
     """The library's messages name a setting by its field, as `max_length`; at the command line
     they name the flag that sets it (--max-length). Fields the command has no flag for stay as they are."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    sub = _subparser(parser, command)
     flags = {a.dest: max(a.option_strings, key=len) for a in sub._actions if a.option_strings}
     return lambda message: _FIELD.sub(lambda m: flags.get(m.group(1), m.group(0)), message)
 
@@ -96,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
+    if command in COMMANDS:
+        from .options import apply_config_file
+
+        try:  # --config FILE: its settings become the defaults, which the command line overrides
+            apply_config_file(_subparser(parser, command), argv[argv.index(command) + 1 :])
+        except ValueError as err:
+            print(f"fastmft {command}: error: {flag_names(parser, command)(str(err))}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     in_flags = flag_names(parser, args.command)
     from fastmft.pipelines.plots import MissingMatplotlib

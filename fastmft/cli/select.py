@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastmft.pipelines.selection.config import SelectConfig
+
+from .options import add_settings, config_from_args
+
 
 def _run_cli(args) -> int:
     from fastmft.runtime.files import claim_run_folder
 
-    if args.episodes < 0:
-        raise ValueError(f"--episodes must be >= 0, got {args.episodes}")
-    lock = claim_run_folder(Path(args.output_dir), "`output_dir`", legacy="checkpoint")
+    cfg = config_from_args(SelectConfig, args)
+    lock = claim_run_folder(Path(cfg.output_dir), "`output_dir`", legacy="checkpoint")
     try:
-        return _select(args, Path(args.output_dir))
+        return _select(cfg, Path(cfg.output_dir))
     finally:
         lock.close()
 
 
-def _select(args, out: Path) -> int:
+def _select(cfg: SelectConfig, out: Path) -> int:
     import collections
 
     import torch
@@ -29,30 +32,30 @@ def _select(args, out: Path) -> int:
 
     from ..data import Columns, prepare
 
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    encoder, tokenizer = load_backbone(args.backbone, trust_remote_code=args.trust_remote_code)
-    check_max_length(encoder, args.max_length)
-    columns = Columns(args.text_column, args.label_column, args.domain_column, args.text_pair_column)
-    data = prepare(args.data or synthetic_dataset(), tokenizer, columns, max_length=args.max_length)
-    if args.agnostic:
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    encoder, tokenizer = load_backbone(cfg.backbone, trust_remote_code=cfg.trust_remote_code)
+    check_max_length(encoder, cfg.max_length)
+    columns = Columns(cfg.text_column, cfg.label_column, cfg.domain_column, cfg.text_pair_column)
+    data = prepare(cfg.data or synthetic_dataset(), tokenizer, columns, max_length=cfg.max_length)
+    if cfg.agnostic:
         target = None
-    elif args.target_domain is None:
+    elif cfg.target_domain is None:
         target = len(data.domain_vocab) - 1
     else:
-        target = data.domain_vocab.encode(args.target_domain)
+        target = data.domain_vocab.encode(cfg.target_domain)
     sources, targets = build_tasks(
         data.dataset,
         tokenizer,
         data.domain_vocab,
         len(data.label_vocab),
         target_domain=target,
-        sources=args.sources.split(","),
-        batch_size=args.batch_size,
-        split_column=args.split_column,
-        unlabeled_splits=None if args.unlabeled_splits == "all" else args.unlabeled_splits.split(","),
+        sources=cfg.sources,
+        batch_size=cfg.batch_size,
+        split_column=cfg.split_column,
+        unlabeled_splits=None if cfg.unlabeled_splits == "all" else cfg.unlabeled_splits.split(","),
     )
     for task in [*sources, *(targets or [])]:  # batches are drawn with replacement: more rows only repeat
         if task.batch_size > len(task.input_ids):
@@ -65,13 +68,13 @@ def _select(args, out: Path) -> int:
         model,
         sources,
         targets,
-        inner_lr=args.inner_lr,
-        lr=args.lr,
-        m=args.m,
-        n=args.n,
-        epsilon=args.epsilon,
-        seed=args.seed,
-        inner=args.inner,
+        inner_lr=cfg.inner_lr,
+        lr=cfg.lr,
+        m=cfg.m,
+        n=cfg.n,
+        epsilon=cfg.epsilon,
+        seed=cfg.seed,
+        inner=cfg.inner,
     )
     print(
         f"task selection ({selector.mode}): sources {[s.name for s in sources]}, targets {[t.name for t in targets or []]}, on {device}"
@@ -84,7 +87,7 @@ def _select(args, out: Path) -> int:
         flush=True,
     )
     history = selector.run(
-        args.episodes, log=out / "episodes.jsonl", checkpoint=out / "checkpoint", progress=not args.no_progress
+        cfg.episodes, log=out / "episodes.jsonl", checkpoint=out / "checkpoint", progress=cfg.progress
     )
     picks = collections.Counter(e.chosen for e in history)
     scoring, training = sum(e.scoring_s for e in history), sum(e.training_s for e in history)
@@ -97,53 +100,6 @@ def _select(args, out: Path) -> int:
 
 def register_cli(subparsers, help: str) -> None:
     """Add ``fastmft select`` to the fastmft command line."""
-    from .options import (
-        add_backbone_arguments,
-        add_column_arguments,
-        add_encoder_arguments,
-        add_runtime_arguments,
-        positive_float,
-        positive_int,
-    )
-
     p = subparsers.add_parser("select", help=help)
-    p.add_argument(
-        "--data", help="multi-domain data (JSONL/CSV/Parquet/saved dataset; default: the embedded synthetic corpus)"
-    )
-    add_column_arguments(p)
-    p.add_argument(
-        "--split-column",
-        default="split",
-        help="train rows feed the source tasks, the target domain's dev rows the target (when the column exists)",
-    )
-    p.add_argument(
-        "--unlabeled-splits",
-        default="train",
-        help="comma-separated splits whose texts feed mlm and shuffle (default train; 'all': every row, dev and test included)",
-    )
-    p.add_argument("--target-domain", help="downstream-aware target (default: the last domain)")
-    p.add_argument("--agnostic", action="store_true", help="downstream-agnostic: the targets are the sources")
-    p.add_argument(
-        "--sources", default="mlm,domains", help="comma-separated: mlm, shuffle, domains (default mlm,domains)"
-    )
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--m", type=positive_int, default=2, help="batches per task for scoring (M)")
-    p.add_argument("--n", type=positive_int, default=4, help="training batches of the chosen task per episode (N)")
-    p.add_argument("--epsilon", type=float, default=0.1)
-    p.add_argument("--inner-lr", type=positive_float, default=1e-3, help="alpha of the inner step")
-    p.add_argument(
-        "--inner",
-        choices=("sgd", "adam"),
-        default="sgd",
-        help="inner step: sgd (alpha = --inner-lr) or adam (the real AdamW step's look-ahead: its lr, its preconditioning)",
-    )
-    p.add_argument("--lr", type=positive_float, default=2e-5, help="AdamW learning rate of the real training")
-    add_encoder_arguments(
-        p, "select", seed_help="seed of task sampling, batches, dropout and the heads' initialisation"
-    )
-    add_backbone_arguments(p)
-    add_runtime_arguments(p)
-    p.add_argument(
-        "--output-dir", default="runs/select", help="episode log and checkpoint; an existing checkpoint is resumed"
-    )
+    add_settings(p, SelectConfig)
     p.set_defaults(func=_run_cli)

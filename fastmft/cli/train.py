@@ -7,26 +7,59 @@ not config fields: the data, the backbone, the output, and --method, which names
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
-import types
-import typing
+from dataclasses import dataclass
 from pathlib import Path
 
+from fastmft.data.synthetic import SYNTHETIC_PER_DOMAIN
+
 # Only the torch-free config is imported here, so that `fastmft train --help` does not load torch.
-from fastmft.pipelines.trainer.config import METHOD_NAMES, METHODS, TrainConfig, method_key, option_name
+from fastmft.pipelines.trainer.config import METHOD_NAMES, METHODS, TrainConfig, method_key
+from fastmft.runtime.settings import (
+    backbone_setting,
+    column_settings,
+    setting,
+    threads_setting,
+    trust_remote_code_setting,
+)
 
 # --method takes several methods, one run each, so it is declared with the other options here.
 _NOT_OPTIONS = {"method"}
 
 
+@dataclass
+class TrainRun:
+    """The options of ``fastmft train`` that are not TrainConfig fields: the data, the backbone, the output."""
+
+    data: str | None = setting(
+        None, "JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the synthetic corpus)"
+    )
+    eval_data: str | None = setting(
+        None, "evaluation rows (default: the rows of `data` whose split column is `eval_split`)"
+    )
+    train_split: str = setting("train", "value of the split column that marks training rows")
+    eval_split: str = setting("test", "value of the split column that marks evaluation rows")
+    split_column: str = setting("split", "column that tells training from evaluation rows")
+    text_column: str = column_settings()["text_column"]
+    text_pair_column: str | None = column_settings()["text_pair_column"]
+    label_column: str = column_settings()["label_column"]
+    domain_column: str = column_settings()["domain_column"]
+    synthetic_per_domain: int = setting(SYNTHETIC_PER_DOMAIN, "rows per domain of the synthetic corpus", low=1)
+    backbone: str | None = backbone_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
+    threads: int | None = threads_setting()
+    output_dir: str | None = setting(
+        None, "metrics.jsonl, checkpoints, result.json per method (an existing run resumes)"
+    )
+    metric: str = setting("accuracy", "the score of the table", choices=("accuracy", "macro_f1"))
+    json: bool = setting(False, "also print the results as one JSON line per method")
+
+
 def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     """Add ``train`` to the ``fastmft`` command's subparsers."""
-    from fastmft.data.synthetic import SYNTHETIC_PER_DOMAIN
-
-    from .options import add_backbone_arguments, add_column_arguments, add_threads_argument
+    from .options import add_settings
 
     p = subparsers.add_parser(
         "train",
@@ -37,73 +70,19 @@ def register_cli(subparsers, help: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--method", default=TrainConfig.method, help=f"comma-separated, from {', '.join(METHODS)}; e.g. full,s"
     )
-    p.add_argument(
-        "--data", help="JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the synthetic corpus)"
+    add_settings(p, TrainRun)
+    add_settings(
+        p.add_argument_group("training options (fastmft.pipelines.trainer.TrainConfig)"), TrainConfig, _NOT_OPTIONS
     )
-    p.add_argument(
-        "--eval-data", help="evaluation rows (default: the rows of --data whose split column is --eval-split)"
-    )
-    p.add_argument("--train-split", default="train", help="value of the split column that marks training rows")
-    p.add_argument("--eval-split", default="test", help="value of the split column that marks evaluation rows")
-    p.add_argument("--split-column", default="split", help="column that tells training from evaluation rows")
-    add_column_arguments(p)
-    p.add_argument(
-        "--synthetic-per-domain",
-        type=int,
-        default=SYNTHETIC_PER_DOMAIN,
-        help="rows per domain of the synthetic corpus",
-    )
-    add_backbone_arguments(p)
-    add_threads_argument(p)
-    p.add_argument("--output-dir", help="metrics.jsonl, checkpoints, result.json per method (an existing run resumes)")
-    p.add_argument("--metric", choices=("accuracy", "macro_f1"), default="accuracy", help="the score of the table")
-    p.add_argument("--json", action="store_true", help="also print the results as one JSON line per method")
-    _add_config_options(p.add_argument_group("training options (fastmft.pipelines.trainer.TrainConfig)"))
     p.set_defaults(func=_cli_train)
     return p
 
 
-def _add_config_options(group) -> None:
-    """One option per TrainConfig field: its type, default and help text. A boolean field is a
-    flag: --name sets a False default, --no-name clears a True one. A tuple is a comma list."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in _NOT_OPTIONS:
-            continue
-        kind, name, help = _value_type(hints[f.name]), option_name(f.name), f.metadata["help"]
-        if kind is bool:
-            flag, action = (f"--no-{name}", "store_false") if f.default else (f"--{name}", "store_true")
-            group.add_argument(flag, dest=f.name, action=action, help=f"do not {help}" if f.default else help)
-            continue
-        if typing.get_origin(kind) is tuple:
-            kind = _comma_list(typing.get_args(kind)[0])
-        metavar = name.upper().replace("-", "_")
-        group.add_argument(f"--{name}", dest=f.name, type=kind, default=f.default, metavar=metavar, help=help)
-
-
-def _value_type(hint):
-    """The type of a field's values: ``int`` for ``int | None``, the hint itself otherwise."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
-    return hint
-
-
-def _comma_list(kind):
-    """argparse type of a comma-separated list of ``kind`` values, as a tuple."""
-
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(x) for x in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be comma-separated {kind.__name__} values, got {text!r}") from None
-
-    return parse
-
-
 def config_from_args(args: argparse.Namespace, method: str) -> TrainConfig:
     """The TrainConfig of the parsed options (each field from its option), for ``method``."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - _NOT_OPTIONS
-    return TrainConfig(method=method, **{name: getattr(args, name) for name in fields})
+    from .options import config_from_args
+
+    return config_from_args(TrainConfig, args, method=method)
 
 
 def _cli_train(args: argparse.Namespace) -> int:

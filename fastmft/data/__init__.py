@@ -12,3 +12,7 @@ _EXPORTS = {
     ".sources": "SAMPLE_ROWS Source column_names count_rows decode_record iter_records load_table resolve_inputs",
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+
+# Tokens per row after truncation by default: the trainer's, fastmft typicality's and select's (and
+# tokenize's); fastmft score's long-review default is its own (ScoreConfig).
+MAX_LENGTH = 128

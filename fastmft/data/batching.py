@@ -12,6 +12,7 @@ import datasets
 import torch
 from torch.utils.data import Sampler
 
+from . import MAX_LENGTH
 from .schema import Columns, Vocab, encode_labels
 from .sources import load_table
 
@@ -55,7 +56,7 @@ def tokenize_texts(
 
 
 def tokenize(
-    ds: datasets.Dataset, tokenizer, columns: Columns, *, max_length: int = 128, num_proc: int | None = None
+    ds: datasets.Dataset, tokenizer, columns: Columns, *, max_length: int = MAX_LENGTH, num_proc: int | None = None
 ) -> datasets.Dataset:
     """Tokenise with ``.map(batched=True)`` (:func:`tokenize_texts`), truncating to ``max_length``
     and without padding (the collate pads per batch). Adds input_ids, attention_mask
@@ -81,7 +82,7 @@ def prepare(
     tokenizer,
     columns: Columns = Columns(),
     *,
-    max_length: int = 128,
+    max_length: int = MAX_LENGTH,
     split: str | None = None,
     label_vocab: Vocab | None = None,
     domain_vocab: Vocab | None = None,

@@ -11,9 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import datasets
 
-
-class DataError(ValueError):
-    """Input that cannot be used: an unreadable file, a missing column, a bad row."""
+from .errors import DataError
 
 
 class Reject(DataError):

@@ -6,7 +6,7 @@ from fastmft.cli import build_parser
 from fastmft.cli.score import config_from_args
 from fastmft.pipelines.typicality import ScoreConfig
 
-COMMAND_ONLY = {"help", "command", "func", "plot", "no_progress"}  # what the command itself uses
+COMMAND_ONLY = {"help", "command", "func", "plot", "config"}  # what the command itself uses
 
 
 def test_every_score_option_sets_the_config_field_of_its_name():

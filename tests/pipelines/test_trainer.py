@@ -424,10 +424,10 @@ def test_a_non_finite_loss_stops_training_naming_the_step(data, backbone, monkey
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--lam", "nan"], "lam (--lam) must be a finite number >= 0"),
-        (["--alpha", "1.5"], "alpha (--alpha) must be a finite number in [0, 1]"),
-        (["--lr", "-1"], "lr (--lr) must be a finite number > 0"),
-        (["--prototypes", "0"], "num_prototypes (--prototypes) must be an integer >= 1"),
+        (["--lam", "nan"], "argument --lam: must be a finite number >= 0"),
+        (["--alpha", "1.5"], "argument --alpha: must be a finite number in [0, 1]"),
+        (["--lr", "-1"], "argument --lr: must be a finite number > 0"),
+        (["--prototypes", "0"], "argument --prototypes: must be an integer >= 1"),
         (["--layers", "1.5"], "argument --layers: must be comma-separated int values, got '1.5'"),
         (["--layers", "9"], "--layers 9: the encoder has 3 layers"),
         (["--method", ","], "--method ',' names no method"),
@@ -457,7 +457,7 @@ def test_cli_options_are_made_from_the_config_fields(capsys):
 
     from fastmft.cli import build_parser
     from fastmft.cli.train import config_from_args
-    from fastmft.pipelines.trainer.config import option_name
+    from fastmft.runtime.settings import option_name
 
     parser = build_parser("train")
     assert config_from_args(parser.parse_args(["train"]), "full") == trainer.TrainConfig()
@@ -471,8 +471,9 @@ def test_cli_options_are_made_from_the_config_fields(capsys):
     for f in dataclasses.fields(trainer.TrainConfig):
         if f.name == "method":
             continue
-        flag = f"--no-{option_name(f.name)}" if f.default is True else f"--{option_name(f.name)}"
-        help = " ".join(f.metadata["help"].split())
+        name = option_name(trainer.TrainConfig, f.name)
+        flag = f"--no-{name}" if f.default is True else f"--{name}"
+        help = " ".join(re.sub("`([a-z_]+)`", lambda m: f"--{m[1].replace('_', '-')}", f.metadata["help"]).split())
         assert f"{flag} " in shown and help in shown, f.name
         if f.default is not None and not isinstance(f.default, bool):  # 0 included
             assert f"{help} (default: {f.default})" in shown, f.name

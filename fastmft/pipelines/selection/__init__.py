@@ -7,6 +7,7 @@ from fastmft._lazy import lazy_exports
 
 # defining module (relative to this package) -> the public names it exports
 _EXPORTS = {
+    ".config": "SelectConfig",
     ".selector": "Episode TaskSelector",
     ".tasks": "ClassificationTask MaskedLMTask MultiTaskModel Task TokenShuffleTask build_tasks",
     ".utility": "TaskUtilityScorer clone_task_utility hf_loss",

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fastmft.runtime.files import CheckpointDir, trim_lines
 
+from .config import SelectConfig
 from .tasks import MultiTaskModel, Task
 from .utility import TaskUtilityScorer
 
@@ -63,14 +64,14 @@ class TaskSelector:
         sources: Sequence[Task],
         targets: Sequence[Task] | None = None,
         *,
-        inner_lr: float = 1e-3,
-        lr: float = 2e-5,
-        m: int = 2,
-        n: int = 4,
-        epsilon: float = 0.1,
-        seed: int = 0,
+        inner_lr: float = SelectConfig.inner_lr,
+        lr: float = SelectConfig.lr,
+        m: int = SelectConfig.m,
+        n: int = SelectConfig.n,
+        epsilon: float = SelectConfig.epsilon,
+        seed: int = SelectConfig.seed,
         max_grad_norm: float = 1.0,
-        inner: str = "sgd",
+        inner: str = SelectConfig.inner,
     ):
         if not sources:
             raise ValueError("at least one source task is needed")

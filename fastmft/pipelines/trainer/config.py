@@ -5,8 +5,10 @@ field with its help text, from which ``fastmft train`` builds its options) and
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
+
+from fastmft.data import MAX_LENGTH
+from fastmft.runtime.settings import check_settings, setting
 
 METHODS = ("s", "mix", "mtl", "adv", "dc", "tw", "full")
 METHOD_NAMES = {
@@ -36,64 +38,67 @@ def method_key(name: str) -> str:
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} ({', '.join(METHOD_NAMES.values())})")
 
 
-def _setting(default, help: str, option: str | None = None):
-    """A config field with its help text; ``option``: its command-line name when not the field's."""
-    return field(default=default, metadata={"help": help, "option": option})
-
-
-def option_name(field_name: str) -> str:
-    """The ``fastmft train`` option of a :class:`TrainConfig` field, without the leading dashes."""
-    option = TrainConfig.__dataclass_fields__[field_name].metadata.get("option")
-    return option or field_name.replace("_", "-")
-
-
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one run. Defaults follow the paper (alpha 0.5, lambda 0.1, 1 MFT epoch,
     2 fine-tuning epochs) with the learning rate raised for the small default backbone."""
 
-    method: str = _setting("full", f"one of {', '.join(METHODS)} (or a name such as 'MFT(Full)')")
-    mft_epochs: int = _setting(1, "MFT epochs over all domains (dc, tw, full)")
-    epochs: int = _setting(2, "fine-tuning epochs: per domain (s and the MFT methods), pooled (mix, mtl, adv)")
-    batch_size: int = _setting(32, "global batch size (split over the ranks under torch.distributed)")
-    lr: float = _setting(5e-5, "peak learning rate (AdamW, linear warmup then linear decay per phase)")
-    mft_lr: float | None = _setting(None, "learning rate of the MFT epochs (default: the learning rate `lr`)")
-    weight_decay: float = _setting(0.01, "AdamW weight decay of the weight matrices")
-    warmup_ratio: float = _setting(0.1, "fraction of each phase's steps spent warming up the learning rate")
-    max_grad_norm: float = _setting(1.0, "gradient clipping norm (0: no clipping)")
-    alpha: float = _setting(0.5, "typicality: weight of the own-domain prototype against the other domains'")
-    lam: float = _setting(0.1, "weight lambda of the domain-corruption loss L_SDC")
-    layers: tuple[int, ...] | None = _setting(
+    method: str = setting("full", f"one of {', '.join(METHODS)} (or a name such as 'MFT(Full)')")
+    mft_epochs: int = setting(1, "MFT epochs over all domains (dc, tw, full)", low=0)
+    epochs: int = setting(2, "fine-tuning epochs: per domain (s and the MFT methods), pooled (mix, mtl, adv)", low=0)
+    batch_size: int = setting(32, "global batch size (split over the ranks under torch.distributed)", low=1)
+    lr: float = setting(
+        5e-5, "peak learning rate (AdamW, linear warmup then linear decay per phase)", low=0.0, low_open=True
+    )
+    mft_lr: float | None = setting(
+        None, "learning rate of the MFT epochs (default: the learning rate `lr`)", low=0.0, low_open=True
+    )
+    weight_decay: float = setting(0.01, "AdamW weight decay of the weight matrices", low=0.0)
+    warmup_ratio: float = setting(
+        0.1, "fraction of each phase's steps spent warming up the learning rate", low=0.0, high=1.0
+    )
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0: no clipping)", low=0.0)
+    alpha: float = setting(
+        0.5, "typicality: weight of the own-domain prototype against the other domains'", low=0.0, high=1.0
+    )
+    lam: float = setting(0.1, "weight lambda of the domain-corruption loss L_SDC", low=0.0)
+    layers: tuple[int, ...] | None = setting(
         None, "skip layers L_s, 1-based, comma-separated (default: thirds of the depth)"
     )
-    num_prototypes: int = _setting(1, "typicality prototypes per (domain, label) cell, J", option="prototypes")
-    adv_weight: float = _setting(0.1, "weight of BERT(Adv)'s domain loss (gradient reversal coefficient 1)")
-    few_shot: float = _setting(1.0, "fraction of each domain's training rows, stratified by label (e.g. 0.05)")
-    placebo: bool = _setting(False, "diagnostic: permute typicality within each domain (keeps per-domain weights only)")
-    max_length: int = _setting(128, "maximum tokens per row")
-    pair_join: bool = _setting(
+    num_prototypes: int = setting(1, "typicality prototypes per (domain, label) cell, J", option="prototypes", low=1)
+    adv_weight: float = setting(0.1, "weight of BERT(Adv)'s domain loss (gradient reversal coefficient 1)", low=0.0)
+    few_shot: float = setting(
+        1.0,
+        "fraction of each domain's training rows, stratified by label (e.g. 0.05)",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    )
+    placebo: bool = setting(False, "diagnostic: permute typicality within each domain (keeps per-domain weights only)")
+    max_length: int = setting(MAX_LENGTH, "maximum tokens per row", low=2)
+    pair_join: bool = setting(
         False, "join text and text pair into one text with the tokenizer's separator (word pairs)"
     )
-    dropout: float | None = _setting(
+    dropout: float | None = setting(
         None, "override the encoder's dropout probabilities (0 for exact DDP parity; default: the model's)"
     )
-    seed: int = _setting(0, "random seed of sampling, dropout, classifier initialisation and few-shot rows")
-    device: str | None = _setting(None, "torch device (default: this rank's cuda device when available, else cpu)")
-    bf16: bool = _setting(True, "autocast to bfloat16 on CUDA (when `precision` is not given)")
-    precision: str | None = _setting(
+    seed: int = setting(0, "random seed of sampling, dropout, classifier initialisation and few-shot rows")
+    device: str | None = setting(None, "torch device (default: this rank's cuda device when available, else cpu)")
+    bf16: bool = setting(True, "autocast to bfloat16 on CUDA (when `precision` is not given)")
+    precision: str | None = setting(
         None,
         "fp32 or bf16 (autocast, on CPU too) for the typicality pass and training (default: bf16 on CUDA, else fp32)",
     )
-    log_every: int = _setting(10, "steps between metric lines (0: none)")
-    checkpoint_every: int = _setting(0, "steps between mid-epoch checkpoints (0: at the end of each epoch only)")
-    stop_after_steps: int | None = _setting(
+    log_every: int = setting(10, "steps between metric lines (0: none)", low=0)
+    checkpoint_every: int = setting(0, "steps between mid-epoch checkpoints (0: at the end of each epoch only)", low=0)
+    stop_after_steps: int | None = setting(
         None, "checkpoint and stop after this many steps in all (resume later; default: no limit)"
     )
-    stop_after_seconds: float | None = _setting(
+    stop_after_seconds: float | None = setting(
         None, "time box: checkpoint and stop once this run took this long (resume later; default: no limit)"
     )
-    save_models: bool = _setting(False, "keep each final (per-domain) model as safetensors in output_dir/models")
-    progress: bool = _setting(True, "show progress bars")
+    save_models: bool = setting(False, "keep each final (per-domain) model as safetensors in output_dir/models")
+    progress: bool = setting(True, "show progress bars")
 
     def __post_init__(self):
         self.method = method_key(self.method)
@@ -103,49 +108,7 @@ class TrainConfig:
             ):
                 raise ValueError(f"`layers` must be 1-based integer layer numbers, got {self.layers!r}")
             self.layers = tuple(self.layers)
-        ints = {
-            "mft_epochs": 0,
-            "epochs": 0,
-            "batch_size": 1,
-            "num_prototypes": 1,
-            "max_length": 2,
-            "log_every": 0,
-            "checkpoint_every": 0,
-        }
-        for name, low in ints.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} (--{option_name(name)}) must be an integer >= {low}, got {value!r}")
-        # (low, high, low open): every float must be finite and in its range (NaN fails every comparison)
-        ranges = {
-            "lr": (0.0, math.inf, True),
-            "weight_decay": (0.0, math.inf, False),
-            "warmup_ratio": (0.0, 1.0, False),
-            "max_grad_norm": (0.0, math.inf, False),
-            "alpha": (0.0, 1.0, False),
-            "lam": (0.0, math.inf, False),
-            "adv_weight": (0.0, math.inf, False),
-            "few_shot": (0.0, 1.0, True),
-        }
-        for name, (low, high, open_low) in ranges.items():
-            value = getattr(self, name)
-            ok = (
-                isinstance(value, (int, float))
-                and math.isfinite(value)
-                and (value > low if open_low else value >= low)
-                and value <= high
-            )
-            if not ok:
-                span = (
-                    f"{'(' if open_low else '['}{low:g}, {high:g}]"
-                    if high < math.inf
-                    else f"{'>' if open_low else '>='} {low:g}"
-                )
-                raise ValueError(
-                    f"{name} (--{option_name(name)}) must be a finite number {'in ' if high < math.inf else ''}{span}, got {value!r}"
-                )
-        if self.mft_lr is not None and not (math.isfinite(self.mft_lr) and self.mft_lr > 0):
-            raise ValueError(f"`mft_lr` must be a finite number > 0, got {self.mft_lr!r}")
+        check_settings(self)
         if self.precision not in (None, "fp32", "bf16"):
             hint = "; int8 is a scoring mode (fastmft score, typicality)" if self.precision == "int8" else ""
             raise ValueError(f"`precision` must be fp32 or bf16, got {self.precision!r}{hint}")

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from fastmft.data import MODEL_INPUTS, Columns, Vocab, check_columns, encode_labels, load_table, tokenize
+from fastmft.data import MAX_LENGTH, MODEL_INPUTS, Columns, Vocab, check_columns, encode_labels, load_table, tokenize
 
 
 @dataclass
@@ -63,7 +63,7 @@ def load_data(
     train_split: str | None = "train",
     eval_split: str | None = "test",
     split_column: str = "split",
-    max_length: int = 128,
+    max_length: int = MAX_LENGTH,
     pair_join: bool = False,
     few_shot: float = 1.0,
     seed: int = 0,

@@ -15,8 +15,7 @@ from fastmft._lazy import lazy_exports
 
 # defining module (relative to this package) -> the public names it exports
 _EXPORTS = {
-    ".config": "ScoreConfig ScoreSummary",
-    ".core": "ScoreError",
+    ".config": "ScoreConfig ScoreError ScoreSummary TypicalityConfig",
     ".memory": "TypicalityScores score_dataset",
     ".stream": "score_files",
 }

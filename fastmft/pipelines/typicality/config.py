@@ -1,55 +1,91 @@
-"""The options of the streaming pipeline (``fastmft score`` and :func:`score_files`), checked
-before any work, and its summary."""
+"""The settings of the typicality commands, checked before any work: :class:`ScoreConfig` (the
+streaming pipeline, ``fastmft score`` and :func:`score_files`) and :class:`TypicalityConfig` (``fastmft
+typicality``), each field declared once with its help text (fastmft.runtime.settings), from which the
+commands make their options; and the summary of a streaming run. Torch-free: ``--help`` imports it."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from fastmft.data import Columns, Source
+from fastmft.data import MAX_LENGTH
+from fastmft.data.errors import DataError
+from fastmft.data.synthetic import SYNTHETIC_PER_DOMAIN
 from fastmft.runtime.files import check_writable
+from fastmft.runtime.settings import (
+    backbone_setting,
+    check_settings,
+    column_settings,
+    device_setting,
+    precision_setting,
+    progress_setting,
+    quantize_setting,
+    setting,
+    threads_setting,
+    trust_remote_code_setting,
+)
 
-from .core import ScoreError
+if TYPE_CHECKING:
+    from fastmft.data import Columns, Source
+
+
+class ScoreError(DataError):
+    """A problem with the input or the command (bad row under --strict, cache of another command,
+    a non-finite embedding or score)."""
+
+
+_ALPHA = "weight of the own-domain prototype against the other domains'"
+_PROTOTYPES = "prototypes per (domain, label) cell, J"
 
 
 @dataclass
 class ScoreConfig:
-    inputs: list[str]
-    output: str
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    domain_column: str = "domain"
-    id_column: str | None = None
-    label_values: list[str] | None = None
-    domain_values: list[str] | None = None
-    format: str | None = None
-    backbone: str | None = None
-    trust_remote_code: bool = False
-    max_length: int = 256
-    batch_size: int = 64
-    chunk_rows: int = 4096
-    alpha: float = 0.5
-    prototypes: int = 1
-    temperature: float = 0.1
-    seed: int = 0
-    precision: str | None = (
-        None  # the encoder's: fp32 | bf16 | int8 (None: the device's default, fastmft.runtime.precision)
+    inputs: list[str] = setting(
+        help="JSONL/CSV/Parquet files, globs of shards (quote them), or saved-dataset folders",
+        positional=True,
+        metavar="INPUT",
     )
-    quantize: str | None = None  # the old name of precision="int8", kept as an alias
-    cache_dir: str | None = None
-    rejects: str | None = None
-    report: str | None = None
-    top_k: int = 10
-    strict: bool = False
-    restart: bool = False
-    keep_cache: bool = False
-    device: str | None = None
-    threads: int | None = None
-    progress: bool = True
+    output: str = setting(help="output Parquet file: id, domain, label, typicality per accepted row", short="-o")
+    text_column: str = column_settings()["text_column"]
+    text_pair_column: str | None = column_settings()["text_pair_column"]
+    label_column: str = column_settings()["label_column"]
+    domain_column: str = column_settings()["domain_column"]
+    id_column: str | None = setting(
+        None,
+        "row identifier, written as text (default: the input's 'id' column when it has one, else the 0-based row index)",
+    )
+    label_values: list[str] | None = setting(None, "comma-separated labels (default: inferred in a first cheap pass)")
+    domain_values: list[str] | None = setting(None, "comma-separated domains (default: inferred in a first cheap pass)")
+    format: str | None = setting(
+        None, "input format (default: from the file suffix)", choices=("json", "csv", "parquet")
+    )
+    backbone: str | None = backbone_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
+    # long reviews, encoded for throughput in large inference batches
+    max_length: int = setting(256, "tokens per row after truncation", low=2)
+    batch_size: int = setting(64, "rows per batch", low=1)
+    chunk_rows: int = setting(4096, "rows per length-sorting window and cache chunk, the unit of resume", low=1)
+    alpha: float = setting(0.5, _ALPHA, low=0.0, high=1.0)
+    prototypes: int = setting(1, _PROTOTYPES, low=1)
+    temperature: float = setting(0.1, "soft membership temperature for J > 1", low=0.0, low_open=True)
+    seed: int = setting(0, "seed of the multi-prototype k-means (J > 1)")
+    # fp32 | bf16 | int8 (None: the device's default, fastmft.runtime.precision)
+    precision: str | None = precision_setting()
+    quantize: str | None = quantize_setting()
+    cache_dir: str | None = setting(None, "cache and resume folder (default: OUTPUT.score-cache)")
+    rejects: str | None = setting(
+        None, "rejected rows as JSON lines with file, line, reason (default: OUTPUT.rejects.jsonl)"
+    )
+    report: str | None = setting(None, "write the top/bottom-k rows per domain to this JSON file")
+    top_k: int = setting(10, "rows per domain and end in `report`", low=1)
+    strict: bool = setting(False, "a bad row is an error instead of a reject")
+    restart: bool = setting(False, "discard the cache of an earlier, different command")
+    keep_cache: bool = setting(False, "keep the embedding cache after success")
+    device: str | None = device_setting()
+    threads: int | None = threads_setting()
+    progress: bool = progress_setting()
 
     # the fields that change the result: they key the cache
     _KEYED = (
@@ -73,7 +109,13 @@ class ScoreConfig:
         "strict",
     )
 
+    def __post_init__(self):
+        """Every setting, before any work; each error names its field (the command line shows the flag)."""
+        check_settings(self, ScoreError)
+
     def columns(self) -> Columns:
+        from fastmft.data import Columns
+
         return Columns(self.text_column, self.label_column, self.domain_column, self.text_pair_column, self.id_column)
 
     def cache_path(self) -> Path:
@@ -81,6 +123,45 @@ class ScoreConfig:
 
     def rejects_path(self) -> Path:
         return Path(self.rejects) if self.rejects else Path(str(self.output) + ".rejects.jsonl")
+
+
+@dataclass
+class TypicalityConfig:
+    """``fastmft typicality``: score a corpus in memory and show its most and least typical rows."""
+
+    data: str | None = setting(
+        None,
+        "JSONL/CSV/Parquet file(s) or glob, or a saved dataset folder (default: the embedded synthetic corpus)",
+    )
+    split: str | None = setting(None, "keep only rows whose 'split' column equals this")
+    text_column: str = column_settings()["text_column"]
+    text_pair_column: str | None = column_settings()["text_pair_column"]
+    label_column: str = column_settings()["label_column"]
+    domain_column: str = column_settings()["domain_column"]
+    id_column: str | None = setting(None, "row identifier to print and save (default: the row number)")
+    backbone: str | None = backbone_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
+    alpha: float = setting(0.5, _ALPHA, low=0.0, high=1.0)
+    prototypes: int = setting(1, _PROTOTYPES, low=1)
+    max_length: int = setting(MAX_LENGTH, "tokens per row after truncation", low=2)
+    batch_size: int = setting(32, "rows per batch", low=1)
+    seed: int = setting(0, "seed of the multi-prototype k-means (J > 1)")
+    precision: str | None = precision_setting()
+    quantize: str | None = quantize_setting()
+    top: int = setting(3, "instances to show per domain at each end", low=1)
+    synthetic_per_domain: int = setting(
+        SYNTHETIC_PER_DOMAIN, "rows per domain of the synthetic corpus without `data` (as fastmft train)", low=1
+    )
+    output: str | None = setting(None, "write {id, domain, label, typicality} per row as JSON lines")
+    plot: str | None = setting(
+        None, "draw the typicality distribution per domain into this PNG (needs matplotlib)", metavar="PNG"
+    )
+    device: str | None = device_setting()
+    threads: int | None = threads_setting()
+    progress: bool = progress_setting()
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 @dataclass
@@ -116,26 +197,6 @@ class ScoreSummary:
             + (f"\nrejects: {self.rejects}" if self.rejected else "")
             + (f"\nreport: {self.report}" if self.report else "")
         )
-
-
-def check_config(cfg: ScoreConfig) -> None:
-    """Every setting, before any work; each error names its field (the command line shows the flag)."""
-    for option, value, low in (
-        ("batch_size", cfg.batch_size, 1),
-        ("chunk_rows", cfg.chunk_rows, 1),
-        ("prototypes", cfg.prototypes, 1),
-        ("max_length", cfg.max_length, 2),
-        ("top_k", cfg.top_k, 1),
-        ("threads", cfg.threads or 1, 1),
-    ):
-        if not isinstance(value, int) or value < low:
-            raise ScoreError(f"`{option}` must be an integer >= {low}, got {value!r}")
-    if cfg.threads and cfg.threads > (os.cpu_count() or 1):
-        raise ScoreError(f"`threads` must be at most this machine's {os.cpu_count()} CPUs, got {cfg.threads}")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ScoreError(f"`alpha` must lie in [0, 1], got {cfg.alpha}")
-    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
-        raise ScoreError(f"`temperature` must be a finite number > 0, got {cfg.temperature}")
 
 
 def check_outputs(cfg: ScoreConfig, sources: Sequence[Source]) -> None:

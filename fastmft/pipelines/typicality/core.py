@@ -10,14 +10,11 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from fastmft.data import DataError, stream_seed
+from fastmft.data import stream_seed
 from fastmft.ops.functional import typicality
 from fastmft.ops.prototypes import MultiPrototypes, PrototypeAccumulator, Prototypes, multi_prototypes
 
-
-class ScoreError(DataError):
-    """A problem with the input or the command (bad row under --strict, cache of another command,
-    a non-finite embedding or score)."""
+from .config import ScoreError
 
 
 def check_finite(values, ids: Sequence, what: str) -> None:

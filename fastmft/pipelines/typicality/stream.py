@@ -94,7 +94,7 @@ from fastmft.ops.prototypes import MultiPrototypes, Prototypes
 from fastmft.runtime.files import atomic_json, atomic_write
 
 from . import cache as chunks
-from .config import ScoreConfig, ScoreSummary, check_config, check_outputs
+from .config import ScoreConfig, ScoreSummary, check_outputs
 from .core import ScoreError, accumulate, cell_prototypes, check_finite, score_rows
 from .embed import embed_batches, length_batches
 from .merge import merge
@@ -108,7 +108,7 @@ def score_files(cfg: ScoreConfig, *, model=None, tokenizer=None) -> ScoreSummary
     backbone (the cache key then uses ``cfg.backbone`` as given). Returns the summary (on every
     rank; the files are written by rank 0)."""
     t0 = time.perf_counter()
-    check_config(cfg)
+    cfg.__post_init__()  # checked again: a field may have been set after the config was made
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from fastmft.runtime.dist import Dist
