@@ -580,7 +580,7 @@ def test_bom_default_text_ids_and_a_rerun_summary(corpus, tmp_path):
         (["--output", "{file}/x.parquet"], "is a file, not a folder"),
         (["--output", "{locked}/x.parquet"], "is not writable"),
         (["--max-length", "129"], "--max-length 129 is more than the model's 128 positions"),
-        (["--prototypes", "2", "--temperature", "nan"], "--temperature must be a finite number > 0"),
+        (["--prototypes", "2", "--temperature", "nan"], "argument --temperature: must be a finite number > 0"),
         (["--device", "tpu9"], "--device 'tpu9' is not a device torch knows"),
         (["--device", "cuda"], "--device 'cuda': this torch build or machine has no CUDA device"),
         (["--threads", "-1"], "argument --threads: must be an integer >= 1"),
