@@ -20,7 +20,7 @@ import torch
 
 from fastmft.cli import main
 from fastmft.pipelines.typicality import ScoreConfig, ScoreError, score_files
-from fastmft.pipelines.typicality import cache as score_cache
+from fastmft.runtime import faults
 from tests.helpers import tiny_bert_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
 
 
 class Crash(Exception):
@@ -59,7 +59,7 @@ def _crash_at(point: str):
         if name == point:
             raise Crash(name)
 
-    score_cache.CRASH_HOOK = hook
+    faults.HOOK = hook
 
 
 def _cli(args, capsys) -> tuple[int, str]:
@@ -88,7 +88,7 @@ def test_a_crafted_merge_record_deletes_only_fastmfts_own_temporaries(setup, tmp
     _crash_at("score")  # a killed run: its cache is kept for the rerun
     with pytest.raises(Crash):
         score_files(cfg)
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
     victims = [tmp_path / "victim.txt", out.parent / "notes.txt", out.parent / ".scores.parquet.x.tmp"]
     for v in victims:
         v.write_text("not fastmft's")
@@ -256,7 +256,7 @@ def test_a_killed_run_that_encoded_nothing_does_not_block_another_command(setup,
     _crash_at("batch")  # killed before its first chunk was written
     with pytest.raises(Crash):
         score_files(_config(setup, out, alpha=0.3))
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
     assert score_files(_config(setup, out)).scored == len(setup[3])
 
 
