@@ -1,10 +1,12 @@
 """Meta-learned task selection: the known-answer case, agnostic mode, repeatability, utilities
-against the deepcopy computation, resume, and the self-supervised tasks' batches."""
+against the deepcopy computation (benchmarks/baselines/clone_utility.py), resume, and the
+self-supervised tasks' batches."""
 
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from benchmarks.baselines.clone_utility import clone_task_utility
 from fastmft.data.synthetic import synthetic_corpus
 from fastmft.pipelines.selection import (
     ClassificationTask,
@@ -12,7 +14,6 @@ from fastmft.pipelines.selection import (
     MultiTaskModel,
     TaskSelector,
     TokenShuffleTask,
-    clone_task_utility,
 )
 from tests.helpers import tiny_bert
 
