@@ -15,7 +15,7 @@ Providers (same model, same batches, equal results: checked once before timing):
   target losses by torch.func.functional_call under inference mode;
 - ``fastmft-foreach``: the same scorer with the inner step forced to torch's foreach ops
   (``use_backend("torch")``), isolating the compiled step's share;
-- ``clone-update``: :func:`fastmft.pipelines.selection.utility.clone_task_utility`: deepcopy the module per source
+- ``clone-update``: :func:`benchmarks.baselines.clone_utility.clone_task_utility`: deepcopy the module per source
   batch, update its parameters in place, evaluate under no_grad (learn2learn-style cloning).
 Goal (issue 4): fastmft >= 1.3x clone-update.
 """
@@ -122,7 +122,8 @@ def sizes(scale: str, device: torch.device) -> list[tuple[int, int]]:
 
 def cases(scale: str, device: torch.device) -> Iterable[Case]:
     import fastmft
-    from fastmft.pipelines.selection import TaskUtilityScorer, clone_task_utility
+    from benchmarks.baselines.clone_utility import clone_task_utility
+    from fastmft.pipelines.selection import TaskUtilityScorer
 
     model, name, vocab = build_model(scale, device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -135,3 +135,44 @@ def tiny_bert_corpus(root, n, *, domains=2, seed=0):
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return bert, data, rows
+
+
+def flip_tensor_bit(path):
+    """Flip the lowest bit of one non-zero float32 inside the tensor data of a checkpoint file, a
+    safetensors file or a torch.save archive, leaving its structure (header, zip directory, sizes)
+    intact: the file still parses, only a value changed. Returns the byte offset changed."""
+    import json
+    import struct
+    import zipfile
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".safetensors":
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        regions = [
+            (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in sorted(header.items())
+            if k != "__metadata__" and v["dtype"] == "F32"
+        ]
+    else:  # a zip archive of stored (uncompressed) members, one per tensor storage
+        with zipfile.ZipFile(path) as z:
+            regions = []
+            for info in z.infolist():
+                if "/data/" in info.filename:
+                    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+                    start = info.header_offset + 30 + name_len + extra_len
+                    regions.append((start, start + info.file_size))
+    for start, end in sorted(regions, key=lambda r: r[0] - r[1]):  # the largest region first
+        values = np.frombuffer(bytes(data[start:end]), dtype="<f4", count=(end - start) // 4)
+        nonzero = np.flatnonzero(values)
+        if len(nonzero):
+            offset = start + 4 * int(nonzero[len(nonzero) // 2])
+            data[offset] ^= 1
+            path.chmod(0o644)
+            path.write_bytes(bytes(data))
+            return offset
+    raise AssertionError(f"{path} has no non-zero float32 tensor data")

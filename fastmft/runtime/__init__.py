@@ -1,2 +1,2 @@
 """The runtime layer: device choice and the process group, backbone loading, crash-safe files,
-and quieting third-party progress output."""
+quieting third-party progress output, and the one test seam (faults: where tests make a run fail)."""

@@ -3,6 +3,7 @@ version, never a mix, and only names fastmft created are ever removed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -130,10 +131,31 @@ def trim_lines(path: Path, keep: int) -> None:
     atomic_write(path, lambda f: f.write(b"".join(lines)))
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read through one small buffer (checkpoints reach gigabytes)."""
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
 class CheckpointDir:
     """Checkpoints as folders ``<name>-<n>`` inside ``root``, published as one unit: the files are
-    written and fsynced in a temporary folder, the folder is renamed, then the pointer file
-    ``<name>.json`` is replaced (os.replace) to name it, and only then the older folders go."""
+    written in a temporary folder, their sizes and sha256 recorded in ``checksums.json`` (written
+    last), everything fsynced, the folder renamed, then the pointer file ``<name>.json`` replaced
+    (os.replace) to name it, and only then the older folders go.
+
+    Before ``read`` sees a checkpoint every file of it is checked against ``checksums.json``: a
+    changed byte that leaves a file's structure intact (inside tensor data) would otherwise be
+    trusted. A checkpoint without ``checksums.json`` was written by an earlier fastmft: it is used
+    after a warning, with only the structural checks of ``read`` (refusing it would throw away the
+    progress of a run started before the upgrade, and the checkpoints it writes next carry
+    checksums)."""
+
+    CHECKSUMS = "checksums.json"
 
     def __init__(self, root: Path, name: str = "checkpoint"):
         self.root, self.name = Path(root), name
@@ -183,6 +205,7 @@ class CheckpointDir:
             )
         for i, folder in enumerate(candidates):
             try:
+                self.verify(folder)
                 return read(folder)
             except Exception as err:  # noqa: BLE001 - a damaged checkpoint: try the previous one
                 then = (
@@ -197,6 +220,31 @@ class CheckpointDir:
                 )
         return None
 
+    def verify(self, folder: Path) -> None:
+        """Every file of ``folder`` has the size and sha256 its ``checksums.json`` records, and no
+        file is missing or unlisted; ValueError naming the first that is not. Without
+        ``checksums.json`` (an earlier fastmft's checkpoint): a warning (class docstring)."""
+        manifest = folder / self.CHECKSUMS
+        if not manifest.is_file():
+            warnings.warn(
+                f"checkpoint {folder} has no {self.CHECKSUMS} (written by an earlier fastmft): "
+                "its files are checked for structure only",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        files = json.loads(manifest.read_text())["files"]
+        present = {f.name for f in folder.iterdir()} - {self.CHECKSUMS}
+        if present != set(files):
+            odd = sorted(present ^ set(files))[0]
+            raise ValueError(
+                f"{odd} is {'not listed in' if odd in present else 'missing but listed in'} {self.CHECKSUMS}"
+            )
+        for name, want in sorted(files.items()):
+            path = folder / name
+            if path.stat().st_size != want["size"] or file_sha256(path) != want["sha256"]:
+                raise ValueError(f"{name} does not match the size and sha256 recorded in {self.CHECKSUMS}")
+
     def save(self, write: Callable[[Path], None]) -> Path:
         """``write(folder)`` fills a fresh folder; returns the published folder."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -207,6 +255,8 @@ class CheckpointDir:
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{final.name}.", suffix=".tmp"))
         try:
             write(tmp)
+            sums = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
+            (tmp / self.CHECKSUMS).write_text(json.dumps({"files": sums}, indent=1))
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())

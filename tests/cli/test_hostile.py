@@ -20,8 +20,8 @@ import torch
 
 from fastmft.cli import main
 from fastmft.pipelines.typicality import ScoreConfig, ScoreError, score_files
-from fastmft.pipelines.typicality import cache as score_cache
-from tests.helpers import tiny_bert_corpus
+from fastmft.runtime import faults
+from tests.helpers import flip_tensor_bit, tiny_bert_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
 
 
 class Crash(Exception):
@@ -59,7 +59,7 @@ def _crash_at(point: str):
         if name == point:
             raise Crash(name)
 
-    score_cache.CRASH_HOOK = hook
+    faults.HOOK = hook
 
 
 def _cli(args, capsys) -> tuple[int, str]:
@@ -88,7 +88,7 @@ def test_a_crafted_merge_record_deletes_only_fastmfts_own_temporaries(setup, tmp
     _crash_at("score")  # a killed run: its cache is kept for the rerun
     with pytest.raises(Crash):
         score_files(cfg)
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
     victims = [tmp_path / "victim.txt", out.parent / "notes.txt", out.parent / ".scores.parquet.x.tmp"]
     for v in victims:
         v.write_text("not fastmft's")
@@ -256,7 +256,7 @@ def test_a_killed_run_that_encoded_nothing_does_not_block_another_command(setup,
     _crash_at("batch")  # killed before its first chunk was written
     with pytest.raises(Crash):
         score_files(_config(setup, out, alpha=0.3))
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
     assert score_files(_config(setup, out)).scored == len(setup[3])
 
 
@@ -321,7 +321,7 @@ def _metrics(folder: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in lines]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garble"])
+@pytest.mark.parametrize("damage", ["truncate", "garble", "flip"])
 def test_an_unreadable_optimizer_file_is_reported_and_the_run_restarts(setup, tmp_path, capsys, damage):
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main(_train_args(setup, ref, "--log-every", "1")) == 0
@@ -329,13 +329,37 @@ def test_an_unreadable_optimizer_file_is_reported_and_the_run_restarts(setup, tm
     [optimizer] = out.glob("checkpoint-*/optimizer.pt")
     data = optimizer.read_bytes()
     os.chmod(optimizer, 0o644)
-    optimizer.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:100] + b"\0" * (len(data) - 100))
+    if damage == "flip":  # one bit inside tensor data: the archive still reads, only the checksum tells
+        flip_tensor_bit(optimizer)
+    else:
+        optimizer.write_bytes(
+            data[: len(data) // 2] if damage == "truncate" else data[:100] + b"\0" * (len(data) - 100)
+        )
     capsys.readouterr()
     assert main(_train_args(setup, out, "--log-every", "1")) == 0
     err = capsys.readouterr().err
     [line] = [x for x in err.splitlines() if "is unreadable" in x]  # one line, as the command shows warnings
     assert line.startswith(f"fastmft train: warning: checkpoint {optimizer.parent} is unreadable")
     assert line.endswith("there is no earlier checkpoint: starting from the beginning") and "Traceback" not in err
+    assert _metrics(out) == _metrics(ref)
+
+
+def test_a_checkpoint_without_checksums_is_used_with_a_warning(setup, tmp_path, capsys):
+    """A checkpoint an earlier fastmft wrote (no checksums.json) still resumes, with one warning."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main(_train_args(setup, ref, "--log-every", "1")) == 0
+    assert main(_train_args(setup, out, "--log-every", "1", "--checkpoint-every", "1", "--stop-after-steps", "1")) == 0
+    [sums] = out.glob("checkpoint-*/checksums.json")
+    sums.unlink()
+    capsys.readouterr()
+    assert main(_train_args(setup, out, "--log-every", "1")) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "Traceback" not in err
+    [line] = [x for x in err.splitlines() if "checksums.json" in x]
+    assert line == (
+        f"fastmft train: warning: checkpoint {sums.parent} has no checksums.json (written by an earlier fastmft): "
+        "its files are checked for structure only"
+    )
     assert _metrics(out) == _metrics(ref)
 
 

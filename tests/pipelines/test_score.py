@@ -24,7 +24,7 @@ import torch
 from fastmft.data import batching
 from fastmft.data.synthetic import synthetic_corpus
 from fastmft.pipelines.typicality import ScoreConfig, ScoreError, score_files
-from fastmft.pipelines.typicality import cache as score_cache
+from fastmft.runtime import faults
 from tests.helpers import assert_close, tiny_bert, two_process_command
 from tests.oracles import prototypes64, typicality64
 
@@ -70,7 +70,7 @@ def one_thread():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
 
 
 def config(corpus, tmp_path, name="out", **kw):
@@ -252,10 +252,10 @@ def test_resume_after_crash_equals_uninterrupted(corpus, tmp_path, point, n):
             if seen["n"] == n:
                 raise Crash(name)
 
-    score_cache.CRASH_HOOK = hook
+    faults.HOOK = hook
     with pytest.raises(Crash):
         score_files(cfg)
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
     assert not Path(cfg.output).exists()
     s = score_files(cfg)
     assert s.resumed_chunks >= (1 if point != "batch" or n > 2 else 0)
@@ -302,7 +302,7 @@ def test_kill9_resume_and_two_gloo_processes(corpus, tmp_path):
     want = read(full.output)
 
     out = tmp_path / "killed.parquet"
-    killed = _cli(["-m", "fastmft", "score", *_cli_args(corpus, out)], env={"FASTMFT_SCORE_CRASH": "chunk-write:3"})
+    killed = _cli(["-m", "fastmft", "score", *_cli_args(corpus, out)], env={"FASTMFT_TEST_FAULT": "chunk-write:3"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not out.exists() and len(list(Path(str(out) + ".score-cache").glob("chunk-*.meta.npz"))) == 2
     # the same command, resumed in this process (the cache key is the command's, not the process's)
@@ -462,10 +462,10 @@ def test_only_its_own_temporary_files_are_removed(corpus, tmp_path):
         if name == "merge":
             raise Crash(name)
 
-    score_cache.CRASH_HOOK = hook
+    faults.HOOK = hook
     with pytest.raises(Crash):
         score_files(cfg)
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
     leftovers = sorted(p.name for p in tmp_path.glob(".out.parquet*.tmp"))
     assert len(leftovers) == 2, leftovers  # the killed run's own temporaries
     s = score_files(cfg)
@@ -479,10 +479,10 @@ def test_resume_notices_a_same_size_edit_with_mtime_kept(corpus, tmp_path):
     path = _small(corpus, tmp_path)
     cfg = config(corpus, tmp_path, inputs=[str(path)])
     cfg.chunk_rows = 4
-    score_cache.CRASH_HOOK = lambda name: (_ for _ in ()).throw(Crash()) if name == "score" else None
+    faults.HOOK = lambda name: (_ for _ in ()).throw(Crash()) if name == "score" else None
     with pytest.raises(Crash):
         score_files(cfg)
-    score_cache.CRASH_HOOK = None
+    faults.HOOK = None
     st = path.stat()
     text = path.read_text()
     i = text.index('"label": "positive"')
@@ -504,7 +504,7 @@ def test_a_second_run_on_the_same_cache_gets_a_clear_message(corpus, tmp_path):
                 score_files(cfg)
             second["err"] = err
 
-    score_cache.CRASH_HOOK = hook
+    faults.HOOK = hook
     assert score_files(cfg).scored == 12 and second
 
 

@@ -1,10 +1,12 @@
 """Meta-learned task selection: the known-answer case, agnostic mode, repeatability, utilities
-against the deepcopy computation, resume, and the self-supervised tasks' batches."""
+against the deepcopy computation (benchmarks/baselines/clone_utility.py), resume, and the
+self-supervised tasks' batches."""
 
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from benchmarks.baselines.clone_utility import clone_task_utility
 from fastmft.data.synthetic import synthetic_corpus
 from fastmft.pipelines.selection import (
     ClassificationTask,
@@ -12,9 +14,8 @@ from fastmft.pipelines.selection import (
     MultiTaskModel,
     TaskSelector,
     TokenShuffleTask,
-    clone_task_utility,
 )
-from tests.helpers import tiny_bert
+from tests.helpers import flip_tensor_bit, tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,23 @@ def test_resume_equals_uninterrupted(corpus, tmp_path):
     assert got == expected
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "state.pt"])
+def test_a_changed_value_in_the_only_checkpoint_restarts_with_a_warning(corpus, tmp_path, name):
+    """One bit flipped inside tensor data (the file still parses): the checksum rejects the
+    checkpoint, the warning says there is no earlier one, and the run starts over to the same end."""
+    straight, _ = build(corpus, 5, **SEL)
+    expected = [(e.chosen, e.utilities) for e in straight.run(3, progress=False)]
+    first, _ = build(corpus, 5, **SEL)
+    first.run(2, checkpoint=tmp_path / "ckpt", progress=False)
+    [ckpt] = (tmp_path / "ckpt").glob("checkpoint-*")
+    flip_tensor_bit(ckpt / name)
+    resumed, _ = build(corpus, 5, **SEL)
+    with pytest.warns(RuntimeWarning, match=f"{name} does not match .*there is no earlier checkpoint: starting from"):
+        got = [(e.chosen, e.utilities) for e in resumed.run(3, checkpoint=tmp_path / "ckpt", progress=False)]
+    assert got == expected
+    assert all(torch.equal(a, b) for a, b in zip(straight.model.parameters(), resumed.model.parameters()))
 
 
 def test_self_supervised_batches(corpus):

@@ -20,7 +20,7 @@ from fastmft.ops.nn import skip_layers
 from fastmft.pipelines import trainer
 from fastmft.pipelines.trainer import checkpoint, inputs, loop, metrics, models
 from fastmft.runtime.backbone import load_backbone
-from tests.helpers import tiny_bert, two_process_command
+from tests.helpers import flip_tensor_bit, tiny_bert, two_process_command
 
 PER_DOMAIN, DOMAINS = 16, 2
 REPO = Path(__file__).resolve().parents[2]
@@ -390,6 +390,32 @@ def test_an_unreadable_checkpoint_falls_back_with_a_warning(data, backbone, tmp_
     model.write_bytes(model.read_bytes()[:100])  # a damaged disk
     with pytest.warns(RuntimeWarning, match="is unreadable"):
         assert _run(data, backbone, out, **RESUME_KW).complete
+    _same_as_straight(out, straight)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt"])
+def test_a_changed_value_in_a_checkpoint_falls_back_to_the_previous_one(data, backbone, tmp_path, straight, name):
+    """One bit flipped inside tensor data: the file still parses, so only its checksum tells."""
+    import shutil
+    import warnings
+
+    out = tmp_path / "run"
+    kw = {**RESUME_KW, "checkpoint_every": 1}
+    assert not _run(data, backbone, out, stop_after_steps=1, **kw).complete
+    [first] = out.glob("checkpoint-*")
+    shutil.copytree(first, tmp_path / "kept")
+    assert not _run(data, backbone, out, stop_after_steps=2, **kw).complete
+    [second] = out.glob("checkpoint-*")
+    os.rename(tmp_path / "kept", first)  # as a kill between publishing the second and removing the first
+    flip_tensor_bit(second / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run(data, backbone, out, **RESUME_KW).complete
+    [warning] = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert warning == (
+        f"checkpoint {second} is unreadable (ValueError: {name} does not match the size and sha256 recorded "
+        f"in checksums.json); falling back to the previous complete checkpoint {first.name}"
+    )
     _same_as_straight(out, straight)
 
 

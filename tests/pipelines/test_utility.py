@@ -1,4 +1,5 @@
-"""fastmft.pipelines.selection.utility.TaskUtilityScorer against the slow deepcopy-based computation, on a tiny BERT."""
+"""fastmft.pipelines.selection.utility.TaskUtilityScorer against the slow deepcopy-based computation
+(benchmarks/baselines/clone_utility.py), on a tiny BERT."""
 
 import gc
 import math
@@ -10,8 +11,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import fastmft
+from benchmarks.baselines.clone_utility import clone_task_utility
 from fastmft.ops.inner_step import NonFiniteError
-from fastmft.pipelines.selection import TaskUtilityScorer, clone_task_utility, hf_loss
+from fastmft.pipelines.selection import TaskUtilityScorer, hf_loss
 from tests.oracles import inner_step64
 
 VOCAB, LABELS = 100, 3

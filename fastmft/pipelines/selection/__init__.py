@@ -10,6 +10,6 @@ _EXPORTS = {
     ".config": "SelectConfig",
     ".selector": "Episode TaskSelector",
     ".tasks": "ClassificationTask MaskedLMTask MultiTaskModel Task TokenShuffleTask build_tasks",
-    ".utility": "TaskUtilityScorer clone_task_utility hf_loss",
+    ".utility": "TaskUtilityScorer hf_loss",
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

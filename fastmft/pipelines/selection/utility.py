@@ -24,14 +24,13 @@ to the module, so ``model.config`` and the like work). The default, :func:`hf_lo
 ``model(**batch).loss`` for Hugging Face models. The module is used as it is (train or eval mode
 is the caller's choice: dropout at theta and theta' follows it).
 
-:func:`clone_task_utility` is the slow, obvious computation (deepcopy the module, update its
-parameters in place, evaluate): the reference the tests compare against and the baseline of
-benchmarks/bench_utility.py.
+The slow, obvious computation (deepcopy the module, update its parameters in place, evaluate) is
+not part of fastmft: benchmarks/baselines/clone_utility.py, the baseline of
+benchmarks/bench_utility.py and the reference the tests compare against.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -223,33 +222,3 @@ class TaskUtilityScorer:
         if isinstance(sources, dict):
             return {k: self.utility(v, target_batches) for k, v in sources.items()}
         return [self.utility(v, target_batches) for v in sources]
-
-
-def clone_task_utility(
-    model: nn.Module,
-    loss_fn: LossFn | None,
-    source_batches: Iterable,
-    target_batches: Sequence,
-    lr: float,
-    *,
-    params: Iterable[str] | None = None,
-) -> float:
-    """The slow reference of :meth:`TaskUtilityScorer.utility`: for every source batch, deepcopy
-    the module, take its gradient, update the copy's parameters in place (learn2learn-style), and
-    sum the target losses of the copy under ``torch.no_grad``."""
-    loss_fn = loss_fn if loss_fn is not None else hf_loss
-    names = None if params is None else set(params)
-    total = 0.0
-    for batch in source_batches:
-        clone = copy.deepcopy(model)
-        ps = [p for n, p in clone.named_parameters() if (p.requires_grad if names is None else n in names)]
-        with torch.enable_grad():
-            loss = loss_fn(clone, batch)
-            grads = torch.autograd.grad(loss, ps, allow_unused=True)
-        with torch.no_grad():
-            for p, g in zip(ps, grads):
-                if g is not None:
-                    p.add_(g, alpha=-lr)
-            total -= sum(float(loss_fn(clone, b)) for b in target_batches)
-        del clone
-    return total

@@ -71,8 +71,9 @@ class RunStore:
             )
 
         def read(folder: Path) -> tuple[Path, dict]:
-            """Every file of the checkpoint must read (else the previous checkpoint is used): the
-            state, the weights' header and size, the optimizer's archive."""
+            """Past its checksums (:meth:`CheckpointDir.verify`), every file of the checkpoint must
+            read (else the previous checkpoint is used): the state, the weights' header and size,
+            the optimizer's archive (the structural checks a checkpoint without checksums gets)."""
             state = json.loads((folder / "state.json").read_text())
             if state.get("epoch") or state.get("batch") or (folder / "model.safetensors").exists():
                 from safetensors import safe_open

@@ -7,49 +7,25 @@ embeddings of the accepted rows, memory-mapped when read), ``chunk-c.meta.npz`` 
 labels, domains, input row count, rejects) and, after pass two, ``chunk-c.scores.npy``; besides
 them ``manifest.json`` (the command's key and the first pass's counts), ``prototypes.pt`` and
 ``merge-temps.json``. Every file is written to a unique temporary name and renamed into place; a
-chunk counts as encoded once its metadata file exists (renamed last).
-
-Crash injection (tests): FASTMFT_SCORE_CRASH="point:n" kills the process with SIGKILL the n-th time
-``point`` is reached; points: batch, chunk-write, score, merge. ``CRASH_HOOK`` (a callable taking
-the point name) is called first, for in-process tests."""
+chunk counts as encoded once its metadata file exists (renamed last). Tests kill a run at the
+fault points of :mod:`fastmft.runtime.faults`."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import signal
-import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from fastmft.data import Source
+from fastmft.runtime.faults import fault_point
 from fastmft.runtime.files import atomic_write
 
 from .core import ScoreError
 
 CACHE_VERSION = 3  # 2: float32 embeddings, text ids, content-hashed inputs; 3: no per-chunk sums
-
-CRASH_HOOK: Callable[[str], None] | None = None
-_crash_counts: dict[str, int] = {}
-
-
-def crash_point(name: str) -> None:
-    if CRASH_HOOK is not None:
-        CRASH_HOOK(name)
-    spec = os.environ.get("FASTMFT_SCORE_CRASH")
-    if not spec:
-        return
-    point, _, n = spec.partition(":")
-    if point != name:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if _crash_counts[name] >= int(n or 1):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fingerprint(sources: Sequence[Source]) -> list:
@@ -165,5 +141,5 @@ def load_embeddings(cache: Path, c: int, rows: np.ndarray | slice = slice(None))
 def write_chunk(cache: Path, c: int, emb: np.ndarray, meta: dict) -> None:
     """The chunk's embeddings, then its metadata: the chunk is done once the metadata exists."""
     atomic_write(emb_path(cache, c), lambda f: np.save(f, emb))
-    crash_point("chunk-write")
+    fault_point("chunk-write")
     atomic_write(meta_path(cache, c), lambda f: np.savez(f, **meta))

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from fastmft.data import Source, Vocab, check_row, decode_record, iter_records
+from fastmft.runtime.faults import fault_point
 from fastmft.runtime.files import atomic_json
 
-from .cache import crash_point, load_meta, scores_path
+from .cache import load_meta, scores_path
 from .config import ScoreConfig, ScoreSummary
 from .core import ScoreError
 from .report import DomainReport, shorten
@@ -80,7 +81,7 @@ def merge(
                 schema=schema,
             )
             writer.write_table(table)
-            crash_point("merge")
+            fault_point("merge")
             items = (
                 [(i, labels.values[y], row) for i, y, row in zip(ids, meta["labels"].tolist(), meta["rows"].tolist())]
                 if report.top_k

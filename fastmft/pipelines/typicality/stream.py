@@ -91,6 +91,7 @@ from fastmft.data import (
     value_key,
 )
 from fastmft.ops.prototypes import MultiPrototypes, Prototypes
+from fastmft.runtime.faults import fault_point
 from fastmft.runtime.files import atomic_json, atomic_write
 
 from . import cache as chunks
@@ -435,7 +436,7 @@ def _encode(cfg, sources, labels, domains, todo, n_chunks, dist, model, tokenize
     def on_batch(rows: int) -> None:
         if bar is not None:
             bar.update(rows)
-        chunks.crash_point("batch")
+        fault_point("batch")
 
     try:
         while True:
@@ -551,4 +552,4 @@ def _score(cfg: ScoreConfig, dist: Dist, cache: Path, mine: list[int], protos) -
         emb, labels, domains = _chunk_tensors(cache, c, dist.device, meta)
         t = score_rows(emb, labels, domains, protos, alpha=cfg.alpha, ids=meta["ids"]).numpy()
         atomic_write(path, lambda f, t=t: np.save(f, t))
-        chunks.crash_point("score")
+        fault_point("score")
