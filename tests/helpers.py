@@ -137,6 +137,15 @@ def tiny_bert_corpus(root, n, *, domains=2, seed=0):
     return bert, data, rows
 
 
+def current_checkpoint(root):
+    """The folder the checkpoint pointer ``root/checkpoint.json`` names (the previous one is kept
+    beside it)."""
+    import json
+    from pathlib import Path
+
+    return Path(root) / json.loads((Path(root) / "checkpoint.json").read_text())["folder"]
+
+
 def flip_tensor_bit(path):
     """Flip the lowest bit of one non-zero float32 inside the tensor data of a checkpoint file, a
     safetensors file or a torch.save archive, leaving its structure (header, zip directory, sizes)

@@ -79,11 +79,12 @@ def _select(cfg: SelectConfig, out: Path) -> int:
     print(
         f"task selection ({selector.mode}): sources {[s.name for s in sources]}, targets {[t.name for t in targets or []]}, on {device}"
     )
-    # weights plus AdamW's two moments: what an exact resume needs, one checkpoint kept
+    # weights plus AdamW's two moments: what an exact resume needs; the previous checkpoint is kept
+    # as the fallback, so two at most
     size = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
     print(
-        f"writes {out / 'episodes.jsonl'} and a checkpoint of about {size / 2**20:.0f} MB in {out / 'checkpoint'} "
-        "(replaced after every episode; delete the folder when done)",
+        f"writes {out / 'episodes.jsonl'} and checkpoints of about {size / 2**20:.0f} MB each in {out / 'checkpoint'} "
+        "(a new one after every episode, the previous one kept; delete the folder when done)",
         flush=True,
     )
     history = selector.run(

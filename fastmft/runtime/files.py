@@ -146,7 +146,8 @@ class CheckpointDir:
     """Checkpoints as folders ``<name>-<n>`` inside ``root``, published as one unit: the files are
     written in a temporary folder, their sizes and sha256 recorded in ``checksums.json`` (written
     last), everything fsynced, the folder renamed, then the pointer file ``<name>.json`` replaced
-    (os.replace) to name it, and only then the older folders go.
+    (os.replace) to name it, and only then the folders older than the previous one go: the previous
+    checkpoint stays, so that one found damaged later (see below) falls back to it.
 
     Before ``read`` sees a checkpoint every file of it is checked against ``checksums.json``: a
     changed byte that leaves a file's structure intact (inside tensor data) would otherwise be
@@ -268,7 +269,7 @@ class CheckpointDir:
         fsync_dir(self.root)
         atomic_json(self.pointer, {"folder": final.name})
         fsync_dir(self.root)
-        for _, old in numbered:
+        for _, old in numbered[1:]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastmft.cli import main
-from tests.helpers import tiny_bert_corpus
+from tests.helpers import current_checkpoint, tiny_bert_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 KILLS = int(os.environ.get("FASTMFT_CHAOS_KILLS", "2"))
@@ -179,8 +179,8 @@ def test_select_killed_at_random_resumes_bit_identically(setup, tmp_path, chaos_
     print("killed runs' return codes", codes)
     drop = ("scoring_s", "training_s")
     assert _lines(out / "episodes.jsonl", drop) == _lines(tmp_path / "ref" / "episodes.jsonl", drop)
-    [mine] = (out / "checkpoint").glob("checkpoint-*/model.safetensors")
-    [ref] = (tmp_path / "ref" / "checkpoint").glob("checkpoint-*/model.safetensors")
+    mine = current_checkpoint(out / "checkpoint") / "model.safetensors"
+    ref = current_checkpoint(tmp_path / "ref" / "checkpoint") / "model.safetensors"
     assert mine.read_bytes() == ref.read_bytes()
 
 

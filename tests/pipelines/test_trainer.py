@@ -20,7 +20,7 @@ from fastmft.ops.nn import skip_layers
 from fastmft.pipelines import trainer
 from fastmft.pipelines.trainer import checkpoint, inputs, loop, metrics, models
 from fastmft.runtime.backbone import load_backbone
-from tests.helpers import flip_tensor_bit, tiny_bert, two_process_command
+from tests.helpers import current_checkpoint, flip_tensor_bit, tiny_bert, two_process_command
 
 PER_DOMAIN, DOMAINS = 16, 2
 REPO = Path(__file__).resolve().parents[2]
@@ -386,7 +386,7 @@ def test_a_failed_checkpoint_write_resumes_from_the_previous_one(data, backbone,
 def test_an_unreadable_checkpoint_falls_back_with_a_warning(data, backbone, tmp_path, straight):
     out = tmp_path / "run"
     assert not _run(data, backbone, out, stop_after_steps=2, **RESUME_KW).complete
-    [model] = out.glob("checkpoint-*/model.safetensors")
+    model = current_checkpoint(out) / "model.safetensors"
     model.write_bytes(model.read_bytes()[:100])  # a damaged disk
     with pytest.warns(RuntimeWarning, match="is unreadable"):
         assert _run(data, backbone, out, **RESUME_KW).complete
@@ -396,17 +396,15 @@ def test_an_unreadable_checkpoint_falls_back_with_a_warning(data, backbone, tmp_
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt"])
 def test_a_changed_value_in_a_checkpoint_falls_back_to_the_previous_one(data, backbone, tmp_path, straight, name):
     """One bit flipped inside tensor data: the file still parses, so only its checksum tells."""
-    import shutil
     import warnings
 
     out = tmp_path / "run"
     kw = {**RESUME_KW, "checkpoint_every": 1}
     assert not _run(data, backbone, out, stop_after_steps=1, **kw).complete
-    [first] = out.glob("checkpoint-*")
-    shutil.copytree(first, tmp_path / "kept")
+    first = current_checkpoint(out)
     assert not _run(data, backbone, out, stop_after_steps=2, **kw).complete
-    [second] = out.glob("checkpoint-*")
-    os.rename(tmp_path / "kept", first)  # as a kill between publishing the second and removing the first
+    second = current_checkpoint(out)
+    assert first != second and first.is_dir()  # the previous checkpoint is kept beside the current one
     flip_tensor_bit(second / name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
