@@ -401,10 +401,9 @@ def test_a_changed_value_in_a_checkpoint_falls_back_to_the_previous_one(data, ba
     out = tmp_path / "run"
     kw = {**RESUME_KW, "checkpoint_every": 1}
     assert not _run(data, backbone, out, stop_after_steps=1, **kw).complete
-    first = current_checkpoint(out)
     assert not _run(data, backbone, out, stop_after_steps=2, **kw).complete
     second = current_checkpoint(out)
-    assert first != second and first.is_dir()  # the previous checkpoint is kept beside the current one
+    [first] = [p for p in out.glob("checkpoint-*") if p != second]  # the previous one is kept beside it
     flip_tensor_bit(second / name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
