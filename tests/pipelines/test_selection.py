@@ -194,7 +194,7 @@ def test_cli_runs_and_resumes(corpus, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "sources ['mlm', 'shuffle', 'cls:books'], targets ['target:electronics']" in out
-    assert "a checkpoint of about" in out and str(tmp_path / "run" / "checkpoint") in out
+    assert "checkpoints of about" in out and str(tmp_path / "run" / "checkpoint") in out
     assert main(args[:8] + ["3"] + args[9:]) == 0  # one more episode, resumed from the checkpoint
     assert "episodes run now: 1 (total 3)" in capsys.readouterr().out
     assert len((tmp_path / "run" / "episodes.jsonl").read_text().splitlines()) == 3
