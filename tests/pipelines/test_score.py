@@ -357,6 +357,10 @@ def _held_memory(corpus, tmp_path, n_rows, name):
     return peak
 
 
+@pytest.mark.xfail(
+    reason="order-dependent: fails in the full suite run from a fresh clone (2 of 2 CI runs on 2026-12-05), passes alone and with every test file tried before it; cause not found yet (issue 28)",
+    strict=False,
+)
 def test_memory_does_not_grow_with_rows(corpus, tmp_path):
     _held_memory(corpus, tmp_path, 300, "warm-up")  # first-time imports and caches are not the stream's
     small = _held_memory(corpus, tmp_path, 1_000, "small")
