@@ -50,7 +50,7 @@ BELOW_CLI = [ROOT / "fastmft" / layer for layer in ("ops", "data", "runtime", "p
 
 
 def _message_strings(path: Path) -> list[tuple[int, str]]:
-    """Every string constant of a module (f-string parts included) except docstrings."""
+    """Every string constant of a module (f-string parts, and each f-string whole) except docstrings."""
     tree = ast.parse(path.read_text())
     docstrings = {
         id(node.body[0].value)
@@ -60,11 +60,18 @@ def _message_strings(path: Path) -> list[tuple[int, str]]:
         and isinstance(node.body[0], ast.Expr)
         and isinstance(node.body[0].value, ast.Constant)
     }
-    return [
+    constants = [
         (node.lineno, node.value)
         for node in ast.walk(tree)
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
     ]
+    # f-strings also whole, each placeholder read as a word: f"pass --{name}-values" is a flag too
+    joined = [
+        (node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "x" for v in node.values))
+        for node in ast.walk(tree)
+        if isinstance(node, ast.JoinedStr)
+    ]
+    return constants + joined
 
 
 def test_no_message_below_the_cli_names_a_command_line_flag():

@@ -581,3 +581,18 @@ def test_prototypes_with_counts_of_the_wrong_shape_are_refused(counts):
         Prototypes(torch.zeros(2, 2, 8), counts)
     with pytest.raises(ValueError, match=r"prototypes.counts has shape"):
         MultiPrototypes(torch.zeros(2, 2, 3, 8), counts)
+
+
+def test_labels_of_mixed_types_name_the_field_in_python_and_the_flag_in_the_command(setup, tmp_path, capsys):
+    from fastmft.pipelines.typicality import ScoreConfig, ScoreError, score_files
+
+    _, bert, _, rows = setup
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(dict(r, label=1 if i % 2 else "pos")) + "\n" for i, r in enumerate(rows[:8])))
+    cfg = ScoreConfig([str(data)], str(tmp_path / "api.parquet"), backbone=str(bert), progress=False)
+    with pytest.raises(ScoreError, match=r"label values mix types .*; pass `label_values`$"):
+        score_files(cfg)
+    capsys.readouterr()
+    assert main(["score", str(data), "--backbone", str(bert), "-o", str(tmp_path / "o.parquet"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastmft score: error: label values mix types") and err.endswith("; pass --label-values")

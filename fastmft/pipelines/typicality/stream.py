@@ -289,7 +289,7 @@ def _scan(sources: list[Source], cfg: ScoreConfig) -> dict:
         try:
             return Vocab.from_values(seen[name].values(), name).values
         except DataError as err:
-            raise ScoreError(f"{err}; pass --{name}-values") from None
+            raise ScoreError(f"{err}; pass `{name}_values`") from None
 
     out = {
         "rows": rows,
