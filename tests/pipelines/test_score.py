@@ -7,6 +7,7 @@ an uninterrupted run (in-process crashes at every crash point, and a real kill -
 """
 
 import csv
+import gc
 import json
 import os
 import subprocess
@@ -329,38 +330,41 @@ def test_multi_prototypes(corpus, tmp_path):
 
 
 def _held_memory(corpus, tmp_path, n_rows, name):
-    """Peak traced Python/numpy allocation while scoring a generated stream of n_rows rows."""
+    """Peak traced Python/numpy allocation while scoring a generated stream of n_rows rows: the
+    least of two runs. Inside a long test session a single run's peak can also hold one-off events
+    of the process (other tests' garbage collected, a global table growing; seen as 8 MB in the
+    full suite against 0.8 MB alone); a stream that held its rows would show in both runs."""
     _, bert, rows, _ = corpus
     path = tmp_path / f"{name}.jsonl"
     with open(path, "w") as f:
         for i in range(n_rows):
             r = rows[i % len(rows)]
             f.write(json.dumps({"id": f"r{i}", "text": r["text"], "label": r["label"], "domain": r["domain"]}) + "\n")
-    cfg = ScoreConfig(
-        [str(path)],
-        str(tmp_path / f"{name}.parquet"),
-        backbone=str(bert),
-        max_length=32,
-        batch_size=64,
-        chunk_rows=256,
-        progress=False,
-        threads=1,
-        id_column="id",
-    )
-    tracemalloc.start()
-    try:
-        s = score_files(cfg)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert s.scored == n_rows
-    return peak
+    peaks = []
+    for run in range(2):
+        cfg = ScoreConfig(
+            [str(path)],
+            str(tmp_path / f"{name}-{run}.parquet"),
+            backbone=str(bert),
+            max_length=32,
+            batch_size=64,
+            chunk_rows=256,
+            progress=False,
+            threads=1,
+            id_column="id",
+        )
+        gc.collect()
+        tracemalloc.start()
+        try:
+            s = score_files(cfg)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert s.scored == n_rows
+        peaks.append(peak)
+    return min(peaks)
 
 
-@pytest.mark.xfail(
-    reason="order-dependent: fails in the full suite run from a fresh clone (2 of 2 CI runs on 2026-12-05), passes alone and with every test file tried before it; cause not found yet (issue 28)",
-    strict=False,
-)
 def test_memory_does_not_grow_with_rows(corpus, tmp_path):
     _held_memory(corpus, tmp_path, 300, "warm-up")  # first-time imports and caches are not the stream's
     small = _held_memory(corpus, tmp_path, 1_000, "small")
