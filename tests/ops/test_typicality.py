@@ -82,10 +82,12 @@ def test_cosine_below_eps_shrinks_with_the_norm(rng):
     P = fastmft.class_prototypes(e, y, d, 2, 3)
     tiny = e * 1e-30
     t = fastmft.typicality(tiny, y, d, P).double()
-    direction = typicality64(e, y, d, P.centers, P.counts, 0.5)
+    # the same float32 values at unit scale (exact to float64 rounding; `e` itself differs from
+    # them by float32 rounding, which near-cancelling typicalities would amplify)
+    direction = typicality64(tiny.double() * 1e30, y, d, P.centers, P.counts, 0.5)
     expected = typicality64(tiny, y, d, P.centers, P.counts, 0.5)
     norms = tiny.double().norm(dim=1)
-    assert torch.allclose(expected, norms / 1e-8 * direction, rtol=1e-6, atol=0)  # the oracle itself
+    assert torch.allclose(expected, norms / 1e-8 * direction, rtol=1e-9, atol=0)  # the oracle itself
     # Compared at the direction's scale (the values are ~1e-22): a relative test on each value
     # would fail where the direction's typicality is a near-cancelling difference close to zero.
     assert_close(t * 1e-8 / norms, direction, torch.float32)
