@@ -331,9 +331,10 @@ def test_multi_prototypes(corpus, tmp_path):
 
 def _held_memory(corpus, tmp_path, n_rows, name):
     """Peak traced Python/numpy allocation while scoring a generated stream of n_rows rows: the
-    least of two runs. Inside a long test session a single run's peak can also hold one-off events
-    of the process (other tests' garbage collected, a global table growing; seen as 8 MB in the
-    full suite against 0.8 MB alone); a stream that held its rows would show in both runs."""
+    least of two runs. Inside a long test session one run's peak can hold a one-off event of the
+    interpreter: in the full suite the table of interned strings (pathlib interns every path part,
+    and it holds the whole session's names) grew once during the 8,000-row run, one 7.7 MB block,
+    against 0.8 MB alone. A stream that held its rows would show in both runs."""
     _, bert, rows, _ = corpus
     path = tmp_path / f"{name}.jsonl"
     with open(path, "w") as f:
