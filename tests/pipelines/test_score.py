@@ -264,6 +264,66 @@ def test_resume_after_crash_equals_uninterrupted(corpus, tmp_path, point, n):
     assert Path(cfg.rejects_path()).read_text() == want_rej
 
 
+def _damage(path: Path, how: str) -> None:
+    """Truncate a file to half, or flip a high exponent bit of its first float32 after the 128-byte
+    npy header (a value that changes by orders of magnitude, so a result using it cannot match)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[128 + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "name,how",
+    [
+        ("chunk-0000001.emb.npy", "flip"),
+        ("chunk-0000001.emb.npy", "truncate"),
+        ("chunk-0000002.meta.npz", "truncate"),
+        ("chunk-0000001.scores.npy", "flip"),
+        ("prototypes.pt", "truncate"),
+    ],
+)
+def test_a_damaged_cache_file_is_not_trusted_and_the_resume_is_exact(corpus, tmp_path, name, how):
+    """A cache on shared storage can be damaged between runs: the resumed run must verify what it
+    did not write, encode a damaged chunk again (with a warning naming it) and still give exactly
+    the uninterrupted output."""
+    full = config(corpus, tmp_path, name="full")
+    score_files(full)
+    want = read(full.output)
+
+    cfg = config(corpus, tmp_path, name="crashed")
+    faults.HOOK = lambda point: (_ for _ in ()).throw(Crash(point)) if point == "merge" else None
+    with pytest.raises(Crash):  # every chunk, the prototypes and every chunk's scores are written
+        score_files(cfg)
+    faults.HOOK = None
+    _damage(cfg.cache_path() / name, how)
+    encoded = len(list(cfg.cache_path().glob("chunk-*.meta.npz")))
+    if name.endswith((".emb.npy", ".meta.npz")):
+        with pytest.warns(RuntimeWarning, match=f"cache chunk {int(name[6:13])} .* is damaged"):
+            s = score_files(cfg)
+        assert s.resumed_chunks == encoded - 1
+    else:
+        score_files(cfg)
+    assert read(cfg.output) == want
+
+
+def test_an_unreadable_manifest_with_encoded_rows_is_a_clear_error(corpus, tmp_path):
+    cfg = config(corpus, tmp_path)
+    faults.HOOK = lambda point: (_ for _ in ()).throw(Crash(point)) if point == "score" else None
+    with pytest.raises(Crash):
+        score_files(cfg)
+    faults.HOOK = None
+    (cfg.cache_path() / "manifest.json").write_bytes(b'{"key": "trunc')
+    with pytest.raises(ScoreError, match="manifest .* is unreadable; rerun with `restart`"):
+        score_files(cfg)
+    score_files(replace(cfg, restart=True))
+    full = config(corpus, tmp_path, name="full")
+    score_files(full)
+    assert read(cfg.output) == read(full.output)
+
+
 def _cli(args, env=None, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=170, **kw)

@@ -7,13 +7,17 @@ embeddings of the accepted rows, memory-mapped when read), ``chunk-c.meta.npz`` 
 labels, domains, input row count, rejects) and, after pass two, ``chunk-c.scores.npy``; besides
 them ``manifest.json`` (the command's key and the first pass's counts), ``prototypes.pt`` and
 ``merge-temps.json``. Every file is written to a unique temporary name and renamed into place; a
-chunk counts as encoded once its metadata file exists (renamed last). Tests kill a run at the
-fault points of :mod:`fastmft.runtime.faults`."""
+chunk counts as encoded once its metadata file exists (renamed last). The metadata records the
+sha256 of the embeddings file, so a resumed run verifies every chunk it did not write itself and
+encodes a damaged one again (a cache may live on shared storage others write to); prototypes and
+scores are cheap and deterministic, so a resumed run recomputes them instead of trusting them.
+Tests kill a run at the fault points of :mod:`fastmft.runtime.faults`."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -21,11 +25,12 @@ import numpy as np
 
 from fastmft.data import Source
 from fastmft.runtime.faults import fault_point
-from fastmft.runtime.files import atomic_write
+from fastmft.runtime.files import atomic_write, file_sha256
 
 from .core import ScoreError
 
-CACHE_VERSION = 3  # 2: float32 embeddings, text ids, content-hashed inputs; 3: no per-chunk sums
+CACHE_VERSION = 4  # 2: float32 embeddings, text ids, content-hashed inputs; 3: no per-chunk sums;
+# 4: the embeddings' sha256 in each chunk's metadata
 
 
 def fingerprint(sources: Sequence[Source]) -> list:
@@ -56,6 +61,36 @@ _OWN_NAME = re.compile(
     r"^\.?(chunk-\d{7}\.(emb\.npy|meta\.npz|scores\.npy)|prototypes\.pt|manifest\.json|merge-temps\.json)"
     r"(\.[^/]*\.tmp)?$"
 )
+
+
+def discard_derived(cache: Path) -> None:
+    """Remove the prototypes and scores (and their temporaries): a resumed run recomputes them from
+    the verified chunks rather than trusting files it did not write."""
+    for f in cache.iterdir():
+        if _OWN_NAME.match(f.name) and f.is_file() and ("prototypes.pt" in f.name or ".scores.npy" in f.name):
+            f.unlink(missing_ok=True)
+
+
+def discard_chunk(cache: Path, c: int) -> None:
+    """Remove chunk ``c``'s files, its metadata first: the chunk then counts as not encoded."""
+    for path in (meta_path(cache, c), emb_path(cache, c), scores_path(cache, c)):
+        path.unlink(missing_ok=True)
+
+
+def chunk_damage(cache: Path, c: int) -> str | None:
+    """Why encoded chunk ``c`` cannot be trusted (unreadable metadata, an embeddings file whose
+    sha256 differs from the one recorded, or whose rows are not the metadata's), or None."""
+    try:
+        meta = load_meta(cache, c)
+        want = str(meta["emb_sha256"])
+        if file_sha256(emb_path(cache, c)) != want:
+            return "its embeddings file does not match the sha256 recorded when it was written"
+        rows = np.load(emb_path(cache, c), mmap_mode="r").shape[0]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # unreadable or incomplete
+        return f"it cannot be read ({type(err).__name__}: {err})"
+    if rows != len(meta["ids"]):
+        return f"its embeddings hold {rows} rows, its metadata {len(meta['ids'])}"
+    return None
 
 
 def discard_cache(cache: Path) -> None:
@@ -109,10 +144,17 @@ def close_cache(cache: Path, lock, keep: bool) -> None:
 
 
 def encoded_rows(cache: Path) -> bool:
-    """Whether any cached chunk holds an accepted row (a run that encoded nothing lost nothing)."""
+    """Whether any cached chunk holds an accepted row (a run that encoded nothing lost nothing); an
+    unreadable embeddings file counts as holding rows, so that it is never discarded unasked."""
+
+    def rows(f: Path) -> int:
+        try:
+            return np.load(f, mmap_mode="r").shape[0]
+        except (OSError, ValueError):
+            return 1
+
     return any(
-        _OWN_NAME.match(f.name) and not f.name.startswith(".") and np.load(f, mmap_mode="r").shape[0] > 0
-        for f in cache.glob("chunk-*.emb.npy")
+        _OWN_NAME.match(f.name) and not f.name.startswith(".") and rows(f) > 0 for f in cache.glob("chunk-*.emb.npy")
     )
 
 
@@ -142,4 +184,5 @@ def write_chunk(cache: Path, c: int, emb: np.ndarray, meta: dict) -> None:
     """The chunk's embeddings, then its metadata: the chunk is done once the metadata exists."""
     atomic_write(emb_path(cache, c), lambda f: np.save(f, emb))
     fault_point("chunk-write")
-    atomic_write(meta_path(cache, c), lambda f: np.savez(f, **meta))
+    digest = np.array(file_sha256(emb_path(cache, c)))
+    atomic_write(meta_path(cache, c), lambda f: np.savez(f, **meta, emb_sha256=digest))

@@ -174,6 +174,13 @@ def _run_locked(
     mine = [c for c in range(n_chunks) if c % dist.world == dist.rank]
 
     todo = {c for c in mine if not chunks.meta_path(cache, c).exists()}
+    for c in sorted(set(mine) - todo):  # chunks of an earlier run: verified before they are trusted
+        if (damage := chunks.chunk_damage(cache, c)) is not None:
+            warnings.warn(
+                f"cache chunk {c} of {cache} is damaged: {damage}; encoding it again", RuntimeWarning, stacklevel=2
+            )
+            chunks.discard_chunk(cache, c)
+            todo.add(c)
     if todo:
         model, tokenizer = _load_model(cfg, dist.device, model, tokenizer)
         _encode(cfg, sources, labels, domains, todo, n_chunks, dist, model, tokenizer, cache, state["rows"])
@@ -210,7 +217,17 @@ def _manifest(cfg: ScoreConfig, sources: list[Source], cache: Path) -> dict:
     manifest_path = cache / "manifest.json"
     manifest = None
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError:  # not JSON, or not UTF-8
+            manifest = None
+        if not isinstance(manifest, dict):
+            if not cfg.restart and chunks.encoded_rows(cache):
+                raise ScoreError(
+                    f"the cache's manifest {manifest_path} is unreadable; rerun with `restart` to discard the "
+                    "cache, or pass another `cache_dir`"
+                )
+            manifest = {}
         if manifest.get("status") == "complete" and not Path(cfg.output).exists() and manifest.get("key") == key:
             manifest = None  # the output was removed since: run again
         elif manifest.get("key") != key:
@@ -230,6 +247,8 @@ def _manifest(cfg: ScoreConfig, sources: list[Source], cache: Path) -> dict:
             manifest = None
         elif cfg.restart:
             manifest = None
+        elif manifest.get("status") != "complete":  # a resume: only the verified chunks are kept
+            chunks.discard_derived(cache)
     if manifest is None:
         chunks.discard_cache(cache)
         manifest = {"key": key, "command": key_obj, "status": "started"}
