@@ -237,6 +237,21 @@ class Crash(Exception):
     pass
 
 
+def _crash_at(point: str, n: int = 1):
+    """A fault hook (:mod:`fastmft.runtime.faults`) that raises Crash the n-th time a run reaches
+    ``point``: an in-process kill at that moment."""
+    seen = 0
+
+    def hook(name):
+        nonlocal seen
+        if name == point:
+            seen += 1
+            if seen == n:
+                raise Crash(name)
+
+    return hook
+
+
 @pytest.mark.parametrize("point,n", [("batch", 3), ("batch", 9), ("chunk-write", 2), ("score", 4), ("merge", 3)])
 def test_resume_after_crash_equals_uninterrupted(corpus, tmp_path, point, n):
     full = config(corpus, tmp_path, name="full")
@@ -245,15 +260,7 @@ def test_resume_after_crash_equals_uninterrupted(corpus, tmp_path, point, n):
     want_rej = Path(full.rejects_path()).read_text()
 
     cfg = config(corpus, tmp_path, name="crashed")
-    seen = {"n": 0}
-
-    def hook(name):
-        if name == point:
-            seen["n"] += 1
-            if seen["n"] == n:
-                raise Crash(name)
-
-    faults.HOOK = hook
+    faults.HOOK = _crash_at(point, n)
     with pytest.raises(Crash):
         score_files(cfg)
     faults.HOOK = None
@@ -294,7 +301,7 @@ def test_a_damaged_cache_file_is_not_trusted_and_the_resume_is_exact(corpus, tmp
     want = read(full.output)
 
     cfg = config(corpus, tmp_path, name="crashed")
-    faults.HOOK = lambda point: (_ for _ in ()).throw(Crash(point)) if point == "merge" else None
+    faults.HOOK = _crash_at("merge")
     with pytest.raises(Crash):  # every chunk, the prototypes and every chunk's scores are written
         score_files(cfg)
     faults.HOOK = None
@@ -311,7 +318,7 @@ def test_a_damaged_cache_file_is_not_trusted_and_the_resume_is_exact(corpus, tmp
 
 def test_an_unreadable_manifest_with_encoded_rows_is_a_clear_error(corpus, tmp_path):
     cfg = config(corpus, tmp_path)
-    faults.HOOK = lambda point: (_ for _ in ()).throw(Crash(point)) if point == "score" else None
+    faults.HOOK = _crash_at("score")
     with pytest.raises(Crash):
         score_files(cfg)
     faults.HOOK = None
@@ -527,11 +534,7 @@ def test_only_its_own_temporary_files_are_removed(corpus, tmp_path):
     for f in mine:
         f.write_text("keep me")
 
-    def hook(name):  # a kill in the merge, after the temporary outputs exist
-        if name == "merge":
-            raise Crash(name)
-
-    faults.HOOK = hook
+    faults.HOOK = _crash_at("merge")  # a kill in the merge, after the temporary outputs exist
     with pytest.raises(Crash):
         score_files(cfg)
     faults.HOOK = None
@@ -548,7 +551,7 @@ def test_resume_notices_a_same_size_edit_with_mtime_kept(corpus, tmp_path):
     path = _small(corpus, tmp_path)
     cfg = config(corpus, tmp_path, inputs=[str(path)])
     cfg.chunk_rows = 4
-    faults.HOOK = lambda name: (_ for _ in ()).throw(Crash()) if name == "score" else None
+    faults.HOOK = _crash_at("score")
     with pytest.raises(Crash):
         score_files(cfg)
     faults.HOOK = None
